@@ -1,0 +1,78 @@
+"""The audit log: one row per call of a mutating RPC (principal, method, resource, request
+id, time, outcome). Each service keeps it in its own database; the table is declared here
+once and added to each service's metadata and migrations."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text, insert, select
+
+from services.common.db import Database
+
+# The servicer names the resource a call acts on; the interceptor writes the record.
+current_resource: contextvars.ContextVar[str] = contextvars.ContextVar("strata_resource", default="")
+
+
+def audit_table(metadata: MetaData) -> Table:
+    return Table(
+        "audit_events", metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("principal", String(256), nullable=False),
+        Column("method", String(256), nullable=False),
+        Column("resource", String(512), nullable=False),
+        Column("request_id", String(128), nullable=False),
+        Column("time", DateTime(timezone=True), nullable=False),
+        Column("outcome", String(32), nullable=False),
+        Column("message", Text, nullable=False),
+        Index("ix_audit_events_resource", "resource"),
+        Index("ix_audit_events_principal", "principal"),
+    )
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    principal: str
+    method: str
+    resource: str
+    request_id: str
+    outcome: str
+    message: str = ""
+    time: datetime | None = None
+    id: int = 0
+
+
+class AuditLog:
+    def __init__(self, db: Database, table: Table) -> None:
+        self._db = db
+        self._t = table
+
+    def record(self, rec: AuditRecord) -> None:
+        with self._db.session() as s:
+            s.execute(insert(self._t).values(
+                principal=rec.principal, method=rec.method, resource=rec.resource[:512],
+                request_id=rec.request_id[:128], time=rec.time or datetime.now(UTC),
+                outcome=rec.outcome, message=rec.message[:2000],
+            ))
+
+    def list(self, *, resource_prefix: str = "", principal: str = "", before_id: int | None = None,
+             limit: int = 50) -> list[AuditRecord]:
+        """Newest first; `before_id` continues a previous page."""
+        t = self._t
+        q = select(t).order_by(t.c.id.desc()).limit(limit)
+        if resource_prefix:
+            escaped = resource_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            q = q.where(t.c.resource.like(escaped + "%", escape="\\"))
+        if principal:
+            q = q.where(t.c.principal == principal)
+        if before_id is not None:
+            q = q.where(t.c.id < before_id)
+        with self._db.session() as s:
+            rows = s.execute(q).mappings().all()
+        return [AuditRecord(
+            id=r["id"], principal=r["principal"], method=r["method"], resource=r["resource"],
+            request_id=r["request_id"], outcome=r["outcome"], message=r["message"],
+            time=r["time"] if r["time"].tzinfo else r["time"].replace(tzinfo=UTC),
+        ) for r in rows]

@@ -1,0 +1,294 @@
+"""The one server bootstrap every service uses.
+
+`run(build)` starts a grpc.aio server with: the Strata interceptor (request id, tracing,
+authentication, role check from the method's declared AccessPolicy, domain error -> status
+mapping, metrics, access log, audit record for mutating calls), gRPC health checking, server
+reflection, message size limits, optional TLS/mTLS, a Prometheus endpoint, and a graceful
+shutdown on SIGTERM/SIGINT that stops taking calls and lets in-flight ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.descriptor import ServiceDescriptor
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common import telemetry
+from services.common.audit import AuditLog, AuditRecord, current_resource
+from services.common.auth import ANONYMOUS_ADMIN, Authenticator, Principal, current_principal
+from services.common.errors import PermissionDenied, StrataError
+from services.common.policy import ROLE_NAMES, MethodPolicy, policies_for, rank_of
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger("strata.server")
+access_log = logging.getLogger("strata.access")
+
+
+def _status_details(err: StrataError) -> tuple[tuple[str, bytes], ...]:
+    """google.rpc.Status with a BadRequest field violation, so REST clients (via Envoy's
+    convert_grpc_status) and gRPC clients both learn which field was wrong."""
+    if not err.field:
+        return ()
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]))
+    st = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    return (("grpc-status-details-bin", st.SerializeToString()),)
+
+
+class StrataInterceptor(grpc.aio.ServerInterceptor):
+    """Everything cross-cutting about a call, in one wrapper (one layer instead of five)."""
+
+    def __init__(self, service: str, policies: dict[str, MethodPolicy],
+                 authenticator: Authenticator | None, audit_log: AuditLog | None) -> None:
+        self._service = service
+        self._policies = policies
+        self._auth = authenticator
+        self._audit = audit_log
+        self._in_flight = telemetry.RPC_IN_FLIGHT.labels(service)
+
+    async def intercept_service(self, continuation, details):  # noqa: ANN001 - grpc types
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        policy = self._policies.get(method)  # None: health, reflection (public, not audited)
+        wrap = self._wrap_unary if not handler.response_streaming else self._wrap_stream
+        inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        behavior = wrap(method, policy, inner)
+        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[
+                    (handler.request_streaming, handler.response_streaming)]
+        return kind(behavior, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+    # -- per call ----------------------------------------------------------------------------
+    def _begin(self, method: str, policy: MethodPolicy | None, context: grpc.aio.ServicerContext) -> None:
+        md = dict(context.invocation_metadata() or ())
+        rid = md.get("x-request-id") or uuid.uuid4().hex
+        telemetry.request_id_var.set(rid if isinstance(rid, str) else rid.decode())
+        current_resource.set("")
+        if policy is None or policy.public:
+            current_principal.set(ANONYMOUS_ADMIN if self._auth is None else _NOBODY)
+            return
+        if self._auth is None:  # STRATA_AUTH=disabled
+            current_principal.set(ANONYMOUS_ADMIN)
+            return
+        principal = self._auth.authenticate(md.get("authorization"))
+        current_principal.set(principal)
+        if rank_of(principal.roles) < policy.min_role:
+            raise PermissionDenied(
+                f"{method.rsplit('/', 1)[-1]} needs role {ROLE_NAMES[policy.min_role]}; "
+                f"{principal.subject} has {sorted(principal.roles) or 'none'}")
+
+    def _classify(self, exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, StrataError):
+            return exc.code, exc.message
+        if isinstance(exc, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED, "cancelled"
+        if isinstance(exc, grpc.aio.AbortError):  # the servicer aborted by itself
+            return context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+        log.exception("unhandled error", exc_info=exc)
+        return grpc.StatusCode.INTERNAL, "internal error"
+
+    async def _abort(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Turn a domain error into its status (with field details); hide anything else
+        behind INTERNAL and the request id (the log has the traceback)."""
+        if isinstance(exc, StrataError):
+            await context.abort(exc.code, exc.message, trailing_metadata=_status_details(exc))
+        if not isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error (request id {telemetry.request_id_var.get()})")
+
+    def _observe(self, method: str, policy: MethodPolicy | None, start: float,
+                 code: grpc.StatusCode) -> None:
+        self._in_flight.dec()
+        elapsed = time.perf_counter() - start
+        short = method.rsplit("/", 1)[-1]
+        telemetry.RPC_REQUESTS.labels(self._service, short, code.name).inc()
+        telemetry.RPC_LATENCY.labels(self._service, short).observe(elapsed)
+        level = logging.INFO if ((policy is not None and policy.mutates) or code != grpc.StatusCode.OK) \
+            else logging.DEBUG
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "rpc", extra={"fields": {
+                "method": method, "code": code.name, "ms": round(elapsed * 1000, 3),
+                "principal": current_principal.get().subject, "resource": current_resource.get()}})
+
+    def _audits(self, policy: MethodPolicy | None, code: grpc.StatusCode) -> bool:
+        # Unauthenticated calls have no principal worth recording; the access log has them.
+        return (self._audit is not None and policy is not None and policy.mutates
+                and code != grpc.StatusCode.UNAUTHENTICATED)
+
+    def _record_audit(self, method: str, code: grpc.StatusCode, message: str) -> None:
+        rec = AuditRecord(principal=current_principal.get().subject, method=method,
+                          resource=current_resource.get(), request_id=telemetry.request_id_var.get(),
+                          outcome=code.name, message="" if code == grpc.StatusCode.OK else message)
+        try:
+            self._audit.record(rec)  # type: ignore[union-attr]
+        except Exception:  # an audit failure is loud but does not undo the call
+            log.exception("audit record failed")
+
+    def _wrap_unary(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
+        async def behavior(request, context):  # noqa: ANN001
+            start = time.perf_counter()
+            code, message = grpc.StatusCode.OK, ""
+            self._in_flight.inc()
+            try:
+                self._begin(method, policy, context)
+                return await inner(request, context)
+            except BaseException as exc:
+                code, message = self._classify(exc, context)
+                await self._abort(exc, context)
+                raise
+            finally:
+                self._observe(method, policy, start, code)
+                if self._audits(policy, code):
+                    await asyncio.to_thread(self._record_audit, method, code, message)
+        return behavior
+
+    def _wrap_stream(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
+        async def behavior(request, context):  # noqa: ANN001
+            start = time.perf_counter()
+            code, message = grpc.StatusCode.OK, ""
+            self._in_flight.inc()
+            try:
+                self._begin(method, policy, context)
+                result = inner(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine that writes with context.write()
+                    await result
+            except BaseException as exc:
+                code, message = self._classify(exc, context)
+                await self._abort(exc, context)
+                raise
+            finally:
+                self._observe(method, policy, start, code)
+                if self._audits(policy, code):
+                    await asyncio.to_thread(self._record_audit, method, code, message)
+        return behavior
+
+
+_NOBODY = Principal("unauthenticated", frozenset())
+
+
+@dataclass
+class Service:
+    """What a service hands to `serve`: its servicers and lifecycle hooks."""
+
+    settings: ServiceSettings
+    descriptors: list[ServiceDescriptor]
+    register: Callable[[grpc.aio.Server], None]
+    audit_log: AuditLog | None = None
+    on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+
+
+def _credentials(s: ServiceSettings) -> grpc.ServerCredentials | None:
+    if not s.tls_cert_file:
+        return None
+    key, cert = s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes()  # type: ignore[union-attr]
+    ca = s.tls_client_ca_file.read_bytes() if s.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def server_options(s: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        # Refuse to share the port: grpcio sets SO_REUSEPORT by default, and a second server
+        # on the same port would silently take half of the traffic.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+async def serve(svc: Service, started: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    s = svc.settings
+    if s.auth == "disabled":
+        log.warning("AUTHENTICATION IS DISABLED (STRATA_AUTH=disabled): every caller is admin. "
+                    "Use this for local development only.")
+    authenticator = None if s.auth == "disabled" else Authenticator(s)
+    policies = policies_for(svc.descriptors)
+    interceptor = StrataInterceptor(s.service, policies, authenticator, svc.audit_log)
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(s))
+    svc.register(server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [d.full_name for d in svc.descriptors]
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    address = f"{s.host}:{s.port}"
+    creds = _credentials(s)
+    try:
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise SystemExit(f"strata-{s.service}: cannot listen on {address} (port taken?): {e}") from None
+    if s.metrics_port:
+        try:
+            start_http_server(s.metrics_port, addr="0.0.0.0" if s.host == "0.0.0.0" else s.host)
+        except OSError as e:
+            raise SystemExit(f"strata-{s.service}: metrics port {s.metrics_port} unavailable: {e}") from None
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"fields": {"service": s.service, "address": f"{s.host}:{bound}",
+                                          "tls": creds is not None, "metrics_port": s.metrics_port}})
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    if started is not None:
+        started.set()
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls", extra={"fields": {"grace_s": s.grace_seconds}})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(s.grace_seconds)
+    for hook in svc.on_stop:
+        res = hook()
+        if inspect.isawaitable(res):
+            await res
+    log.info("stopped")
+
+
+def run(build: Callable[[], Service]) -> None:
+    """Entry point of `python -m services.<name>`: settings errors end the process with a
+    clear message, the loop is uvloop when installed."""
+    try:
+        import uvloop
+        runner: Callable[[Awaitable[None]], None] = uvloop.run  # type: ignore[assignment]
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+
+    async def main() -> None:
+        svc = build()
+        telemetry.setup_logging(svc.settings.log_level, svc.settings.log_format)
+        telemetry.setup_tracing(svc.settings.service, svc.settings.tracing, svc.settings.otlp_endpoint)
+        await serve(svc)
+
+    runner(main())
+
+
+def service_names(descriptors: Iterable[ServiceDescriptor]) -> list[str]:
+    return [d.full_name for d in descriptors]
