@@ -69,7 +69,7 @@ class AuditLog:
             q = q.where(t.c.principal == principal)
         if before_id is not None:
             q = q.where(t.c.id < before_id)
-        with self._db.session() as s:
+        with self._db.read() as s:
             rows = s.execute(q).mappings().all()
         return [AuditRecord(
             id=r["id"], principal=r["principal"], method=r["method"], resource=r["resource"],

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from services.common.artifacts import ArtifactNotFound, ArtifactStore
 from services.common.db import Database
@@ -249,7 +248,6 @@ class Registry:
                 mid = s.execute(insert(T.registered_models).values(
                     name=model.name, description=model.description, owner=model.owner or principal,
                     latest_version=0, create_time=now, update_time=now)).inserted_primary_key[0]
-                s.flush()
             except IntegrityError:
                 raise AlreadyExists(f"model {model.name!r} already exists") from None
             if model.tags:
@@ -260,7 +258,7 @@ class Registry:
 
     def get_model(self, name: str) -> Model:
         check_name(name)
-        with self.db.session() as s:
+        with self.db.read() as s:
             return self._get_model(s, name)
 
     def list_models(self, *, query: str = "", owner: str = "", tags: list[str] | None = None,
@@ -287,7 +285,7 @@ class Registry:
             stmt = stmt.where(exists().where(cond))
         if after is not None:
             stmt = stmt.where(m.name > after)
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.execute(stmt).all()
             more = len(rows) > n
             rows = rows[:n]
@@ -382,7 +380,7 @@ class Registry:
     def get_version(self, name: str, version: int) -> Version:
         check_name(name)
         check_version(version)
-        with self.db.session() as s:
+        with self.db.read() as s:
             return self._get_version(s, name, version)
 
     def list_versions(self, name: str, *, stage: int = 0, status: int = 0, size: int = 0,
@@ -393,7 +391,7 @@ class Registry:
         v, m = T.model_versions.c, T.registered_models.c
         stmt = (select(T.model_versions, m.name).join(T.registered_models, v.model_id == m.id)
                 .order_by(v.id.desc()).limit(n + 1))
-        with self.db.session() as s:
+        with self.db.read() as s:
             if name != "-":
                 check_name(name)
                 stmt = stmt.where(v.model_id == self._model_id(s, name))
@@ -486,7 +484,7 @@ class Registry:
     def get_by_alias(self, name: str, alias: str) -> Version:
         check_name(name)
         check_alias(alias)
-        with self.db.session() as s:
+        with self.db.read() as s:
             mid = self._model_id(s, name)
             v = s.execute(select(T.model_versions.c.version).join(
                 T.aliases, T.aliases.c.version_id == T.model_versions.c.id).where(
@@ -495,7 +493,7 @@ class Registry:
                 raise NotFound(f"model {name!r} has no alias {alias!r}")
             return self._get_version(s, name, v)
 
-    def _move_alias(self, s: Session, name: str, alias: str, version: int, principal: str) -> int:
+    def _move_alias(self, s: Connection, name: str, alias: str, version: int, principal: str) -> int:
         row = self._version_row(s, name, version)
         if row.status != STATUS_READY:
             raise FailedPrecondition(f"version {version} of {name!r} has no committed artifact yet")
@@ -538,7 +536,7 @@ class Registry:
         return Upload(upload_id, name, version, size_bytes, 0, sha256, filename)
 
     def get_upload(self, upload_id: str) -> Upload:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return self._upload(s, upload_id)[0]
 
     def append_chunk(self, upload_id: str, offset: int, data: bytes) -> int:
@@ -742,14 +740,14 @@ class Registry:
             stmt = stmt.where(p.state == state)
         if after is not None:
             stmt = stmt.where(p.seq < int(after))
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.execute(stmt).all()
         more = len(rows) > n
         rows = rows[:n]
         return [self._promotion_from_row(r) for r in rows], PageToken.encode(rows[-1].seq, q_key) if more else ""
 
     # -- helpers -----------------------------------------------------------------------------
-    def _idempotent(self, s: Session, principal: str, method: str, request_id: str, payload: dict) -> str | None:
+    def _idempotent(self, s: Connection, principal: str, method: str, request_id: str, payload: dict) -> str | None:
         if not request_id:
             return None
         k = T.idempotency_keys.c
@@ -761,26 +759,26 @@ class Registry:
             raise InvalidArgument("request_id", f"{request_id!r} was already used for a different request")
         return row.resource
 
-    def _remember(self, s: Session, principal: str, method: str, request_id: str, payload: dict,
+    def _remember(self, s: Connection, principal: str, method: str, request_id: str, payload: dict,
                   resource: str) -> None:
         if request_id:
             s.execute(insert(T.idempotency_keys).values(
                 principal=principal, method=method, request_id=request_id, request_hash=_hash(payload),
                 resource=resource, create_time=_now()))
 
-    def _model_id(self, s: Session, name: str) -> int:
+    def _model_id(self, s: Connection, name: str) -> int:
         mid = s.execute(select(T.registered_models.c.id).where(T.registered_models.c.name == name)).scalar()
         if mid is None:
             raise NotFound(f"model {name!r} not found")
         return mid
 
-    def _get_model(self, s: Session, name: str) -> Model:
+    def _get_model(self, s: Connection, name: str) -> Model:
         row = s.execute(select(T.registered_models).where(T.registered_models.c.name == name)).first()
         if row is None:
             raise NotFound(f"model {name!r} not found")
         return self._models_from_rows(s, [row])[0]
 
-    def _models_from_rows(self, s: Session, rows: list[Row]) -> list[Model]:
+    def _models_from_rows(self, s: Connection, rows: list[Row]) -> list[Model]:
         """Tags and aliases for a whole page in two queries (never one per model)."""
         ids = [r.id for r in rows]
         tags: dict[int, dict[str, str]] = {i: {} for i in ids}
@@ -798,7 +796,7 @@ class Registry:
                       latest_version=r.latest_version, aliases=aliases[r.id],
                       create_time=_utc(r.create_time), update_time=_utc(r.update_time)) for r in rows]
 
-    def _version_row(self, s: Session, name: str, version: int) -> Row:
+    def _version_row(self, s: Connection, name: str, version: int) -> Row:
         mid = self._model_id(s, name)
         row = s.execute(select(T.model_versions).where(
             T.model_versions.c.model_id == mid, T.model_versions.c.version == version)).first()
@@ -806,7 +804,7 @@ class Registry:
             raise NotFound(f"version {version} of model {name!r} not found")
         return row
 
-    def _get_version(self, s: Session, name: str, version: int) -> Version:
+    def _get_version(self, s: Connection, name: str, version: int) -> Version:
         row = s.execute(select(T.model_versions, T.registered_models.c.name)
                         .join(T.registered_models, T.model_versions.c.model_id == T.registered_models.c.id)
                         .where(T.registered_models.c.name == name, T.model_versions.c.version == version)).first()
@@ -815,7 +813,7 @@ class Registry:
             raise NotFound(f"version {version} of model {name!r} not found")
         return self._versions_from_rows(s, [row])[0]
 
-    def _versions_from_rows(self, s: Session, rows: list[Row]) -> list[Version]:
+    def _versions_from_rows(self, s: Connection, rows: list[Row]) -> list[Version]:
         ids = [r.id for r in rows]
         aliases: dict[int, list[str]] = {i: [] for i in ids}
         if ids:
@@ -831,7 +829,7 @@ class Registry:
             created_by=r.created_by, create_time=_utc(r.create_time), update_time=_utc(r.update_time),
         ) for r in rows]
 
-    def _upload(self, s: Session, upload_id: str) -> tuple[Upload, int]:
+    def _upload(self, s: Connection, upload_id: str) -> tuple[Upload, int]:
         if not upload_id:
             raise InvalidArgument("upload_id", "is required")
         u, v, m = T.uploads.c, T.model_versions.c, T.registered_models.c
@@ -844,7 +842,7 @@ class Registry:
         return Upload(r.upload_id, r.name, r.version, r.size_bytes, r.received_bytes, r.sha256,
                       r.filename), r.next_part
 
-    def _promotion(self, s: Session, promotion_id: str) -> Promotion:
+    def _promotion(self, s: Connection, promotion_id: str) -> Promotion:
         p, m = T.promotions.c, T.registered_models.c
         r = s.execute(select(T.promotions, m.name).join(T.registered_models, p.model_id == m.id)
                       .where(p.promotion_id == promotion_id)).first()
