@@ -8,8 +8,6 @@ method table (services/common/policy.py, read from the descriptor set) covers RE
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
+from services.common.auth import hs256_jwks
 from services.common.policy import MethodPolicy, policies_from_descriptor_set
 
 JWT_PROVIDER = "strata"
@@ -156,8 +155,7 @@ def _jwks(jwt_secret: str | None, jwks_json: str | None) -> str:
     if jwks_json is not None and jwt_secret is None:
         return jwks_json
     if jwt_secret is not None and jwks_json is None:
-        k = base64.urlsafe_b64encode(jwt_secret.encode()).rstrip(b"=").decode()
-        return json.dumps({"keys": [{"kty": "oct", "alg": "HS256", "k": k}]})
+        return hs256_jwks(jwt_secret)
     raise ValueError("auth needs exactly one of jwt_secret (HS256) or jwks_json")
 
 
