@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from strata.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -33,7 +34,10 @@ def build_registry(settings: ServiceSettings) -> Registry:
 def build_service(settings: ServiceSettings | None = None) -> Service:
     settings = settings or ServiceSettings.for_service("registry")
     registry = build_registry(settings)
-    counts = registry.recover()
+    # One registry per database (the embedded default) can clean up at once; with replicas set
+    # a settle time so a starting replica leaves the others' uploads in progress alone.
+    settle = float(os.environ.get("STRATA_REGISTRY_RECOVERY_SETTLE_SECONDS", "0"))
+    counts = registry.recover(timedelta(seconds=settle))
     if any(counts.values()):
         log.warning("recovered after an interrupted run", extra={"fields": counts})
     audit = AuditLog(registry.db, tables.audit_events)

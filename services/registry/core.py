@@ -556,8 +556,15 @@ class Registry:
             # count, which the retried chunk overwrites (same part number).
             self.store.stage_part(upload_id, part, data)
             with self.db.session() as s:
-                s.execute(update(T.uploads).where(T.uploads.c.upload_id == upload_id).values(
+                # Conditional on the offset: with several registry replicas, two appends of the same
+                # chunk can race; one wins, the other is told to resume (the commit's sha256 check
+                # catches any bytes a loser overwrote).
+                done = s.execute(update(T.uploads).where(
+                    T.uploads.c.upload_id == upload_id, T.uploads.c.received_bytes == offset).values(
                     received_bytes=offset + len(data), next_part=part + 1, update_time=_now()))
+                if done.rowcount != 1:
+                    raise FailedPrecondition("a concurrent append moved the upload on; resume from "
+                                             "GetArtifactUpload's received_bytes")
             hasher, hashed = self._hashers.get(upload_id, (None, -1))
             if hasher is not None and hashed == offset:
                 hasher.update(data)
@@ -640,18 +647,23 @@ class Registry:
         except ArtifactNotFound:
             raise NotFound(f"artifact of {name!r} version {version} is missing from the store") from None
 
-    def recover(self) -> dict[str, int]:
+    def recover(self, settle: timedelta = timedelta(minutes=10)) -> dict[str, int]:
         """Clean up after crashes (run at start-up): interrupted commits, stale uploads, staged
-        bytes no upload row knows. Returns counts for the log."""
+        bytes no upload row knows. Only what has not moved for `settle` is touched, so other
+        registry replicas' uploads and commits in progress are left alone; a restarted single
+        registry passes settle=0. Returns counts for the log."""
         counts = {"unpublished": 0, "stale_uploads": 0, "orphan_staged": 0}
-        cutoff = _now() - self.config.stale_upload_after
+        now = _now()
+        cutoff = now - self.config.stale_upload_after
         with self.db.session() as s:
             rows = s.execute(select(T.uploads.c.upload_id, T.uploads.c.publish_key, T.uploads.c.update_time,
                                     T.model_versions.c.artifact_key)
                              .join(T.model_versions, T.uploads.c.version_id == T.model_versions.c.id)).all()
         known = set()
         for r in rows:
-            if r.publish_key:  # a commit died between publish and the row update
+            if _utc(r.update_time) > now - settle:
+                known.add(r.upload_id)
+            elif r.publish_key:  # a commit died between publish and the row update
                 if r.artifact_key != r.publish_key:
                     self.store.delete(r.publish_key)
                 self._drop_upload(r.upload_id)
@@ -662,7 +674,7 @@ class Registry:
             else:
                 known.add(r.upload_id)
         for staged in self.store.list_staged():
-            if staged.upload_id not in known:
+            if staged.upload_id not in known and staged.modified <= now - settle:
                 self.store.discard_staged(staged.upload_id)
                 counts["orphan_staged"] += 1
         return counts
