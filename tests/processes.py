@@ -22,12 +22,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(addr: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+def wait_serving(addr: str, proc: subprocess.Popen | None, log: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(addr) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:

@@ -1,0 +1,260 @@
+"""`strata`: the command line for everyday registry work and for running the platform locally.
+
+    strata up [--demo]                          run the platform (registry + Envoy) in the foreground
+    strata register NAME model.onnx --create-model --metric auc=0.93
+    strata models list | models show NAME | versions list NAME | versions show NAME VERSION
+    strata alias set NAME ALIAS VERSION | alias delete NAME ALIAS
+    strata promote request NAME VERSION [--alias production] | promote approve ID | promote list
+    strata download NAME (VERSION | --alias A) -o FILE
+    strata card NAME VERSION | audit | token --sub NAME --role ROLE
+
+The registry address comes from --addr or STRATA_REGISTRY_ADDR (default 127.0.0.1:50051), the
+bearer token from --token or STRATA_TOKEN. Errors print `error: CODE: message`, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from strata.registry.v1 import registry_pb2 as pb
+
+from services.common.settings import peer_address
+from services.registry.client import RegistryClient
+
+
+def parse_pairs(items: Iterable[str], what: str, value: Callable[[str], object] = str) -> dict:
+    """['a=1', 'b=2'] -> {'a': value('1'), ...}; a malformed item is a usage error naming it."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {what} {item!r} must be KEY=VALUE")
+        try:
+            out[key] = value(raw)
+        except ValueError:
+            raise SystemExit(f"error: {what} {item!r}: {raw!r} is not a number") from None
+    return out
+
+
+def _print(msg: Message | Iterable[Message], as_json: bool, table: Callable[[Message], str]) -> None:
+    items = [msg] if isinstance(msg, Message) else list(msg)
+    if as_json:
+        out = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in items]
+        print(json.dumps(out[0] if isinstance(msg, Message) else out, indent=2))
+    else:
+        for m in items:
+            print(table(m))
+
+
+def _model_line(m: pb.RegisteredModel) -> str:
+    aliases = ", ".join(f"{a}->v{v}" for a, v in sorted(m.aliases.items()))
+    return f"{m.name:<32} latest v{m.latest_version:<4} owner {m.owner or '-':<16} {aliases}"
+
+
+def _version_line(v: pb.ModelVersion) -> str:
+    status = pb.ModelVersionStatus.Name(v.status).removeprefix("MODEL_VERSION_STATUS_").lower()
+    stage = pb.Stage.Name(v.stage).removeprefix("STAGE_").lower().replace("unspecified", "-")
+    size = f"{v.artifact.size_bytes:,} B" if v.artifact.sha256 else ""
+    return (f"{v.name} v{v.version:<4} {v.framework:<8} {status:<15} {stage:<10} "
+            f"{','.join(v.aliases) or '-':<20} {size}")
+
+
+def _version_detail(v: pb.ModelVersion) -> str:
+    lines = [_version_line(v)]
+    if v.artifact.sha256:
+        lines.append(f"  artifact {v.artifact.uri}  sha256 {v.artifact.sha256}")
+    for kind, specs in (("in ", v.signature.inputs), ("out", v.signature.outputs)):
+        for t in specs:
+            dtype = t.DESCRIPTOR.fields_by_name["dtype"].enum_type.values_by_number[t.dtype].name
+            lines.append(f"  {kind} {t.name}: {dtype.removeprefix('DATA_TYPE_').lower()}{list(t.shape)}")
+    if v.metrics:
+        lines.append("  metrics " + ", ".join(f"{k}={val:g}" for k, val in sorted(v.metrics.items())))
+    return "\n".join(lines)
+
+
+def _promotion_line(p: pb.Promotion) -> str:
+    state = pb.PromotionState.Name(p.state).removeprefix("PROMOTION_STATE_").lower()
+    return (f"{p.promotion_id}  {p.name} v{p.version} -> {p.alias:<12} {state:<9} "
+            f"by {p.requested_by}{'  decided by ' + p.decided_by if p.decided_by else ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="strata", description="Strata ML platform command line")
+    ap.add_argument("--addr", default=os.environ.get("STRATA_REGISTRY_ADDR", peer_address("registry")))
+    ap.add_argument("--token", default=os.environ.get("STRATA_TOKEN"), help="bearer token (STRATA_TOKEN)")
+    ap.add_argument("--tls-ca", type=Path, help="CA bundle: use TLS to reach the registry")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run the platform locally (registry + Envoy gateway), supervised")
+    up.add_argument("--demo", action="store_true", help="run the demo once everything is up")
+    up.add_argument("--home", type=Path, default=Path(os.environ.get("STRATA_HOME", ".strata")))
+    up.add_argument("--no-auth", action="store_true", help="STRATA_AUTH=disabled (local development only)")
+    up.add_argument("--gateway-port", type=int, default=8080)
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin, loopback only")
+    sub.add_parser("demo", help="run the demo against a running platform (strata up)").add_argument(
+        "--home", type=Path, default=Path(os.environ.get("STRATA_HOME", ".strata")))
+
+    models = sub.add_parser("models", help="registered models").add_subparsers(dest="action", required=True)
+    mc = models.add_parser("create")
+    mc.add_argument("name")
+    mc.add_argument("--description", default="")
+    mc.add_argument("--owner", default="")
+    mc.add_argument("--tag", action="append", default=[], metavar="K=V")
+    ml = models.add_parser("list")
+    ml.add_argument("--query", default="")
+    ml.add_argument("--owner", default="")
+    ml.add_argument("--tag", action="append", default=[], metavar="K[=V]")
+    models.add_parser("show").add_argument("name")
+
+    versions = sub.add_parser("versions", help="model versions").add_subparsers(dest="action", required=True)
+    versions.add_parser("list").add_argument("name", help="model name, or - for all models")
+    vs = versions.add_parser("show")
+    vs.add_argument("name")
+    vs.add_argument("version", type=int)
+
+    reg = sub.add_parser("register", help="register an .onnx file as a new version")
+    reg.add_argument("name")
+    reg.add_argument("file", type=Path)
+    reg.add_argument("--create-model", action="store_true", help="create the model if it does not exist")
+    reg.add_argument("--description", default="")
+    reg.add_argument("--metric", action="append", default=[], metavar="K=V")
+    reg.add_argument("--tag", action="append", default=[], metavar="K=V")
+    reg.add_argument("--mlflow-run-id", default="")
+    reg.add_argument("--dataset-hash", default="")
+    reg.add_argument("--request-id", default="", help="makes a retried registration idempotent")
+
+    alias = sub.add_parser("alias", help="aliases").add_subparsers(dest="action", required=True)
+    a_set = alias.add_parser("set")
+    a_set.add_argument("name")
+    a_set.add_argument("alias")
+    a_set.add_argument("version", type=int)
+    a_del = alias.add_parser("delete")
+    a_del.add_argument("name")
+    a_del.add_argument("alias")
+
+    promote = sub.add_parser("promote", help="promotion requests").add_subparsers(dest="action", required=True)
+    pr = promote.add_parser("request")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--alias", default="production")
+    pr.add_argument("--reason", default="")
+    for verb in ("approve", "reject"):
+        p = promote.add_parser(verb)
+        p.add_argument("promotion_id")
+        p.add_argument("--comment", default="")
+    promote.add_parser("list").add_argument("--name", default="")
+
+    dl = sub.add_parser("download", help="download a version's artifact (sha256 verified)")
+    dl.add_argument("name")
+    dl.add_argument("version", type=int, nargs="?", default=0)
+    dl.add_argument("--alias", default="")
+    dl.add_argument("-o", "--output", type=Path, required=True)
+
+    card = sub.add_parser("card", help="print a version's model card (Markdown)")
+    card.add_argument("name")
+    card.add_argument("version", type=int)
+
+    sub.add_parser("audit", help="the audit log, newest first").add_argument("--resource-prefix", default="")
+
+    tok = sub.add_parser("token", help="mint a development HS256 token")
+    tok.add_argument("--secret", default=os.environ.get("STRATA_JWT_SECRET"))
+    tok.add_argument("--sub", required=True)
+    tok.add_argument("--role", action="append", required=True,
+                     choices=["viewer", "developer", "approver", "admin"])
+    tok.add_argument("--ttl", type=int, default=3600, help="seconds")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcommand
+    if args.cmd == "up":
+        from services.launcher import run_platform
+        return run_platform(home=args.home, demo=args.demo, auth=not args.no_auth, gateway_port=args.gateway_port,
+                            admin_port=args.admin_port)
+    if args.cmd == "demo":
+        from services.demo import run_demo
+        return run_demo(args.home)
+    if args.cmd == "token":
+        from services.common.auth import mint_token
+        if not args.secret:
+            raise SystemExit("error: --secret or STRATA_JWT_SECRET is required")
+        print(mint_token(args.secret, args.sub, args.role, ttl_seconds=args.ttl))
+        return 0
+
+    out = args.json
+    with RegistryClient(args.addr, args.token, args.tls_ca) as c:
+        s = c.stub
+        if args.cmd == "models" and args.action == "create":
+            m = s.CreateRegisteredModel(pb.CreateRegisteredModelRequest(registered_model=pb.RegisteredModel(
+                name=args.name, description=args.description, owner=args.owner,
+                tags=parse_pairs(args.tag, "--tag")))).registered_model
+            _print(m, out, _model_line)
+        elif args.cmd == "models" and args.action == "list":
+            _print(c.list_all_models(query=args.query, owner=args.owner, tags=args.tag), out, _model_line)
+        elif args.cmd == "models" and args.action == "show":
+            _print(s.GetRegisteredModel(pb.GetRegisteredModelRequest(name=args.name)).registered_model, out,
+                   lambda m: f"{_model_line(m)}\n  {m.description}\n  tags {dict(m.tags)}")
+        elif args.cmd == "versions" and args.action == "list":
+            _print(c.list_all_versions(args.name), out, _version_line)
+        elif args.cmd == "versions" and args.action == "show":
+            _print(c.resolve(args.name, args.version), out, _version_detail)
+        elif args.cmd == "register":
+            lineage = pb.Lineage(mlflow_run_id=args.mlflow_run_id, dataset_hash=args.dataset_hash)
+            v = c.register_onnx(args.name, args.file, create_model=args.create_model, description=args.description,
+                                metrics=parse_pairs(args.metric, "--metric", float),
+                                tags=parse_pairs(args.tag, "--tag"), lineage=lineage, request_id=args.request_id)
+            _print(v, out, _version_detail)
+        elif args.cmd == "alias" and args.action == "set":
+            r = s.SetModelAlias(pb.SetModelAliasRequest(name=args.name, alias=args.alias, version=args.version))
+            _print(r.model_version, out, lambda v: f"{args.alias} -> v{v.version}"
+                   f"{f' (was v{r.previous_version})' if r.previous_version else ''}")
+        elif args.cmd == "alias" and args.action == "delete":
+            s.DeleteModelAlias(pb.DeleteModelAliasRequest(name=args.name, alias=args.alias))
+        elif args.cmd == "promote" and args.action == "request":
+            p = s.RequestPromotion(pb.RequestPromotionRequest(
+                name=args.name, version=args.version, alias=args.alias, reason=args.reason)).promotion
+            _print(p, out, _promotion_line)
+        elif args.cmd == "promote" and args.action in ("approve", "reject"):
+            call = s.ApprovePromotion if args.action == "approve" else s.RejectPromotion
+            req = (pb.ApprovePromotionRequest if args.action == "approve" else pb.RejectPromotionRequest)(
+                promotion_id=args.promotion_id, comment=args.comment)
+            _print(call(req).promotion, out, _promotion_line)
+        elif args.cmd == "promote" and args.action == "list":
+            _print(s.ListPromotions(pb.ListPromotionsRequest(name=args.name)).promotions, out, _promotion_line)
+        elif args.cmd == "download":
+            if bool(args.version) == bool(args.alias):
+                raise SystemExit("error: give either VERSION or --alias")
+            version = args.version or c.resolve(args.name, alias=args.alias).version
+            v = c.download_artifact(args.name, version, args.output)
+            print(f"{args.output}: {v.artifact.size_bytes:,} bytes, sha256 {v.artifact.sha256} verified")
+        elif args.cmd == "card":
+            print(s.GetModelCard(pb.GetModelCardRequest(name=args.name, version=args.version)).data.decode())
+        elif args.cmd == "audit":
+            events = s.ListAuditEvents(pb.ListAuditEventsRequest(resource_prefix=args.resource_prefix)).audit_events
+            _print(events, out, lambda e: f"{e.time.ToJsonString()}  {e.principal:<12} {e.outcome:<18} "
+                                          f"{e.method.rsplit('/', 1)[-1]:<28} {e.resource}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

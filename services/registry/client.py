@@ -1,0 +1,141 @@
+"""A small Python client of the registry on the generated stubs, shared by the CLI, the demo,
+tests and benchmarks: it adds the bearer token to every call and wraps the multi-call flows
+(chunked upload, verified download)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+from strata.registry.v1 import registry_pb2 as pb
+from strata.registry.v1 import registry_pb2_grpc
+
+CHUNK_BYTES = 4 << 20
+_MAX_MESSAGE = 32 << 20
+
+
+class _Auth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._md = (("authorization", f"Bearer {token}"),)
+
+    def _add(self, details):  # noqa: ANN001, ANN202 - grpc's ClientCallDetails
+        return details._replace(metadata=tuple(details.metadata or ()) + self._md)
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._add(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._add(details), request)
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+class RegistryClient:
+    def __init__(self, addr: str, token: str | None = None, tls_ca: Path | None = None) -> None:
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        if tls_ca is not None:
+            self._channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(tls_ca.read_bytes()), options)
+        else:
+            self._channel = grpc.insecure_channel(addr, options)
+        channel = grpc.intercept_channel(self._channel, _Auth(token)) if token else self._channel
+        self.stub = registry_pb2_grpc.RegistryServiceStub(channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- flows ---------------------------------------------------------------------------------
+    def upload_artifact(self, name: str, version: int, path: Path, chunk_size: int = CHUNK_BYTES) -> pb.ModelVersion:
+        """Upload a file in chunks (never read whole) and commit it; the server checks sha256."""
+        digest, size = _sha256_file(path)
+        upload = self.stub.BeginArtifactUpload(pb.BeginArtifactUploadRequest(
+            name=name, version=version, size_bytes=size, sha256=digest, filename=path.name)).upload
+        try:
+            with open(path, "rb") as f:
+                offset = 0
+                while chunk := f.read(chunk_size):
+                    self.stub.AppendArtifactChunk(pb.AppendArtifactChunkRequest(
+                        upload_id=upload.upload_id, offset=offset, data=chunk))
+                    offset += len(chunk)
+            return self.stub.CommitArtifactUpload(
+                pb.CommitArtifactUploadRequest(upload_id=upload.upload_id)).model_version
+        except BaseException:
+            try:  # leave nothing staged behind; the server discards a failed commit itself
+                self.stub.AbortArtifactUpload(pb.AbortArtifactUploadRequest(upload_id=upload.upload_id))
+            except grpc.RpcError:
+                pass
+            raise
+
+    def register_onnx(self, name: str, path: Path, *, create_model: bool = False, description: str = "",
+                      metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+                      lineage: pb.Lineage | None = None, request_id: str = "") -> pb.ModelVersion:
+        """Create (optionally the model and) a version, upload the .onnx file, commit."""
+        if create_model:
+            try:
+                self.stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(
+                    registered_model=pb.RegisteredModel(name=name)))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+        version = self.stub.CreateModelVersion(pb.CreateModelVersionRequest(
+            name=name, framework="onnx", description=description, metrics=metrics or {}, tags=tags or {},
+            lineage=lineage, request_id=request_id)).model_version
+        if version.status == pb.MODEL_VERSION_STATUS_READY:  # a retried request_id: already done
+            return version
+        return self.upload_artifact(name, version.version, path)
+
+    def resolve(self, name: str, version: int = 0, alias: str = "") -> pb.ModelVersion:
+        if alias:
+            return self.stub.GetModelVersionByAlias(pb.GetModelVersionByAliasRequest(name=name, alias=alias)).model_version
+        return self.stub.GetModelVersion(pb.GetModelVersionRequest(name=name, version=version)).model_version
+
+    def download_artifact(self, name: str, version: int, dest: Path) -> pb.ModelVersion:
+        """Stream the artifact to a temp file beside dest, verify sha256, then rename into place."""
+        mv = self.resolve(name, version)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        try:
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                for body in self.stub.DownloadArtifact(pb.DownloadArtifactRequest(name=name, version=version)):
+                    h.update(body.data)
+                    out.write(body.data)
+            if h.hexdigest() != mv.artifact.sha256:
+                raise ValueError(f"sha256 mismatch: registry says {mv.artifact.sha256}, received {h.hexdigest()}")
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return mv
+
+    def list_all_models(self, **filters: object) -> Iterable[pb.RegisteredModel]:
+        token = ""
+        while True:
+            page = self.stub.ListRegisteredModels(pb.ListRegisteredModelsRequest(page_token=token, **filters))
+            yield from page.registered_models
+            if not (token := page.next_page_token):
+                return
+
+    def list_all_versions(self, name: str) -> Iterable[pb.ModelVersion]:
+        token = ""
+        while True:
+            page = self.stub.ListModelVersions(pb.ListModelVersionsRequest(name=name, page_token=token))
+            yield from page.model_versions
+            if not (token := page.next_page_token):
+                return
