@@ -1,0 +1,62 @@
+"""Fixtures shared by the test suites: databases (SQLite file, PostgreSQL on 127.0.0.1:5432) and
+small ONNX models."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg_available() -> str | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN, connect_timeout=2):
+            return None
+    except psycopg.OperationalError as e:
+        return f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(e).strip().splitlines()[0]})"
+
+
+@pytest.fixture(scope="session")
+def pg_unavailable() -> str | None:
+    return _pg_available()
+
+
+@pytest.fixture
+def postgres_url(pg_unavailable: str | None) -> Iterator[str]:
+    """A fresh PostgreSQL database per test, dropped afterwards."""
+    if pg_unavailable:
+        pytest.skip(pg_unavailable)
+    import psycopg
+
+    name = f"strata_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # noqa: ANN001
+    """The same suite on the embedded default and on the production database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def make_onnx_model(n_inputs: int = 4, n_outputs: int = 2, pad_bytes: int = 0) -> bytes:
+    """A valid y = x @ W model; pad_bytes grows W (extra output columns) to reach a file size."""
+    cols = n_outputs + max(0, pad_bytes // (4 * n_inputs))
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((n_inputs, cols), dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
