@@ -6,29 +6,14 @@ import base64
 import hashlib
 import uuid
 
-import numpy as np
-import onnx
 import pytest
 import requests
-from onnx import TensorProto, helper, numpy_helper
 
+from tests.conftest import make_onnx_model
 from tests.e2e.conftest import Platform
 
 pytestmark = pytest.mark.e2e
 CHUNK = 4 << 20  # base64 in JSON: 4 MiB of bytes is ~5.6 MB on the wire
-
-
-def big_onnx_model(min_bytes: int) -> bytes:
-    """A valid ONNX model (y = x @ W) whose weight makes the file at least min_bytes long."""
-    cols = max(2, min_bytes // (4 * 1024) + 1)
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1024, cols), dtype=np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])], [w])
-    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    onnx.checker.check_model(onnx.load_model_from_string(data))
-    return data
 
 
 def upload(p: Platform, dev: dict, name: str, version: int, data: bytes, sha256: str) -> requests.Response:
@@ -71,7 +56,7 @@ def test_register_upload_list_alias_download_over_rest(platform: Platform) -> No
     version = r.json()["model_version"]["version"]
     assert r.json()["model_version"]["status"] == "MODEL_VERSION_STATUS_PENDING_UPLOAD"
 
-    data = big_onnx_model(50 << 20)
+    data = make_onnx_model(n_inputs=1024, pad_bytes=50 << 20)
     assert len(data) >= 50 << 20
     digest = hashlib.sha256(data).hexdigest()
     r = upload(p, dev, name, version, data, digest)
@@ -139,7 +124,7 @@ def test_sha256_mismatch_is_rejected_and_nothing_is_stored(platform: Platform) -
     assert requests.post(f"{p.rest}/v1/models", headers=dev, json={"registered_model": {"name": name}}).ok
     version = requests.post(f"{p.rest}/v1/models/{name}/versions", headers=dev,
                             json={"framework": "onnx"}).json()["model_version"]["version"]
-    data = big_onnx_model(6 << 20)
+    data = make_onnx_model(pad_bytes=6 << 20)
     r = upload(p, dev, name, version, data, hashlib.sha256(b"something else").hexdigest())
     assert r.status_code == 400
     assert "sha256" in r.json()["message"]
@@ -159,7 +144,7 @@ def test_self_approval_is_refused_and_another_approver_promotes(platform: Platfo
     assert requests.post(f"{p.rest}/v1/models", headers=carol, json={"registered_model": {"name": name}}).ok
     version = requests.post(f"{p.rest}/v1/models/{name}/versions", headers=carol,
                             json={"framework": "onnx"}).json()["model_version"]["version"]
-    data = big_onnx_model(1 << 10)
+    data = make_onnx_model()
     assert upload(p, carol, name, version, data, hashlib.sha256(data).hexdigest()).ok
 
     r = requests.put(f"{p.rest}/v1/models/{name}/aliases/production", headers=carol, json={"version": version})
