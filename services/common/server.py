@@ -16,6 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,6 +25,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import start_http_server
 
 from services.common import telemetry
@@ -53,8 +56,10 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
     """Everything cross-cutting about a call, in one wrapper (one layer instead of five)."""
 
     def __init__(self, service: str, policies: dict[str, MethodPolicy],
-                 authenticator: Authenticator | None, audit_log: AuditLog | None) -> None:
+                 authenticator: Authenticator | None, audit_log: AuditLog | None, tracing: bool = False) -> None:
         self._service = service
+        # Spans only when tracing is configured: the no-op path costs nothing per call.
+        self._tracer = trace.get_tracer("strata.server") if tracing else None
         self._policies = policies
         self._auth = authenticator
         self._audit = audit_log
@@ -78,8 +83,23 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
     # -- per call ----------------------------------------------------------------------------
-    def _begin(self, method: str, policy: MethodPolicy | None, context: grpc.aio.ServicerContext) -> None:
-        md = dict(context.invocation_metadata() or ())
+    def _span(self, method: str, md: dict) -> AbstractContextManager[Span | None]:
+        if self._tracer is None:
+            return nullcontext()
+        service, _, name = method[1:].partition("/")
+        return self._tracer.start_as_current_span(
+            method[1:], context=propagate.extract(md), kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+
+    @staticmethod
+    def _end_span(span: Span | None, code: grpc.StatusCode, message: str) -> None:
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.set_attribute("strata.request_id", telemetry.request_id_var.get())
+            if code != grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+
+    def _begin(self, method: str, policy: MethodPolicy | None, md: dict) -> None:
         rid = md.get("x-request-id") or uuid.uuid4().hex
         telemetry.request_id_var.set(rid if isinstance(rid, str) else rid.decode())
         current_resource.set("")
@@ -148,17 +168,20 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code, message = grpc.StatusCode.OK, ""
             self._in_flight.inc()
-            try:
-                self._begin(method, policy, context)
-                return await inner(request, context)
-            except BaseException as exc:
-                code, message = self._classify(exc, context)
-                await self._abort(exc, context)
-                raise
-            finally:
-                self._observe(method, policy, start, code)
-                if self._audits(policy, code):
-                    await asyncio.to_thread(self._record_audit, method, code, message)
+            md = dict(context.invocation_metadata() or ())
+            with self._span(method, md) as span:
+                try:
+                    self._begin(method, policy, md)
+                    return await inner(request, context)
+                except BaseException as exc:
+                    code, message = self._classify(exc, context)
+                    await self._abort(exc, context)
+                    raise
+                finally:
+                    self._end_span(span, code, message)
+                    self._observe(method, policy, start, code)
+                    if self._audits(policy, code):
+                        await asyncio.to_thread(self._record_audit, method, code, message)
         return behavior
 
     def _wrap_stream(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
@@ -166,22 +189,25 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code, message = grpc.StatusCode.OK, ""
             self._in_flight.inc()
-            try:
-                self._begin(method, policy, context)
-                result = inner(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a coroutine that writes with context.write()
-                    await result
-            except BaseException as exc:
-                code, message = self._classify(exc, context)
-                await self._abort(exc, context)
-                raise
-            finally:
-                self._observe(method, policy, start, code)
-                if self._audits(policy, code):
-                    await asyncio.to_thread(self._record_audit, method, code, message)
+            md = dict(context.invocation_metadata() or ())
+            with self._span(method, md) as span:
+                try:
+                    self._begin(method, policy, md)
+                    result = inner(request, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    else:  # a coroutine that writes with context.write()
+                        await result
+                except BaseException as exc:
+                    code, message = self._classify(exc, context)
+                    await self._abort(exc, context)
+                    raise
+                finally:
+                    self._end_span(span, code, message)
+                    self._observe(method, policy, start, code)
+                    if self._audits(policy, code):
+                        await asyncio.to_thread(self._record_audit, method, code, message)
         return behavior
 
 
@@ -227,7 +253,8 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
                     "Use this for local development only.")
     authenticator = None if s.auth == "disabled" else Authenticator(s)
     policies = policies_for(svc.descriptors)
-    interceptor = StrataInterceptor(s.service, policies, authenticator, svc.audit_log)
+    interceptor = StrataInterceptor(s.service, policies, authenticator, svc.audit_log,
+                                    tracing=s.tracing != "none")
     server = grpc.aio.server(interceptors=[interceptor], options=server_options(s))
     svc.register(server)
 
@@ -289,6 +316,3 @@ def run(build: Callable[[], Service]) -> None:
 
     runner(main())
 
-
-def service_names(descriptors: Iterable[ServiceDescriptor]) -> list[str]:
-    return [d.full_name for d in descriptors]
