@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.auth import mint_token
+from services.common.health import wait_serving
 from services.common.settings import DEFAULT_PORTS
 
 log = logging.getLogger("strata.launcher")
@@ -133,24 +134,6 @@ def write_tokens(home: Path, secret: str) -> Path:
     return path
 
 
-def _wait_healthy(addr: str, child: Child, timeout: float = 60) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(addr) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if child.proc is not None and child.proc.poll() is not None:
-                raise RuntimeError(f"{child.name} exited during start-up; see {child.log_path}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise TimeoutError(f"{child.name} not serving on {addr} after {timeout:.0f} s; see {child.log_path}")
-
-
 def run_platform(*, home: Path, demo: bool = False, auth: bool = True, gateway_port: int = 8080,
                  admin_port: int = 9901) -> int:
     from gateway.config import render_envoy_config
@@ -190,7 +173,11 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, gateway_p
         if child.name == "gateway":
             wait_ready(admin_port, 30, process=child.proc)
         else:
-            _wait_healthy(upstreams[child.name], child)
+            proc = child.proc
+            try:
+                wait_serving(upstreams[child.name], 60, alive=lambda: proc.poll() is None, what=child.name)
+            except (RuntimeError, TimeoutError) as e:
+                raise type(e)(f"{e}; see {child.log_path}") from None
         log.info("%s up (pid %d)", child.name, child.proc.pid)  # type: ignore[union-attr]
 
     try:

@@ -7,11 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from services.common import health
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,18 +21,10 @@ def free_port() -> int:
 
 
 def wait_serving(addr: str, proc: subprocess.Popen | None, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(addr) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise TimeoutError(f"{addr} not SERVING after {timeout}s:\n{log.read_text()[-4000:]}")
+    try:
+        health.wait_serving(addr, timeout, alive=None if proc is None else lambda: proc.poll() is None)
+    except (RuntimeError, TimeoutError) as e:
+        raise type(e)(f"{e}:\n{log.read_text()[-4000:]}") from None
 
 
 def start_service(name: str, home: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:

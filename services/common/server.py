@@ -15,8 +15,8 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import grpc
@@ -163,51 +163,43 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         except Exception:  # an audit failure is loud but does not undo the call
             log.exception("audit record failed")
 
+    @asynccontextmanager
+    async def _call(self, method: str, policy: MethodPolicy | None,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around every call: span, request id, auth, error mapping, metrics, access log, audit."""
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        self._in_flight.inc()
+        md = dict(context.invocation_metadata() or ())
+        with self._span(method, md) as span:
+            try:
+                self._begin(method, policy, md)
+                yield
+            except BaseException as exc:
+                code, message = self._classify(exc, context)
+                await self._abort(exc, context)
+                raise
+            finally:
+                self._end_span(span, code, message)
+                self._observe(method, policy, start, code)
+                if self._audits(policy, code):
+                    await asyncio.to_thread(self._record_audit, method, code, message)
+
     def _wrap_unary(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
         async def behavior(request, context):  # noqa: ANN001
-            start = time.perf_counter()
-            code, message = grpc.StatusCode.OK, ""
-            self._in_flight.inc()
-            md = dict(context.invocation_metadata() or ())
-            with self._span(method, md) as span:
-                try:
-                    self._begin(method, policy, md)
-                    return await inner(request, context)
-                except BaseException as exc:
-                    code, message = self._classify(exc, context)
-                    await self._abort(exc, context)
-                    raise
-                finally:
-                    self._end_span(span, code, message)
-                    self._observe(method, policy, start, code)
-                    if self._audits(policy, code):
-                        await asyncio.to_thread(self._record_audit, method, code, message)
+            async with self._call(method, policy, context):
+                return await inner(request, context)
         return behavior
 
     def _wrap_stream(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
         async def behavior(request, context):  # noqa: ANN001
-            start = time.perf_counter()
-            code, message = grpc.StatusCode.OK, ""
-            self._in_flight.inc()
-            md = dict(context.invocation_metadata() or ())
-            with self._span(method, md) as span:
-                try:
-                    self._begin(method, policy, md)
-                    result = inner(request, context)
-                    if inspect.isasyncgen(result):
-                        async for item in result:
-                            yield item
-                    else:  # a coroutine that writes with context.write()
-                        await result
-                except BaseException as exc:
-                    code, message = self._classify(exc, context)
-                    await self._abort(exc, context)
-                    raise
-                finally:
-                    self._end_span(span, code, message)
-                    self._observe(method, policy, start, code)
-                    if self._audits(policy, code):
-                        await asyncio.to_thread(self._record_audit, method, code, message)
+            async with self._call(method, policy, context):
+                result = inner(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine that writes with context.write()
+                    await result
         return behavior
 
 

@@ -1,0 +1,27 @@
+"""Waiting for a gRPC service to report SERVING (launcher, tests, scripts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def wait_serving(addr: str, timeout: float = 30, alive: Callable[[], bool] | None = None,
+                 what: str = "service") -> None:
+    """Poll grpc.health.v1 Check on addr until SERVING. `alive` says whether the process is
+    still running, so a crash at start-up fails at once instead of after the timeout."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError(f"{what} exited during start-up")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError(f"{what} not SERVING on {addr} after {timeout:.0f} s")
