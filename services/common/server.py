@@ -172,18 +172,23 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight.inc()
         md = dict(context.invocation_metadata() or ())
         with self._span(method, md) as span:
+            async def settle() -> None:
+                self._end_span(span, code, message)
+                self._observe(method, policy, start, code)
+                if self._audits(policy, code):
+                    await asyncio.to_thread(self._record_audit, method, code, message)
+
             try:
                 self._begin(method, policy, md)
                 yield
             except BaseException as exc:
                 code, message = self._classify(exc, context)
+                # Record before the status goes out: a client that saw the error finds it in the
+                # audit log and the metrics.
+                await settle()
                 await self._abort(exc, context)
                 raise
-            finally:
-                self._end_span(span, code, message)
-                self._observe(method, policy, start, code)
-                if self._audits(policy, code):
-                    await asyncio.to_thread(self._record_audit, method, code, message)
+            await settle()
 
     def _wrap_unary(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
         async def behavior(request, context):  # noqa: ANN001
