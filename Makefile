@@ -10,6 +10,10 @@ BUF     := .tools/node_modules/.bin/buf
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,gateway]'
+	# tritonclient, the stock KServe V2 client the inference tests drive, pins protobuf<7 in its
+	# metadata; its generated code runs on the protobuf 7 runtime (tests/inference show it), so
+	# it is installed without its dependency pins.
+	$(PY) -m pip install -q --no-deps tritonclient==2.73.0 python-rapidjson==1.25
 	touch $@
 
 $(BUF):

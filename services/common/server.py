@@ -219,7 +219,15 @@ class Service:
     descriptors: list[ServiceDescriptor]
     register: Callable[[grpc.aio.Server], None]
     audit_log: AuditLog | None = None
+    #: Run before the server takes calls (e.g. load models), inside the serving loop.
+    on_start: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    #: Services whose proto carries no access option (a fixed external protocol such as the
+    #: KServe V2 one): their full names and per-method rules, declared in code.
+    extra_services: list[str] = field(default_factory=list)
+    extra_policies: dict[str, MethodPolicy] = field(default_factory=dict)
+    #: Only the inference service's own worker processes share a port, on purpose.
+    reuse_port: bool = False
 
 
 def _credentials(s: ServiceSettings) -> grpc.ServerCredentials | None:
@@ -230,13 +238,13 @@ def _credentials(s: ServiceSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def server_options(s: ServiceSettings) -> list[tuple[str, int]]:
+def server_options(s: ServiceSettings, reuse_port: bool = False) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
         # Refuse to share the port: grpcio sets SO_REUSEPORT by default, and a second server
         # on the same port would silently take half of the traffic.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
@@ -249,15 +257,15 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
         log.warning("AUTHENTICATION IS DISABLED (STRATA_AUTH=disabled): every caller is admin. "
                     "Use this for local development only.")
     authenticator = None if s.auth == "disabled" else Authenticator(s)
-    policies = policies_for(svc.descriptors)
+    policies = {**policies_for(svc.descriptors), **svc.extra_policies}
     interceptor = StrataInterceptor(s.service, policies, authenticator, svc.audit_log,
                                     tracing=s.tracing != "none")
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(s))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(s, svc.reuse_port))
     svc.register(server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [d.full_name for d in svc.descriptors]
+    names = [d.full_name for d in svc.descriptors] + svc.extra_services
     reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
     address = f"{s.host}:{s.port}"
@@ -271,6 +279,10 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
             start_http_server(s.metrics_port, addr="0.0.0.0" if s.host == "0.0.0.0" else s.host)
         except OSError as e:
             raise SystemExit(f"strata-{s.service}: metrics port {s.metrics_port} unavailable: {e}") from None
+    for hook in svc.on_start:
+        res = hook()
+        if inspect.isawaitable(res):
+            await res
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,172 @@
+"""One model version in ONNX Runtime: session options chosen for the machine, the signature
+read from the session, input checks with messages that name the input, warm-up.
+
+The hot path is numpy over the request's bytes: `np.frombuffer` views, no per-element Python.
+On CUDA the inputs and outputs go through an IO binding (one host->device copy per input and
+one device->host copy per output per batch), as ONNX Runtime's CUDA guide recommends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from services.common.errors import InvalidArgument
+
+# ONNX Runtime's type strings -> numpy.
+_ORT_TYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16), "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16), "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64), "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16), "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64), "tensor(bool)": np.dtype(np.bool_),
+    "tensor(string)": np.dtype(object),
+}
+
+# KServe V2 datatype names <-> numpy (BYTES carries strings).
+V2_TO_NUMPY: dict[str, np.dtype] = {
+    "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64), "FP16": np.dtype(np.float16),
+    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "BOOL": np.dtype(np.bool_),
+    "BYTES": np.dtype(object),
+}
+NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: np.dtype
+    #: -1 for a dynamic dimension.
+    shape: tuple[int, ...]
+
+    @property
+    def v2_datatype(self) -> str:
+        return NUMPY_TO_V2[self.dtype]
+
+
+def _info(arg: ort.NodeArg) -> TensorInfo:
+    dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+    return TensorInfo(arg.name, _ORT_TYPES.get(arg.type, np.dtype(object)), dims)
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Several serving processes share the cores: one intra-op thread each unless told otherwise,
+    # so processes do not fight over the same cores (and spinning threads do not steal them).
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def default_intra_op_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+class ModelRuntime:
+    """An ONNX Runtime session for one model version. `run` is called by one thread at a time
+    (the model's batcher), which CUDA graphs and IO binding need."""
+
+    def __init__(self, path: Path, *, intra_op_threads: int = 1, device: str = "auto",
+                 max_batch_size: int = 1024) -> None:
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and cuda_available():
+            providers = [("CUDAExecutionProvider", {
+                "arena_extend_strategy": "kSameAsRequested",  # predictable with many models
+                "cudnn_conv_algo_search": "HEURISTIC",
+            }), "CPUExecutionProvider"]
+        elif device == "cuda":
+            raise RuntimeError("STRATA_INFERENCE_DEVICE=cuda but onnxruntime has no CUDA execution provider")
+        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.inputs = [_info(a) for a in self.session.get_inputs()]
+        self.outputs = [_info(a) for a in self.session.get_outputs()]
+        self._by_name = {i.name: i for i in self.inputs}
+        self.output_names = [o.name for o in self.outputs]
+        # Batching across requests needs a dynamic leading dimension on every input and output.
+        batchable = all(i.shape and i.shape[0] == -1 for i in self.inputs + self.outputs)
+        self.max_batch_size = max_batch_size if batchable else 0
+        self._cuda = self.provider == "CUDAExecutionProvider"
+        self.memory_bytes = path.stat().st_size * 2  # weights + runtime copies, a fair estimate
+
+    # -- checks ------------------------------------------------------------------------------
+    def check(self, feeds: dict[str, np.ndarray]) -> int:
+        """Validate the inputs against the signature; return the batch size (rows)."""
+        for name in feeds:
+            if name not in self._by_name:
+                raise InvalidArgument(f"inputs[{name}]", f"unknown input '{name}'; the model's inputs are "
+                                      + ", ".join(repr(i.name) for i in self.inputs))
+        rows = -1
+        for spec in self.inputs:
+            arr = feeds.get(spec.name)
+            if arr is None:
+                raise InvalidArgument(f"inputs[{spec.name}]", f"input '{spec.name}' is missing")
+            if arr.dtype != spec.dtype:
+                raise InvalidArgument(f"inputs[{spec.name}]", f"input '{spec.name}' has datatype "
+                                      f"{_v2(arr.dtype)}, the model expects {_v2(spec.dtype)}")
+            if spec.shape and (arr.ndim != len(spec.shape) or any(
+                    want not in (-1, got) for want, got in zip(spec.shape, arr.shape, strict=True))):
+                raise InvalidArgument(f"inputs[{spec.name}]", f"input '{spec.name}' has shape {list(arr.shape)}, "
+                                      f"the model expects {list(spec.shape)} (-1: any size)")
+            if self.max_batch_size:
+                if rows == -1:
+                    rows = arr.shape[0]
+                elif arr.shape[0] != rows:
+                    raise InvalidArgument(f"inputs[{spec.name}]", f"input '{spec.name}' has {arr.shape[0]} rows, "
+                                          f"other inputs have {rows}")
+        if self.max_batch_size and rows > self.max_batch_size:
+            raise InvalidArgument("inputs", f"batch of {rows} rows exceeds the max batch size "
+                                  f"{self.max_batch_size}")
+        return max(rows, 1)
+
+    # -- execution ---------------------------------------------------------------------------
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not self._cuda:
+            return self.session.run(self.output_names, feeds)
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for spec in self.inputs:
+            shape = [rows if d == -1 and i == 0 else (1 if d == -1 else d) for i, d in enumerate(spec.shape)]
+            feeds[spec.name] = (np.full(shape, "", dtype=object) if spec.dtype == np.dtype(object)
+                                else np.zeros(shape, dtype=spec.dtype))
+        return feeds
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 32), runs: int = 3) -> float:
+        """Run the model before it reports ready (first runs allocate and pick kernels).
+        Returns the median seconds of a batch-1 run."""
+        sizes = [b for b in batch_sizes if b <= max(self.max_batch_size, 1)] or [1]
+        timings = []
+        for b in sizes:
+            feeds = self.example_inputs(b)
+            for _ in range(runs):
+                t = time.perf_counter()
+                self.run(feeds)
+                if b == sizes[0]:
+                    timings.append(time.perf_counter() - t)
+        return sorted(timings)[len(timings) // 2]
+
+
+def _v2(dtype: np.dtype) -> str:
+    return NUMPY_TO_V2.get(dtype, str(dtype))

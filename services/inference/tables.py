@@ -1,0 +1,67 @@
+"""The inference service's schema (SQLAlchemy Core): endpoints and their policy revisions,
+the serving processes' heartbeats, and per-process canary statistics. The database is what the
+serving processes share: a policy change is one new revision row that every process applies."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, Text,
+)
+
+from services.common.audit import audit_table
+
+metadata = MetaData()
+
+
+def _ts(name: str, nullable: bool = False) -> Column:
+    return Column(name, DateTime(timezone=True), nullable=nullable)
+
+
+endpoints = Table(
+    "endpoints", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("revision", BigInteger, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("create_request_id", String(128), nullable=True, unique=True),
+    _ts("create_time"), _ts("update_time"),
+)
+
+# One row per policy change. `policy` is a serialized strata.inference.v1.TrafficPolicy with
+# aliases already resolved to versions, so every process routes to exactly the same versions.
+policy_revisions = Table(
+    "policy_revisions", metadata,
+    Column("endpoint", String(64), primary_key=True),
+    Column("revision", BigInteger, primary_key=True),
+    Column("policy", LargeBinary, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    _ts("create_time"),
+)
+
+# Each serving process says which revision of each endpoint it serves (JSON text) and when it
+# last looked; a policy change waits until every live process serves the new revision.
+workers = Table(
+    "workers", metadata,
+    Column("worker_id", String(64), primary_key=True),
+    Column("pid", Integer, nullable=False),
+    Column("applied", Text, nullable=False, default="{}"),
+    Column("failures", Text, nullable=False, default="{}"),
+    _ts("heartbeat"),
+)
+
+# Cumulative per-process figures of each target in a revision (rows are overwritten by their
+# process); the canary guard sums them over processes.
+target_stats = Table(
+    "target_stats", metadata,
+    Column("endpoint", String(64), primary_key=True),
+    Column("revision", BigInteger, primary_key=True),
+    Column("target", String(200), primary_key=True),  # "<model>:<version>[:shadow]"
+    Column("worker_id", String(64), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("histogram", Text, nullable=False),  # JSON list of counts per LATENCY_BUCKETS_MS
+    _ts("update_time"),
+)
+
+audit_events = audit_table(metadata)
