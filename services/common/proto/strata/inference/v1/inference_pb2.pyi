@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from strata.common.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BatchJobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchJobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchJobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_JOB_STATE_UNSPECIFIED: _BatchJobState.ValueType  # 0
+    """Not set."""
+    BATCH_JOB_STATE_PENDING: _BatchJobState.ValueType  # 1
+    """Accepted, not started."""
+    BATCH_JOB_STATE_RUNNING: _BatchJobState.ValueType  # 2
+    """Scoring."""
+    BATCH_JOB_STATE_SUCCEEDED: _BatchJobState.ValueType  # 3
+    """Finished; the output is in place."""
+    BATCH_JOB_STATE_FAILED: _BatchJobState.ValueType  # 4
+    """Stopped by an error (see BatchJob.error); no output."""
+    BATCH_JOB_STATE_CANCELLED: _BatchJobState.ValueType  # 5
+    """Cancelled; no output."""
+
+class BatchJobState(_BatchJobState, metaclass=_BatchJobStateEnumTypeWrapper):
+    """BatchJobState is where a batch job stands."""
+
+BATCH_JOB_STATE_UNSPECIFIED: BatchJobState.ValueType  # 0
+"""Not set."""
+BATCH_JOB_STATE_PENDING: BatchJobState.ValueType  # 1
+"""Accepted, not started."""
+BATCH_JOB_STATE_RUNNING: BatchJobState.ValueType  # 2
+"""Scoring."""
+BATCH_JOB_STATE_SUCCEEDED: BatchJobState.ValueType  # 3
+"""Finished; the output is in place."""
+BATCH_JOB_STATE_FAILED: BatchJobState.ValueType  # 4
+"""Stopped by an error (see BatchJob.error); no output."""
+BATCH_JOB_STATE_CANCELLED: BatchJobState.ValueType  # 5
+"""Cancelled; no output."""
+Global___BatchJobState: _TypeAlias = BatchJobState  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -1136,3 +1173,287 @@ class PredictionRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictionRecord: _TypeAlias = PredictionRecord  # noqa: Y015
+
+@_typing.final
+class BatchJob(_message.Message):
+    """BatchJob scores a file with a model version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    INPUT_URI_FIELD_NUMBER: _builtins.int
+    OUTPUT_URI_FIELD_NUMBER: _builtins.int
+    INPUT_COLUMNS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ROWS_TOTAL_FIELD_NUMBER: _builtins.int
+    ROWS_DONE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Server-assigned id."""
+    model: _builtins.str
+    """Registered model."""
+    version: _builtins.int
+    """Version (resolved from the alias when one was given)."""
+    alias: _builtins.str
+    """Alias to resolve when version is 0; both empty: the newest version."""
+    input_uri: _builtins.str
+    """Input file: a local path or an artifact-store key, .parquet or .csv."""
+    output_uri: _builtins.str
+    """Output file (.parquet): a local path or an artifact-store key."""
+    state: Global___BatchJobState.ValueType
+    """Where the job stands."""
+    rows_total: _builtins.int
+    """Rows in the input (known once the job runs)."""
+    rows_done: _builtins.int
+    """Rows scored so far."""
+    error: _builtins.str
+    """Why the job failed."""
+    created_by: _builtins.str
+    """Who started it."""
+    chunk_rows: _builtins.int
+    """Rows per model execution (default 4096)."""
+    @_builtins.property
+    def input_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Columns that form the model's single 2-D input, in order. Empty: the
+        columns named like the model's inputs, else every numeric column.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        alias: _builtins.str = ...,
+        input_uri: _builtins.str = ...,
+        output_uri: _builtins.str = ...,
+        input_columns: _abc.Iterable[_builtins.str] | None = ...,
+        state: Global___BatchJobState.ValueType = ...,
+        rows_total: _builtins.int = ...,
+        rows_done: _builtins.int = ...,
+        error: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        chunk_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "chunk_rows", b"chunk_rows", "create_time", b"create_time", "created_by", b"created_by", "error", b"error", "input_columns", b"input_columns", "input_uri", b"input_uri", "job_id", b"job_id", "model", b"model", "output_uri", b"output_uri", "rows_done", b"rows_done", "rows_total", b"rows_total", "state", b"state", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchJob: _TypeAlias = BatchJob  # noqa: Y015
+
+@_typing.final
+class CreateBatchJobRequest(_message.Message):
+    """CreateBatchJobRequest starts a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key: a retry with the same id returns the first job."""
+    @_builtins.property
+    def job(self) -> Global___BatchJob:
+        """model, version or alias, input_uri, output_uri, optional input_columns and chunk_rows."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___BatchJob | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBatchJobRequest: _TypeAlias = CreateBatchJobRequest  # noqa: Y015
+
+@_typing.final
+class CreateBatchJobResponse(_message.Message):
+    """CreateBatchJobResponse holds the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___BatchJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___BatchJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBatchJobResponse: _TypeAlias = CreateBatchJobResponse  # noqa: Y015
+
+@_typing.final
+class GetBatchJobRequest(_message.Message):
+    """GetBatchJobRequest names the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchJobRequest: _TypeAlias = GetBatchJobRequest  # noqa: Y015
+
+@_typing.final
+class GetBatchJobResponse(_message.Message):
+    """GetBatchJobResponse holds the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___BatchJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___BatchJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchJobResponse: _TypeAlias = GetBatchJobResponse  # noqa: Y015
+
+@_typing.final
+class ListBatchJobsRequest(_message.Message):
+    """ListBatchJobsRequest pages through jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, max 500)."""
+    page_token: _builtins.str
+    """From a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchJobsRequest: _TypeAlias = ListBatchJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListBatchJobsResponse(_message.Message):
+    """ListBatchJobsResponse is one page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchJob]:
+        """Jobs, newest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___BatchJob] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchJobsResponse: _TypeAlias = ListBatchJobsResponse  # noqa: Y015
+
+@_typing.final
+class CancelBatchJobRequest(_message.Message):
+    """CancelBatchJobRequest names the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBatchJobRequest: _TypeAlias = CancelBatchJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelBatchJobResponse(_message.Message):
+    """CancelBatchJobResponse holds the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___BatchJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___BatchJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBatchJobResponse: _TypeAlias = CancelBatchJobResponse  # noqa: Y015

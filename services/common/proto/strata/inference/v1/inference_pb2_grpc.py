@@ -104,6 +104,26 @@ class InferenceServiceStub:
                 request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListLoadedModelsRequest.SerializeToString,
                 response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListLoadedModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateBatchJob = channel.unary_unary(
+                '/strata.inference.v1.InferenceService/CreateBatchJob',
+                request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.CreateBatchJobRequest.SerializeToString,
+                response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.CreateBatchJobResponse.FromString,
+                _registered_method=True)
+        self.GetBatchJob = channel.unary_unary(
+                '/strata.inference.v1.InferenceService/GetBatchJob',
+                request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.GetBatchJobRequest.SerializeToString,
+                response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.GetBatchJobResponse.FromString,
+                _registered_method=True)
+        self.ListBatchJobs = channel.unary_unary(
+                '/strata.inference.v1.InferenceService/ListBatchJobs',
+                request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListBatchJobsRequest.SerializeToString,
+                response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListBatchJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelBatchJob = channel.unary_unary(
+                '/strata.inference.v1.InferenceService/CancelBatchJob',
+                request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.CancelBatchJobRequest.SerializeToString,
+                response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.CancelBatchJobResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -212,6 +232,36 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBatchJob(self, request, context):
+        """Starts a batch job that scores a Parquet or CSV file with a model version
+        and writes the predictions (input columns plus one column per output) as
+        Parquet. The output appears only when the job has finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchJob(self, request, context):
+        """Gets a batch job with its progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatchJobs(self, request, context):
+        """Lists batch jobs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatchJob(self, request, context):
+        """Cancels a pending or running batch job; nothing is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +324,26 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListLoadedModels,
                     request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListLoadedModelsRequest.FromString,
                     response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListLoadedModelsResponse.SerializeToString,
+            ),
+            'CreateBatchJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBatchJob,
+                    request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.CreateBatchJobRequest.FromString,
+                    response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.CreateBatchJobResponse.SerializeToString,
+            ),
+            'GetBatchJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatchJob,
+                    request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.GetBatchJobRequest.FromString,
+                    response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.GetBatchJobResponse.SerializeToString,
+            ),
+            'ListBatchJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatchJobs,
+                    request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListBatchJobsRequest.FromString,
+                    response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListBatchJobsResponse.SerializeToString,
+            ),
+            'CancelBatchJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatchJob,
+                    request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.CancelBatchJobRequest.FromString,
+                    response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.CancelBatchJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +680,114 @@ class InferenceService:
             '/strata.inference.v1.InferenceService/ListLoadedModels',
             strata_dot_inference_dot_v1_dot_inference__pb2.ListLoadedModelsRequest.SerializeToString,
             strata_dot_inference_dot_v1_dot_inference__pb2.ListLoadedModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.inference.v1.InferenceService/CreateBatchJob',
+            strata_dot_inference_dot_v1_dot_inference__pb2.CreateBatchJobRequest.SerializeToString,
+            strata_dot_inference_dot_v1_dot_inference__pb2.CreateBatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.inference.v1.InferenceService/GetBatchJob',
+            strata_dot_inference_dot_v1_dot_inference__pb2.GetBatchJobRequest.SerializeToString,
+            strata_dot_inference_dot_v1_dot_inference__pb2.GetBatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.inference.v1.InferenceService/ListBatchJobs',
+            strata_dot_inference_dot_v1_dot_inference__pb2.ListBatchJobsRequest.SerializeToString,
+            strata_dot_inference_dot_v1_dot_inference__pb2.ListBatchJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.inference.v1.InferenceService/CancelBatchJob',
+            strata_dot_inference_dot_v1_dot_inference__pb2.CancelBatchJobRequest.SerializeToString,
+            strata_dot_inference_dot_v1_dot_inference__pb2.CancelBatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,17 @@ class InferenceServiceStub:
     """Unloads a model version from this serving process."""
     ListLoadedModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListLoadedModelsRequest, _inference_pb2.ListLoadedModelsResponse]
     """Lists the model versions loaded in this serving process with their state."""
+    CreateBatchJob: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CreateBatchJobRequest, _inference_pb2.CreateBatchJobResponse]
+    """Starts a batch job that scores a Parquet or CSV file with a model version
+    and writes the predictions (input columns plus one column per output) as
+    Parquet. The output appears only when the job has finished.
+    """
+    GetBatchJob: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetBatchJobRequest, _inference_pb2.GetBatchJobResponse]
+    """Gets a batch job with its progress."""
+    ListBatchJobs: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListBatchJobsRequest, _inference_pb2.ListBatchJobsResponse]
+    """Lists batch jobs, newest first."""
+    CancelBatchJob: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CancelBatchJobRequest, _inference_pb2.CancelBatchJobResponse]
+    """Cancels a pending or running batch job; nothing is written."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -137,6 +148,17 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Unloads a model version from this serving process."""
     ListLoadedModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListLoadedModelsRequest, _inference_pb2.ListLoadedModelsResponse]  # type: ignore[assignment]
     """Lists the model versions loaded in this serving process with their state."""
+    CreateBatchJob: _aio.UnaryUnaryMultiCallable[_inference_pb2.CreateBatchJobRequest, _inference_pb2.CreateBatchJobResponse]  # type: ignore[assignment]
+    """Starts a batch job that scores a Parquet or CSV file with a model version
+    and writes the predictions (input columns plus one column per output) as
+    Parquet. The output appears only when the job has finished.
+    """
+    GetBatchJob: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetBatchJobRequest, _inference_pb2.GetBatchJobResponse]  # type: ignore[assignment]
+    """Gets a batch job with its progress."""
+    ListBatchJobs: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListBatchJobsRequest, _inference_pb2.ListBatchJobsResponse]  # type: ignore[assignment]
+    """Lists batch jobs, newest first."""
+    CancelBatchJob: _aio.UnaryUnaryMultiCallable[_inference_pb2.CancelBatchJobRequest, _inference_pb2.CancelBatchJobResponse]  # type: ignore[assignment]
+    """Cancels a pending or running batch job; nothing is written."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService serves registered ONNX models behind named endpoints.
@@ -261,5 +283,40 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListLoadedModelsResponse, _abc.Awaitable[_inference_pb2.ListLoadedModelsResponse]]:
         """Lists the model versions loaded in this serving process with their state."""
+
+    @_abc_1.abstractmethod
+    def CreateBatchJob(
+        self,
+        request: _inference_pb2.CreateBatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CreateBatchJobResponse, _abc.Awaitable[_inference_pb2.CreateBatchJobResponse]]:
+        """Starts a batch job that scores a Parquet or CSV file with a model version
+        and writes the predictions (input columns plus one column per output) as
+        Parquet. The output appears only when the job has finished.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBatchJob(
+        self,
+        request: _inference_pb2.GetBatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetBatchJobResponse, _abc.Awaitable[_inference_pb2.GetBatchJobResponse]]:
+        """Gets a batch job with its progress."""
+
+    @_abc_1.abstractmethod
+    def ListBatchJobs(
+        self,
+        request: _inference_pb2.ListBatchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListBatchJobsResponse, _abc.Awaitable[_inference_pb2.ListBatchJobsResponse]]:
+        """Lists batch jobs, newest first."""
+
+    @_abc_1.abstractmethod
+    def CancelBatchJob(
+        self,
+        request: _inference_pb2.CancelBatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CancelBatchJobResponse, _abc.Awaitable[_inference_pb2.CancelBatchJobResponse]]:
+        """Cancels a pending or running batch job; nothing is written."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
