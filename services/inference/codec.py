@@ -1,8 +1,8 @@
 """Tensors between the wire and numpy, without per-element Python for raw bytes.
 
-V2 (Open Inference Protocol): raw_input_contents (what tritonclient sends) or typed contents;
-BYTES elements are 4-byte little-endian length prefixed, as Triton serializes them.
-Strata Predict: Tensor.raw, typed value lists (JSON-friendly), or rows of named values.
+Strata Predict: Tensor.raw, typed value lists (JSON-friendly), or rows of named values; the
+shared raw-bytes helpers serve the V2 protocol too (services/inference/v2.py), where BYTES
+elements are 4-byte little-endian length prefixed, as Triton serializes them.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import struct
 
 import numpy as np
 from google.protobuf import struct_pb2
-from inference import grpc_service_pb2 as v2
 from strata.common.v1 import types_pb2
 from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.inference.runtime import NUMPY_TO_V2, V2_TO_NUMPY, TensorInfo
+from services.inference.runtime import NUMPY_TO_V2, TensorInfo
 
 _DT = types_pb2.DataType
 STRATA_TO_NUMPY: dict[int, np.dtype] = {
@@ -30,32 +29,24 @@ STRATA_TO_NUMPY: dict[int, np.dtype] = {
 }
 NUMPY_TO_STRATA = {v: k for k, v in STRATA_TO_NUMPY.items()}
 
-# V2 typed contents field per datatype.
-_V2_CONTENTS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-
-
-def _shape(field: str, dims) -> tuple[int, ...]:  # noqa: ANN001
+def shape_of(field: str, dims) -> tuple[int, ...]:  # noqa: ANN001
     shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
         raise InvalidArgument(field, f"shape {list(shape)} has a negative dimension")
     return shape
 
 
-def _count(shape: tuple[int, ...]) -> int:
+def count(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
 
 
-def _from_raw(field: str, name: str, raw: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def from_raw(field: str, name: str, raw: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if dtype == np.dtype(object):
         return _deserialize_bytes(field, name, raw, shape)
-    want = _count(shape) * dtype.itemsize
+    want = count(shape) * dtype.itemsize
     if len(raw) != want:
         raise InvalidArgument(field, f"input '{name}': {len(raw)} bytes of data, shape {list(shape)} of "
                               f"{NUMPY_TO_V2.get(dtype, dtype)} needs {want}")
@@ -70,9 +61,9 @@ def _deserialize_bytes(field: str, name: str, raw: bytes, shape: tuple[int, ...]
         (n,) = struct.unpack_from("<I", raw, pos)
         items.append(raw[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
         pos += 4 + n
-    if len(items) != _count(shape):
+    if len(items) != count(shape):
         raise InvalidArgument(field, f"input '{name}': {len(items)} BYTES elements, shape {list(shape)} needs "
-                              f"{_count(shape)}")
+                              f"{count(shape)}")
     return np.array(items, dtype=object).reshape(shape)
 
 
@@ -82,55 +73,6 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
         b = item if isinstance(item, bytes) else str(item).encode()
         parts.append(struct.pack("<I", len(b)) + b)
     return b"".join(parts)
-
-
-# -- V2 ----------------------------------------------------------------------------------------
-def v2_inputs(req: v2.ModelInferRequest) -> dict[str, np.ndarray]:
-    raw = req.raw_input_contents
-    if raw and len(raw) != len(req.inputs):
-        raise InvalidArgument("raw_input_contents", f"{len(raw)} raw contents for {len(req.inputs)} inputs; "
-                              "give one per input, in the order of 'inputs'")
-    feeds: dict[str, np.ndarray] = {}
-    for i, t in enumerate(req.inputs):
-        field = f"inputs[{t.name}]"
-        dtype = V2_TO_NUMPY.get(t.datatype)
-        if dtype is None:
-            raise InvalidArgument(field, f"input '{t.name}': unknown datatype '{t.datatype}'")
-        if t.name in feeds:
-            raise InvalidArgument(field, f"input '{t.name}' is given twice")
-        shape = _shape(field, t.shape)
-        if raw:
-            if t.HasField("contents"):
-                raise InvalidArgument(field, f"input '{t.name}': contents and raw_input_contents are both set")
-            feeds[t.name] = _from_raw(field, t.name, raw[i], dtype, shape)
-            continue
-        attr = _V2_CONTENTS.get(t.datatype)
-        if attr is None:
-            raise InvalidArgument(field, f"input '{t.name}': {t.datatype} travels only in raw_input_contents")
-        values = getattr(t.contents, attr)
-        if len(values) != _count(shape):
-            raise InvalidArgument(field, f"input '{t.name}': {len(values)} values, shape {list(shape)} needs "
-                                  f"{_count(shape)}")
-        if dtype == np.dtype(object):
-            arr = np.array([v.decode("utf-8", "replace") for v in values], dtype=object)
-        else:
-            arr = np.array(values, dtype=dtype)
-        feeds[t.name] = arr.reshape(shape)
-    return feeds
-
-
-def v2_response(resp: v2.ModelInferResponse, outputs: list[tuple[str, np.ndarray]]) -> None:
-    for name, arr in outputs:
-        o = resp.outputs.add()
-        o.name = name
-        o.datatype = NUMPY_TO_V2.get(arr.dtype, "BYTES")
-        o.shape.extend(arr.shape)
-        resp.raw_output_contents.append(serialize_bytes(arr) if arr.dtype == np.dtype(object)
-                                        else np.ascontiguousarray(arr).tobytes())
-
-
-def v2_tensor_metadata(info: TensorInfo) -> v2.ModelMetadataResponse.TensorMetadata:
-    return v2.ModelMetadataResponse.TensorMetadata(name=info.name, datatype=info.v2_datatype, shape=list(info.shape))
 
 
 # -- Strata Predict --------------------------------------------------------------------------
@@ -151,19 +93,19 @@ def tensor_inputs(tensors, specs: dict[str, TensorInfo]) -> tuple[dict[str, np.n
                 raise InvalidArgument(f"{field}.dtype", f"input '{t.name}': unsupported dtype {t.dtype}")
         else:
             dtype = spec.dtype if spec else np.dtype(np.float32)
-        shape = _shape(f"{field}.shape", t.shape)
+        shape = shape_of(f"{field}.shape", t.shape)
         sources = [n for n in ("raw", "float_values", "int_values", "bool_values", "string_values")
                    if (t.raw if n == "raw" else len(getattr(t, n)))]
         if len(sources) > 1:
             raise InvalidArgument(field, f"input '{t.name}' sets {' and '.join(sources)}; use one")
         if sources == ["raw"]:
             raw_used = True
-            feeds[t.name] = _from_raw(field, t.name, t.raw, dtype, shape)
+            feeds[t.name] = from_raw(field, t.name, t.raw, dtype, shape)
             continue
         values = getattr(t, sources[0]) if sources else []
-        if len(values) != _count(shape):
+        if len(values) != count(shape):
             raise InvalidArgument(field, f"input '{t.name}': {len(values)} values, shape {list(shape)} needs "
-                                  f"{_count(shape)}")
+                                  f"{count(shape)}")
         try:
             feeds[t.name] = np.array(values, dtype=dtype).reshape(shape)
         except (TypeError, ValueError, OverflowError) as e:
