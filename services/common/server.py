@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import signal
 import time
@@ -53,7 +54,12 @@ def _status_details(err: StrataError) -> tuple[tuple[str, bytes], ...]:
 
 
 class StrataInterceptor(grpc.aio.ServerInterceptor):
-    """Everything cross-cutting about a call, in one wrapper (one layer instead of five)."""
+    """Everything cross-cutting about a call, in one wrapper (one layer instead of five).
+
+    It sits on every call of the inference hot path, so it is written for speed: the wrapped
+    handler is built once per method and cached, metric children are looked up once, request
+    ids come from a per-process prefix and a counter (no syscall), and a call that mutates
+    nothing finishes without another await."""
 
     def __init__(self, service: str, policies: dict[str, MethodPolicy],
                  authenticator: Authenticator | None, audit_log: AuditLog | None, tracing: bool = False) -> None:
@@ -64,12 +70,20 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         self._auth = authenticator
         self._audit = audit_log
         self._in_flight = telemetry.RPC_IN_FLIGHT.labels(service)
+        self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler]] = {}
+        self._requests: dict[tuple[str, grpc.StatusCode], object] = {}
+        self._latency: dict[str, object] = {}
+        self._rid_prefix = uuid.uuid4().hex[:12]
+        self._rid_counter = itertools.count(1)
 
     async def intercept_service(self, continuation, details):  # noqa: ANN001 - grpc types
         handler = await continuation(details)
         if handler is None:
             return None
         method: str = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         policy = self._policies.get(method)  # None: health, reflection (public, not audited)
         wrap = self._wrap_unary if not handler.response_streaming else self._wrap_stream
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
@@ -79,8 +93,10 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[
                     (handler.request_streaming, handler.response_streaming)]
-        return kind(behavior, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        wrapped = kind(behavior, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     # -- per call ----------------------------------------------------------------------------
     def _span(self, method: str, md: dict) -> AbstractContextManager[Span | None]:
@@ -100,7 +116,7 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
 
     def _begin(self, method: str, policy: MethodPolicy | None, md: dict) -> None:
-        rid = md.get("x-request-id") or uuid.uuid4().hex
+        rid = md.get("x-request-id") or f"{self._rid_prefix}-{next(self._rid_counter):x}"
         telemetry.request_id_var.set(rid if isinstance(rid, str) else rid.decode())
         current_resource.set("")
         if policy is None or policy.public:
@@ -140,8 +156,14 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight.dec()
         elapsed = time.perf_counter() - start
         short = method.rsplit("/", 1)[-1]
-        telemetry.RPC_REQUESTS.labels(self._service, short, code.name).inc()
-        telemetry.RPC_LATENCY.labels(self._service, short).observe(elapsed)
+        counter = self._requests.get((short, code))
+        if counter is None:
+            counter = self._requests[(short, code)] = telemetry.RPC_REQUESTS.labels(self._service, short, code.name)
+        counter.inc()  # type: ignore[attr-defined]
+        latency = self._latency.get(short)
+        if latency is None:
+            latency = self._latency[short] = telemetry.RPC_LATENCY.labels(self._service, short)
+        latency.observe(elapsed)  # type: ignore[attr-defined]
         level = logging.INFO if ((policy is not None and policy.mutates) or code != grpc.StatusCode.OK) \
             else logging.DEBUG
         if access_log.isEnabledFor(level):
@@ -163,37 +185,56 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         except Exception:  # an audit failure is loud but does not undo the call
             log.exception("audit record failed")
 
+    async def _settle(self, method: str, policy: MethodPolicy | None, start: float, span: Span | None,
+                      code: grpc.StatusCode, message: str) -> None:
+        """Span, metrics, access log and (for mutating calls) the audit record. Runs before the
+        status goes out: a client that saw the answer finds it in the audit log and the metrics."""
+        self._end_span(span, code, message)
+        self._observe(method, policy, start, code)
+        if self._audits(policy, code):
+            await asyncio.to_thread(self._record_audit, method, code, message)
+
     @asynccontextmanager
     async def _call(self, method: str, policy: MethodPolicy | None,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Around every call: span, request id, auth, error mapping, metrics, access log, audit."""
+        """Around a streaming call: span, request id, auth, error mapping, metrics, log, audit."""
         start = time.perf_counter()
-        code, message = grpc.StatusCode.OK, ""
         self._in_flight.inc()
         md = dict(context.invocation_metadata() or ())
         with self._span(method, md) as span:
-            async def settle() -> None:
-                self._end_span(span, code, message)
-                self._observe(method, policy, start, code)
-                if self._audits(policy, code):
-                    await asyncio.to_thread(self._record_audit, method, code, message)
-
             try:
                 self._begin(method, policy, md)
                 yield
             except BaseException as exc:
                 code, message = self._classify(exc, context)
-                # Record before the status goes out: a client that saw the error finds it in the
-                # audit log and the metrics.
-                await settle()
+                await self._settle(method, policy, start, span, code, message)
                 await self._abort(exc, context)
                 raise
-            await settle()
+            await self._settle(method, policy, start, span, grpc.StatusCode.OK, "")
 
     def _wrap_unary(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
+        # The same steps as _call, spelled out: an async context manager costs about 10 us a call.
+        quiet = policy is None or not policy.mutates
+
         async def behavior(request, context):  # noqa: ANN001
-            async with self._call(method, policy, context):
-                return await inner(request, context)
+            if self._tracer is not None:
+                async with self._call(method, policy, context):
+                    return await inner(request, context)
+            start = time.perf_counter()
+            self._in_flight.inc()
+            try:
+                self._begin(method, policy, dict(context.invocation_metadata() or ()))
+                response = await inner(request, context)
+            except BaseException as exc:
+                code, message = self._classify(exc, context)
+                await self._settle(method, policy, start, None, code, message)
+                await self._abort(exc, context)
+                raise
+            if quiet:
+                self._observe(method, policy, start, grpc.StatusCode.OK)
+            else:
+                await self._settle(method, policy, start, None, grpc.StatusCode.OK, "")
+            return response
         return behavior
 
     def _wrap_stream(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:

@@ -5,15 +5,18 @@ rows; an idle model never waits. Only when a full batch cannot be formed may the
 at most max_queue_delay_us, for more requests. The queue is bounded: beyond max_queue_size
 waiting requests a call fails at once with RESOURCE_EXHAUSTED instead of queueing forever.
 
-The model runs on one thread of its own (ONNX Runtime releases the GIL), so the event loop keeps
-parsing and queueing the next requests while a batch computes: under load the next batch is
-already waiting when the model frees up. Outputs go back to each request as numpy views of the
-batch's output (no copies).
+A model that takes milliseconds runs on one thread of its own (ONNX Runtime releases the GIL), so
+the event loop keeps parsing and queueing the next requests while a batch computes. A model that
+computes a full batch in well under a millisecond (a small tabular model) runs inline on the
+event loop instead: handing it to a thread and back costs more than the model itself, and the
+requests that arrive meanwhile wait in gRPC's queue and form the next batch all the same.
+Outputs go back to each request as numpy views of the batch's output (no copies).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,10 @@ QUEUE_DEPTH = Gauge("strata_inference_queue_depth", "Requests waiting for the mo
 COMPUTE_SECONDS = Histogram("strata_inference_compute_seconds", "Model execution time per batch",
                             ["model", "version"],
                             buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
+
+
+# Models whose largest warm-up batch took less than this run inline on the event loop.
+INLINE_SECONDS = float(os.environ.get("STRATA_INFERENCE_INLINE_US", "1000")) / 1e6
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,9 @@ class Batcher:
         self.config = config
         # A model without a dynamic batch dimension runs one request at a time.
         self.max_rows = min(config.max_batch_size, runtime.max_batch_size) if runtime.max_batch_size else 1
+        # Inline execution needs no waiting for company (with a queue delay the loop task waits).
+        self.inline = runtime.batch_seconds < INLINE_SECONDS and not config.max_queue_delay_us
+        self._scheduled = False
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model}-{version}")
@@ -83,8 +93,13 @@ class Batcher:
                                     f"({self.config.max_queue_size} requests waiting); retry later")
         fut = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(feeds, rows, fut, time.perf_counter()))
-        self._depth.inc()
-        self._wake.set()
+        if not self.inline:
+            self._wake.set()
+        elif not self._scheduled:
+            # One callback per batch, after the handlers that are ready in this loop iteration
+            # have queued their requests: they form the batch.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain_inline)
         return await fut
 
     async def close(self) -> None:
@@ -101,13 +116,47 @@ class Batcher:
         while self._queue and (not batch or rows + self._queue[0].rows <= self.max_rows):
             p = self._queue.popleft()
             if p.future.cancelled():  # the caller gave up while queued
-                self._depth.dec()
                 continue
             batch.append(p)
             rows += p.rows
         return batch
 
+    def _drain_inline(self) -> None:
+        self._scheduled = False
+        while self._queue:
+            batch = self._take()
+            if batch:
+                self._execute(batch)
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        """Run one batch inline and answer its requests."""
+        self._depth.set(len(self._queue))  # sampled once per batch, not counted per request
+        started = time.perf_counter()
+        try:
+            outputs = self._run(batch)
+        except Exception as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        self._account(batch, started, time.perf_counter())
+        self._answer(batch, outputs)
+
+    @staticmethod
+    def _answer(batch: list[_Pending], outputs: list[np.ndarray]) -> None:
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            return
+        offset = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result([o[offset:offset + p.rows] for o in outputs])
+            offset += p.rows
+
     async def _loop(self) -> None:
+        if self.inline:
+            return  # batches run from _drain_inline
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_us / 1e6
         while True:
@@ -125,7 +174,7 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
-            self._depth.dec(len(batch))
+            self._depth.set(len(self._queue))
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, batch)
@@ -134,14 +183,8 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            finished = time.perf_counter()
-            self._account(batch, started, finished)
-            offset = 0
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_result(outputs if len(batch) == 1 else
-                                        [o[offset:offset + p.rows] for o in outputs])
-                offset += p.rows
+            self._account(batch, started, time.perf_counter())
+            self._answer(batch, outputs)
 
     def _run(self, batch: list[_Pending]) -> list[np.ndarray]:
         if len(batch) == 1:

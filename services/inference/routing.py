@@ -132,6 +132,7 @@ class Engine:
         self._max_shadows = max_pending_shadows
         self._task: asyncio.Task | None = None
         self._sync_lock = asyncio.Lock()
+        self._metric_children: dict[tuple[str, ModelRef], tuple] = {}
         store.pinned = self._pinned
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -302,9 +303,9 @@ class Engine:
             ms = (time.perf_counter() - started) * 1000
             if endpoint:
                 self._stats.observe(endpoint, revision, target_key(ref, shadow), ms, bool(error))
-            labels = (endpoint, ref.model, str(ref.version))
-            PREDICTIONS.labels(*labels, "error" if error else "ok").inc()
-            PREDICTION_LATENCY.labels(*labels).observe(ms / 1000)
+            ok_count, err_count, latency = self._metrics(endpoint, ref)
+            (err_count if error else ok_count).inc()
+            latency.observe(ms / 1000)
             if error:
                 self.predlog.record((time.time(), request_id, endpoint, ref.model, ref.version, revision, shadow,
                                      ms, feeds, [], error))
@@ -312,6 +313,16 @@ class Engine:
         self.predlog.record((time.time(), request_id, endpoint, ref.model, ref.version, revision, shadow, ms,
                              feeds, named, ""))
         return Result(ref, revision, named, ms)
+
+    def _metrics(self, endpoint: str, ref: ModelRef) -> tuple:
+        """Metric children per (endpoint, version), looked up once (labels() costs microseconds)."""
+        key = (endpoint, ref)
+        m = self._metric_children.get(key)
+        if m is None:
+            labels = (endpoint, ref.model, str(ref.version))
+            m = self._metric_children[key] = (PREDICTIONS.labels(*labels, "ok"), PREDICTIONS.labels(*labels, "error"),
+                                              PREDICTION_LATENCY.labels(*labels))
+        return m
 
     def _spawn_shadow(self, route: Route, ref: ModelRef, feeds: dict[str, np.ndarray], request_id: str) -> None:
         if len(self._shadows) >= self._max_shadows:

@@ -102,6 +102,7 @@ class ModelRuntime:
         self.max_batch_size = max_batch_size if batchable else 0
         self._cuda = self.provider == "CUDAExecutionProvider"
         self.memory_bytes = path.stat().st_size * 2  # weights + runtime copies, a fair estimate
+        self.batch_seconds = 0.0  # measured by warm_up
 
     # -- checks ------------------------------------------------------------------------------
     def check(self, feeds: dict[str, np.ndarray]) -> int:
@@ -153,19 +154,18 @@ class ModelRuntime:
                                 else np.zeros(shape, dtype=spec.dtype))
         return feeds
 
-    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 32), runs: int = 3) -> float:
-        """Run the model before it reports ready (first runs allocate and pick kernels).
-        Returns the median seconds of a batch-1 run."""
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 64), runs: int = 5) -> None:
+        """Run the model before it reports ready (first runs allocate and pick kernels), and
+        time it: `batch_seconds` is the median time of the largest warm-up batch."""
         sizes = [b for b in batch_sizes if b <= max(self.max_batch_size, 1)] or [1]
-        timings = []
         for b in sizes:
             feeds = self.example_inputs(b)
+            timings = []
             for _ in range(runs):
                 t = time.perf_counter()
                 self.run(feeds)
-                if b == sizes[0]:
-                    timings.append(time.perf_counter() - t)
-        return sorted(timings)[len(timings) // 2]
+                timings.append(time.perf_counter() - t)
+        self.batch_seconds = sorted(timings)[len(timings) // 2]
 
 
 def _v2(dtype: np.dtype) -> str:

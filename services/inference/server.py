@@ -16,6 +16,7 @@ from services.common.auth import current_principal
 from services.common.errors import InvalidArgument, NotFound
 from services.common.telemetry import request_id_var
 from services.inference import codec
+from services.inference.batch import BatchJobsServicer, BatchJobStore, BatchRunner
 from services.inference.endpoints import EndpointRecord, validate_policy
 from services.inference.models import LoadedModel, ModelRef
 from services.inference.routing import Engine
@@ -45,8 +46,9 @@ def loaded_pb(m: LoadedModel) -> pb.LoadedModel:
                           memory_bytes=m.runtime.memory_bytes, signature=_signature(m.runtime), sha256=m.sha256)
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: Engine, jobs: BatchJobStore, runner: BatchRunner) -> None:
+        BatchJobsServicer.__init__(self, jobs, runner)
         self.engine = engine
         self.endpoints = engine.endpoints
 

@@ -1,11 +1,12 @@
 """The inference service's schema (SQLAlchemy Core): endpoints and their policy revisions,
-the serving processes' heartbeats, and per-process canary statistics. The database is what the
-serving processes share: a policy change is one new revision row that every process applies."""
+the serving processes' heartbeats, per-process canary statistics, and batch scoring jobs. The
+database is what the serving processes share: a policy change is one new revision row that every
+process applies."""
 
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, Text,
+    BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text,
 )
 
 from services.common.audit import audit_table
@@ -65,3 +66,26 @@ target_stats = Table(
 )
 
 audit_events = audit_table(metadata)
+
+# Batch scoring jobs (batch.py). `worker_id` is the serving process that runs the job: when it
+# is gone, the job is marked failed (BatchJobStore.recover). rows_total is NULL until known.
+batch_jobs = Table(
+    "batch_jobs", metadata,
+    Column("job_id", String(32), primary_key=True),  # time-ordered: newest first is job_id desc
+    Column("model", String(128), nullable=False),
+    Column("version", BigInteger, nullable=False),  # 0 until resolved
+    Column("alias", String(64), nullable=False, default=""),
+    Column("input_uri", Text, nullable=False),
+    Column("output_uri", Text, nullable=False),
+    Column("input_columns", Text, nullable=False, default="[]"),  # JSON list of column names
+    Column("chunk_rows", Integer, nullable=False),
+    Column("state", Integer, nullable=False),  # strata.inference.v1.BatchJobState
+    Column("rows_total", BigInteger, nullable=True),
+    Column("rows_done", BigInteger, nullable=False, default=0),
+    Column("error", Text, nullable=False, default=""),
+    Column("created_by", String(256), nullable=False),
+    Column("create_request_id", String(128), nullable=True, unique=True),
+    Column("worker_id", String(64), nullable=False),
+    _ts("create_time"), _ts("update_time"),
+    Index("ix_batch_jobs_state", "state"),  # recover() looks for unfinished jobs
+)

@@ -212,10 +212,16 @@ class LocalArtifactStore(ArtifactStore):
         return st.st_size
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except (FileNotFoundError, NotADirectoryError):
             pass
+        # A process killed inside _atomic_write leaves its temp file beside the key; keys live
+        # in a directory of their own upload, so any temp file there belongs to this key.
+        if path.parent.is_dir():
+            for tmp in path.parent.glob(f"{TMP_PREFIX}*"):
+                tmp.unlink(missing_ok=True)
 
     def list_keys(self, prefix: str = "") -> list[str]:
         # Walk only the directory the prefix points into; the rest cannot match.
