@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pb2
 
 from services.common.auth import hs256_jwks
 from services.common.policy import MethodPolicy, policies_from_descriptor_set
+from services.inference.access import V2_POLICIES, V2_SERVICE
 
 JWT_PROVIDER = "strata"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
@@ -124,6 +125,8 @@ def _routes(
                 if m.client_streaming or m.server_streaming:
                     path = f"/{f.package}.{svc.name}/{m.name}"
                     streams.append({"match": {"path": path}, "route": action(key, NO_TIMEOUT)})
+    if "inference" in upstreams:  # the KServe V2 protocol, gRPC only (no REST mapping exists)
+        packages.append({"match": {"prefix": f"/{V2_SERVICE}/"}, "route": action("inference", UNARY_TIMEOUT)})
     first = next(iter(upstreams))
     infra = [{"match": {"prefix": p}, "route": action(first, NO_TIMEOUT)} for p in INFRA_PREFIXES]
     return streams + packages + infra
@@ -279,6 +282,8 @@ def render_envoy_config(
         # Only methods of served services; the rest stays denied by RBAC's default.
         table = policies_from_descriptor_set(fds).values()
         policies = [p for p in table if p.path[1:].rsplit("/", 1)[0] in services]
+        if "inference" in upstreams:
+            policies += V2_POLICIES.values()
         public = {p.path for p in policies if p.public}
         jwks = _jwks(jwt_secret, jwks_json)
         filters += [

@@ -19,7 +19,7 @@ from services.common.supervisor import Child, Supervisor
 log = logging.getLogger("strata.launcher")
 
 # The services `strata up` runs, in start order. Add the others here as they land.
-PLATFORM_SERVICES = ["registry"]
+PLATFORM_SERVICES = ["registry", "inference"]
 DEV_ROLES = ["viewer", "developer", "approver", "admin"]
 
 
@@ -69,6 +69,7 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, gateway_p
     for name in PLATFORM_SERVICES:
         port = int(os.environ.get(f"STRATA_{name.upper()}_PORT", DEFAULT_PORTS[name]))
         upstreams[name] = f"127.0.0.1:{port}"
+        env[f"STRATA_{name.upper()}_ADDR"] = upstreams[name]  # how the services find each other
         children.append(Child(name, [sys.executable, "-m", f"services.{name}"], logs / f"{name}.log", env))
     config = render_envoy_config(upstreams=upstreams, descriptor_path=Path(__file__).parents[1] / "gateway" / "strata.pb",
                                  jwt_secret=secret, auth_enabled=auth, listen_port=gateway_port, admin_port=admin_port)

@@ -39,7 +39,8 @@ from services.inference.predlog import FileSink, PredictionLog
 from services.inference.routing import Engine
 from services.inference.runtime import default_intra_op_threads
 from services.inference.server import InferenceServicer
-from services.inference.v2 import V2_POLICIES, V2Servicer
+from services.inference.access import V2_POLICIES
+from services.inference.v2 import V2Servicer
 from services.registry.client import RegistryClient
 
 MIGRATIONS = Path(__file__).parent / "migrations"

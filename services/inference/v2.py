@@ -18,7 +18,6 @@ from inference import model_config_pb2 as mc
 
 from services.common.audit import current_resource
 from services.common.errors import InvalidArgument, NotFound
-from services.common.policy import MethodPolicy
 from services.common.telemetry import request_id_var
 from services.inference.codec import count, from_raw, serialize_bytes, shape_of
 from services.inference.models import LoadedModel, ModelRef
@@ -28,19 +27,6 @@ from services.inference.runtime import NUMPY_TO_V2, V2_TO_NUMPY, TensorInfo
 SERVER_NAME = "strata"
 SERVER_VERSION = "0.1.0"
 
-# The V2 protocol's methods carry no Strata access option (the proto is fixed by the protocol),
-# so their rules are declared here: probes are public, reads need viewer, loads need developer.
-_V2 = "/inference.GRPCInferenceService/"
-_PUBLIC, _VIEWER, _DEVELOPER = 0, 1, 2
-V2_POLICIES = {p.path: p for p in [
-    MethodPolicy(_V2 + "ServerLive", _PUBLIC, False), MethodPolicy(_V2 + "ServerReady", _PUBLIC, False),
-    MethodPolicy(_V2 + "ServerMetadata", _PUBLIC, False), MethodPolicy(_V2 + "ModelReady", _VIEWER, False),
-    MethodPolicy(_V2 + "ModelMetadata", _VIEWER, False), MethodPolicy(_V2 + "ModelInfer", _VIEWER, False),
-    MethodPolicy(_V2 + "ModelConfig", _VIEWER, False), MethodPolicy(_V2 + "ModelStatistics", _VIEWER, False),
-    MethodPolicy(_V2 + "RepositoryIndex", _VIEWER, False),
-    MethodPolicy(_V2 + "RepositoryModelLoad", _DEVELOPER, True),
-    MethodPolicy(_V2 + "RepositoryModelUnload", _DEVELOPER, True),
-]}
 
 
 # V2 typed contents field per datatype.
