@@ -1,5 +1,6 @@
-"""The README demo: register a small ONNX model, alias it, promote it through approval, then
-read it back over gRPC, over REST/JSON through Envoy and with grpcurl, printing each command."""
+"""The README demo: register a small ONNX model, alias it, promote it through approval, read it
+back over gRPC, over REST/JSON through Envoy and with grpcurl, then deploy it behind an endpoint
+and predict over REST through Envoy, printing each command."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+from strata.inference.v1 import inference_pb2 as ipb
+from strata.inference.v1 import inference_pb2_grpc
 from strata.registry.v1 import registry_pb2 as pb
 
 from services.common.auth import mint_token
+from services.common.client import open_channel
 from services.launcher import dev_secret
 from services.registry.client import RegistryClient
 
@@ -36,13 +40,20 @@ def build_model(path: Path) -> None:
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
 
 
+def _weights(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import onnx
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return inits["W"], inits["b"]
+
+
 def _step(title: str) -> None:
     print(f"\n== {title}")
 
 
-def run_demo(home: Path, *, gateway: str = "http://127.0.0.1:8080", registry: str = "127.0.0.1:50051") -> int:
+def run_demo(home: Path, *, gateway: str = "http://127.0.0.1:8080", registry: str = "127.0.0.1:50051",
+             inference: str = "127.0.0.1:50054") -> int:
     try:
-        _demo(home.resolve(), gateway, registry)
+        _demo(home.resolve(), gateway, registry, inference)
     except (grpc.RpcError, OSError, AssertionError, KeyError, subprocess.CalledProcessError) as e:
         detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
         print(f"\ndemo FAILED: {detail}", file=sys.stderr)
@@ -51,7 +62,7 @@ def run_demo(home: Path, *, gateway: str = "http://127.0.0.1:8080", registry: st
     return 0
 
 
-def _demo(home: Path, gateway: str, registry: str) -> None:
+def _demo(home: Path, gateway: str, registry: str, inference: str) -> None:
     secret = dev_secret(home)
     developer = mint_token(secret, "demo-developer", ["developer"])
     approver = mint_token(secret, "demo-approver", ["approver"])
@@ -119,3 +130,28 @@ def _demo(home: Path, gateway: str, registry: str) -> None:
         # Field names as the descriptors grpcurl got say: proto names via reflection, camelCase from a protoset.
         assert (reply.get("model_version") or reply["modelVersion"])["artifact"]["sha256"] == digest
         print(out.strip())
+
+        _step("deploy it: endpoint -> the production alias (gRPC, developer)")
+        endpoint = name.replace("demo-scorer-", "demo-")
+        raw, channel = open_channel(inference, developer)
+        with raw:
+            ep = inference_pb2_grpc.InferenceServiceStub(channel).CreateEndpoint(ipb.CreateEndpointRequest(
+                endpoint=ipb.Endpoint(name=endpoint, policy=ipb.TrafficPolicy(
+                    targets=[ipb.Target(model=name, alias="production", weight=1)])))).endpoint
+        print(f"endpoint {ep.name} revision {ep.revision}: {ep.policy.targets[0].model} "
+              f"v{ep.policy.targets[0].version} loaded, sha256 verified, warmed")
+
+        _step("predict over REST/JSON through Envoy")
+        rows = [{"features": [0.5, -1.0, 2.0, 0.25]}, {"features": [1.0, 1.0, 1.0, 1.0]}]
+        url = f"{gateway}/v1/endpoints/{endpoint}:predict"
+        print(f"$ curl -H 'Authorization: Bearer $STRATA_TOKEN' -d '{json.dumps({'rows': rows})}' {url}")
+        req = urllib.request.Request(url, data=json.dumps({"rows": rows}).encode(), method="POST", headers={
+            "Authorization": f"Bearer {developer}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            answer = json.loads(r.read())
+        print(json.dumps({k: answer[k] for k in ("model", "version", "policy_revision", "rows")}, indent=2))
+        w, b = _weights(model_file)
+        want = np.array([row["features"] for row in rows], np.float32) @ w + b
+        got = np.array([row["score"] for row in answer["rows"]], np.float32)
+        assert np.allclose(got, want, atol=1e-5), f"REST predictions {got} != {want}"
+        print("predictions match x @ W + b computed from the model's own weights")

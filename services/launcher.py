@@ -110,7 +110,8 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, gateway_p
         if demo:
             from services.demo import run_demo
 
-            code = run_demo(home, gateway=f"http://127.0.0.1:{gateway_port}", registry=upstreams["registry"])
+            code = run_demo(home, gateway=f"http://127.0.0.1:{gateway_port}", registry=upstreams["registry"],
+                            inference=upstreams["inference"])
         ok = sup.watch()
         return code if ok else 1
     finally:  # whatever happens here, no child outlives the launcher

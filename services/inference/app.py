@@ -222,11 +222,24 @@ def run_workers(workers: int) -> int:
     return 0 if ok else 1
 
 
+def _die_with_parent() -> None:
+    """A worker whose supervisor is killed (SIGKILL, OOM) must not keep serving on its own:
+    Linux sends it SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            sys.exit(0)
+
+
 def main() -> None:
     from services.common.server import run
 
     workers = int(os.environ.get("STRATA_INFERENCE_WORKERS", os.cpu_count() or 1))
-    if os.environ.get("STRATA_INFERENCE_ROLE") == "worker" or workers <= 1:
+    if os.environ.get("STRATA_INFERENCE_ROLE") == "worker":
+        _die_with_parent()
+        run(build_service)
+    elif workers <= 1:
         run(build_service)
     else:
         sys.exit(run_workers(workers))

@@ -52,7 +52,8 @@ class RevisionRecord:
 
 
 def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
-    """Everything that can be checked without the registry."""
+    """Everything that can be checked without the registry. A stored policy keeps the alias a
+    target was resolved from beside its version (the servicer refuses both on input)."""
     if not policy.targets:
         raise InvalidArgument(f"{field}.targets", "at least one target is required")
     for kind in ("targets", "shadows"):
@@ -63,8 +64,6 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
                 raise InvalidArgument(f"{f}.model", "model name is required")
             if tg.version < 0:
                 raise InvalidArgument(f"{f}.version", "must be positive (or 0 with an alias)")
-            if tg.version and tg.alias:
-                raise InvalidArgument(f"{f}.alias", "give a version or an alias, not both")
             if tg.weight < 0:
                 raise InvalidArgument(f"{f}.weight", "must not be negative")
             key = (tg.model, tg.version, tg.alias)

@@ -110,7 +110,7 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         current_resource.set(f"endpoints/{e.name}")
         if not e.name:
             raise InvalidArgument("endpoint.name", "endpoint name is required")
-        validate_policy(e.policy, "endpoint.policy")
+        validate_policy(e.policy, "endpoint.policy")  # before the registry is asked anything
         policy = await self._resolve_policy(e.policy, "endpoint.policy")
         await self._preload(policy)
         rec = await asyncio.to_thread(self.endpoints.create, e.name, e.description, policy,
@@ -141,7 +141,7 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
     async def SetTrafficPolicy(self, request: pb.SetTrafficPolicyRequest, context) -> pb.SetTrafficPolicyResponse:  # noqa: ANN001, N802
         current_resource.set(f"endpoints/{request.endpoint}")
         await asyncio.to_thread(self.endpoints.get, request.endpoint)  # NOT_FOUND before any loading
-        validate_policy(request.policy)
+        validate_policy(request.policy)  # before the registry is asked anything
         policy = await self._resolve_policy(request.policy, "policy")
         await self._preload(policy)  # blue/green: the new versions are warm before the switch
         rec = await asyncio.to_thread(self.endpoints.set_policy, request.endpoint, policy,

@@ -14,22 +14,9 @@ import grpc
 from strata.registry.v1 import registry_pb2 as pb
 from strata.registry.v1 import registry_pb2_grpc
 
+from services.common.client import open_channel
+
 CHUNK_BYTES = 4 << 20
-_MAX_MESSAGE = 32 << 20
-
-
-class _Auth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._md = (("authorization", f"Bearer {token}"),)
-
-    def _add(self, details):  # noqa: ANN001, ANN202 - grpc's ClientCallDetails
-        return details._replace(metadata=tuple(details.metadata or ()) + self._md)
-
-    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
-        return continuation(self._add(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
-        return continuation(self._add(details), request)
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -43,12 +30,7 @@ def _sha256_file(path: Path) -> tuple[str, int]:
 
 class RegistryClient:
     def __init__(self, addr: str, token: str | None = None, tls_ca: Path | None = None) -> None:
-        options = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
-        if tls_ca is not None:
-            self._channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(tls_ca.read_bytes()), options)
-        else:
-            self._channel = grpc.insecure_channel(addr, options)
-        channel = grpc.intercept_channel(self._channel, _Auth(token)) if token else self._channel
+        self._channel, channel = open_channel(addr, token, tls_ca)
         self.stub = registry_pb2_grpc.RegistryServiceStub(channel)
 
     def close(self) -> None:

@@ -39,7 +39,8 @@ def _alive(pid: int) -> bool:
 def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
     home, log = tmp_path / "home", tmp_path / "up.log"
     port = free_port()
-    env = {**os.environ, "STRATA_REGISTRY_PORT": str(port), "STRATA_REGISTRY_METRICS_PORT": str(free_port())}
+    env = {**os.environ, "STRATA_REGISTRY_PORT": str(port), "STRATA_REGISTRY_METRICS_PORT": str(free_port()),
+           "STRATA_INFERENCE_PORT": str(free_port()), "STRATA_INFERENCE_METRICS_PORT": str(free_port())}
     with open(log, "wb") as out:
         up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--demo", "--home", str(home),
                                "--gateway-port", str(free_port()), "--admin-port", str(free_port())],
@@ -59,3 +60,9 @@ def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
+            # The children run in sessions of their own (Ctrl-C reaches only the launcher): a test
+            # that failed must not leave them holding ports.
+            for pid in re.findall(r"up \(pid (\d+)\)|restarted \(pid (\d+)\)", log.read_text()):
+                for p in filter(None, pid):
+                    if _alive(int(p)):
+                        os.kill(int(p), signal.SIGTERM)

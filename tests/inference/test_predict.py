@@ -98,6 +98,10 @@ def test_invalid_policies_name_the_field(stub) -> None:  # noqa: ANN001
          "policy.canary.target_index"),
         (policy(("mlp", 1, 1), batching=pb.BatchingConfig(max_batch_size=100_000)), "policy.batching.max_batch_size"),
         (policy(("ghost", 1, 1)), "models/ghost/versions/1 not found in the registry"),
+        (pb.TrafficPolicy(targets=[pb.Target(model="mlp", version=1, alias="champion", weight=1)]),
+         "policy.targets[0].alias: give a version or an alias, not both"),
+        (pb.TrafficPolicy(targets=[pb.Target(model="mlp", alias="nosuchalias", weight=1)]),
+         "models/mlp/aliases/nosuchalias not found in the registry"),
     ]
     for pol, message in cases:
         with pytest.raises(grpc.RpcError) as err:
