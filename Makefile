@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 BUF_VER := 1.75.0
 BUF     := .tools/node_modules/.bin/buf
 
-.PHONY: setup up demo test lint protos bench clean
+.PHONY: setup up demo test lint protos bench bench-inference clean
 
 # Install the project with its dev/gateway extras (re-run when pyproject.toml changes).
 .venv/.installed: pyproject.toml
@@ -45,6 +45,11 @@ test: lint
 # Benchmarks (pytest-benchmark); figures go to docs/performance.md by hand, with this command.
 bench: .venv/.installed
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-only -q -p no:randomly
+
+# Load benchmark of the inference service (h2load from Debian's nghttp2-client, tritonclient,
+# Predict, REST through Envoy); figures in docs/performance.md.
+bench-inference: .venv/.installed
+	$(PY) -m tests.bench.inference_load --seconds 8
 
 clean:
 	rm -rf .venv .tools .strata

@@ -73,8 +73,10 @@ class Batcher:
         self.config = config
         # A model without a dynamic batch dimension runs one request at a time.
         self.max_rows = min(config.max_batch_size, runtime.max_batch_size) if runtime.max_batch_size else 1
-        # Inline execution needs no waiting for company (with a queue delay the loop task waits).
-        self.inline = runtime.batch_seconds < INLINE_SECONDS and not config.max_queue_delay_us
+        # A fast model runs on the event loop. Without a queue delay a callback per loop
+        # iteration runs it; with one, the loop task waits for company, then runs it inline.
+        self.fast = runtime.batch_seconds < INLINE_SECONDS
+        self.inline = self.fast and not config.max_queue_delay_us
         self._scheduled = False
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -135,12 +137,17 @@ class Batcher:
         try:
             outputs = self._run(batch)
         except Exception as exc:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            self._fail(batch, exc)
             return
         self._account(batch, started, time.perf_counter())
         self._answer(batch, outputs)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: Exception) -> None:
+        """The model failed: every request of the batch learns it."""
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(exc)
 
     @staticmethod
     def _answer(batch: list[_Pending], outputs: list[np.ndarray]) -> None:
@@ -174,14 +181,15 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
+            if self.fast:
+                self._execute(batch)
+                continue
             self._depth.set(len(self._queue))
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, batch)
-            except Exception as exc:  # the model failed: every request of the batch learns it
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+            except Exception as exc:
+                self._fail(batch, exc)
                 continue
             self._account(batch, started, time.perf_counter())
             self._answer(batch, outputs)

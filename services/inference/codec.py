@@ -50,7 +50,18 @@ def from_raw(field: str, name: str, raw: bytes, dtype: np.dtype, shape: tuple[in
     if len(raw) != want:
         raise InvalidArgument(field, f"input '{name}': {len(raw)} bytes of data, shape {list(shape)} of "
                               f"{NUMPY_TO_V2.get(dtype, dtype)} needs {want}")
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(raw, dtype=_little_endian(dtype)).reshape(shape)
+
+
+_LE: dict[np.dtype, np.dtype] = {}
+
+
+def _little_endian(dtype: np.dtype) -> np.dtype:
+    """The wire is little-endian; on x86/ARM hosts this is the dtype itself (cached lookup)."""
+    le = _LE.get(dtype)
+    if le is None:
+        le = _LE[dtype] = dtype.newbyteorder("<")
+    return le
 
 
 def _deserialize_bytes(field: str, name: str, raw: bytes, shape: tuple[int, ...]) -> np.ndarray:

@@ -103,10 +103,26 @@ class ModelRuntime:
         self._cuda = self.provider == "CUDAExecutionProvider"
         self.memory_bytes = path.stat().st_size * 2  # weights + runtime copies, a fair estimate
         self.batch_seconds = 0.0  # measured by warm_up
+        self._valid_layouts: set[tuple] = set()
 
     # -- checks ------------------------------------------------------------------------------
     def check(self, feeds: dict[str, np.ndarray]) -> int:
-        """Validate the inputs against the signature; return the batch size (rows)."""
+        """Validate the inputs against the signature; return the batch size (rows). Requests of
+        a layout seen before (names, dtypes, non-batch dims) skip straight to the row count."""
+        if self.max_batch_size and len(feeds) == len(self.inputs):
+            layout = tuple((n, a.dtype, a.shape[1:]) for n, a in feeds.items())
+            if layout in self._valid_layouts:
+                rows = {a.shape[0] for a in feeds.values()}
+                if len(rows) == 1 and (n := rows.pop()) <= self.max_batch_size:
+                    return max(n, 1)
+            else:
+                n = self._check(feeds)
+                if len(self._valid_layouts) < 64:
+                    self._valid_layouts.add(layout)
+                return n
+        return self._check(feeds)
+
+    def _check(self, feeds: dict[str, np.ndarray]) -> int:
         for name in feeds:
             if name not in self._by_name:
                 raise InvalidArgument(f"inputs[{name}]", f"unknown input '{name}'; the model's inputs are "

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -52,11 +51,12 @@ def frame_model_infer(model: str, batch: int) -> bytes:
 
 
 def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, seconds: int,
-           workdir: Path, rows: int) -> dict:
+           workdir: Path, rows: int, content_type: str = "application/grpc") -> dict:
     log = workdir / "h2load.log"
     log.unlink(missing_ok=True)
+    grpc_headers = ["-H", "te: trailers"] if content_type == "application/grpc" else []
     cmd = ["h2load", "-D", str(seconds), "--warm-up-time", "2", "-c", str(connections), "-m", str(streams),
-           "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers",
+           "-t", "1", "-H", f"content-type: {content_type}", *grpc_headers,
            "-H", f"authorization: Bearer {token}", "-d", str(body), "--log-file", str(log), url]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
@@ -69,6 +69,39 @@ def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, 
             "failed": int(failed.group(1)) if failed else -1,
             "p50_ms": round(float(np.percentile(lat, 50)), 3), "p95_ms": round(float(np.percentile(lat, 95)), 3),
             "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+
+
+def rest_via_envoy(work: Path, reg_port: int, inf_port: int, token: str, seconds: int) -> dict:
+    """Predict as REST/JSON through the real Envoy gateway (JWT checked at the edge and in the
+    service), rows in JSON, at 8 concurrent streams, batch 1 and batch 32."""
+    from gateway.config import render_envoy_config
+    from gateway.envoy import start_envoy, wait_ready, write_config
+    gw_port, admin_port = free_port(), free_port()
+    config = render_envoy_config(
+        upstreams={"registry": f"127.0.0.1:{reg_port}", "inference": f"127.0.0.1:{inf_port}"},
+        descriptor_path=ROOT / "gateway" / "strata.pb", jwt_secret=SECRET, listen_host="127.0.0.1",
+        listen_port=gw_port, admin_port=admin_port, rate_limit_per_second=1_000_000)
+    envoy = start_envoy(write_config(config, work / "gateway"), work / "envoy.log")
+    out = {}
+    try:
+        wait_ready(admin_port, 20, process=envoy)
+        x = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+        url = f"http://127.0.0.1:{gw_port}/v1/endpoints/bench:predict"
+        for rows in (1, 32):
+            body = work / f"rest-{rows}.json"
+            body.write_text(json.dumps({"rows": [{"input": r.tolist()} for r in x[:rows]]}))
+            probe = subprocess.run(["curl", "-sS", "-H", f"authorization: Bearer {token}", "--data-binary",
+                                    f"@{body}", url], capture_output=True, text=True, check=True).stdout
+            if '"rows"' not in probe:
+                raise SystemExit(f"REST predict through Envoy failed: {probe[:500]}")
+            for conns, streams in ((1, 1), (1, 8)):
+                key = f"rest batch={rows} c={conns}x{streams}"
+                out[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=seconds,
+                                  workdir=work, rows=rows, content_type="application/json")
+                print(key, out[key], flush=True)
+    finally:
+        stop_process(envoy)
+    return out
 
 
 def check_grpc_ok(url: str, body: Path, token: str) -> None:
@@ -111,8 +144,11 @@ def main() -> None:
         model_path = work / "mlp.onnx"
         model_path.write_bytes(mlp((32, 256, 256, 2)))
         from services.registry.client import RegistryClient
+        heavy_path = work / "heavy.onnx"
+        heavy_path.write_bytes(mlp((32, 1024, 1024, 1024, 2)))  # compute-bound: batching pays off
         with RegistryClient(f"127.0.0.1:{reg_port}", token) as reg:
             reg.register_onnx("bench-mlp", model_path, create_model=True)
+            reg.register_onnx("bench-heavy", heavy_path, create_model=True)
         extra = {"STRATA_INFERENCE_WORKERS": str(args.workers)} if args.workers else {}
         if args.no_prediction_log:
             extra["STRATA_INFERENCE_PREDICTION_LOG"] = "disabled"
@@ -125,25 +161,32 @@ def main() -> None:
         md = (("authorization", f"Bearer {token}"),)
         with grpc.insecure_channel(addr) as ch:
             stub = inference_pb2_grpc.InferenceServiceStub(ch)
-            for name, batching in (("bench", pb.BatchingConfig(max_batch_size=64)),
-                                   ("bench-nobatch", pb.BatchingConfig(max_batch_size=1))):
+            for name, model, batching in (
+                    ("bench", "bench-mlp", pb.BatchingConfig(max_batch_size=64)),
+                    ("bench-nobatch", "bench-mlp", pb.BatchingConfig(max_batch_size=1)),
+                    ("bench-delay", "bench-mlp", pb.BatchingConfig(max_batch_size=64, max_queue_delay_us=300)),
+                    ("heavy", "bench-heavy", pb.BatchingConfig(max_batch_size=64)),
+                    ("heavy-nobatch", "bench-heavy", pb.BatchingConfig(max_batch_size=1))):
                 stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=pb.Endpoint(name=name, policy=pb.TrafficPolicy(
-                    targets=[pb.Target(model="bench-mlp", version=1, weight=1)], batching=batching))), metadata=md)
+                    targets=[pb.Target(model=model, version=1, weight=1)], batching=batching))), metadata=md)
         url = f"http://{addr}{PATH}"
         h2 = {}
-        for rows in (1, 32):
-            for ep in ("bench", "bench-nobatch"):
-                body = work / f"{ep}-{rows}.bin"
-                body.write_bytes(frame_model_infer(ep, rows))
-                check_grpc_ok(url, body, token)
-                for conns, streams in ((1, 1), (1, 8), (8, 1), (4, 8)):
-                    key = f"{ep} batch={rows} c={conns}x{streams}"
-                    if args.only not in key:
-                        continue
-                    h2[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
-                                     workdir=work, rows=rows)
-                    print(key, h2[key], flush=True)
+        scenarios = [(rows, ep) for rows in (1, 32) for ep in ("bench", "bench-nobatch")]
+        scenarios += [(1, "bench-delay"), (1, "heavy"), (1, "heavy-nobatch")]
+        for rows, ep in scenarios:
+            body = work / f"{ep}-{rows}.bin"
+            body.write_bytes(frame_model_infer(ep, rows))
+            check_grpc_ok(url, body, token)
+            for conns, streams in ((1, 1), (1, 8), (8, 1), (4, 8)):
+                key = f"{ep} batch={rows} c={conns}x{streams}"
+                if args.only not in key:
+                    continue
+                h2[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
+                                 workdir=work, rows=rows)
+                print(key, h2[key], flush=True)
         results["h2load"] = h2
+        if not args.only or "rest" in args.only:
+            results["rest_via_envoy"] = rest_via_envoy(work, reg_port, inf_port, token, args.seconds)
         if not args.quick:
             py = {}
             for kind, target in (("triton", "bench"), ("predict", "bench")):
