@@ -1,0 +1,40 @@
+"""Wiring of the feature service: settings -> database (migrated) -> definitions -> online store
+(STRATA_FEATURES_ONLINE_STORE: a SQLite file by default, redis://host:port/db in production) ->
+servicer -> the shared server bootstrap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from strata.features.v1 import features_pb2, features_pb2_grpc
+
+from services.common.audit import AuditLog
+from services.common.db import Database
+from services.common.server import Service
+from services.common.settings import ServiceSettings
+from services.features import tables
+from services.features.definitions import Definitions
+from services.features.online import open_online_store
+from services.features.server import FeatureServicer
+from services.features.serving import FeatureServer, ViewCache
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build_service(settings: ServiceSettings | None = None) -> Service:
+    settings = settings or ServiceSettings.for_service("features")
+    db = Database(settings.database_url)
+    db.migrate(MIGRATIONS)
+    definitions = Definitions(db)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    online_url = os.environ.get("STRATA_FEATURES_ONLINE_STORE", str((settings.home / "features-online.db").resolve()))
+    store = open_online_store(online_url)
+    servicer = FeatureServicer(definitions, FeatureServer(ViewCache(definitions), store))
+    return Service(
+        settings=settings,
+        descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],
+        register=lambda server: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
+        audit_log=AuditLog(db, tables.audit_events),
+        on_stop=[store.close, db.dispose],
+    )

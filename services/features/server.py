@@ -1,0 +1,61 @@
+"""gRPC servicer of strata.features.v1.FeatureService: proto <-> domain only. Blocking work
+(database, online store) runs in worker threads so the event loop keeps accepting calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+from strata.features.v1 import features_pb2 as pb
+from strata.features.v1 import features_pb2_grpc
+
+from services.common.audit import current_resource
+from services.common.auth import current_principal
+from services.common.errors import InvalidArgument
+from services.features.definitions import Definitions
+from services.features.serving import FeatureServer
+
+
+class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
+    def __init__(self, definitions: Definitions, server: FeatureServer) -> None:
+        self.definitions = definitions
+        self.server = server
+
+    async def ApplyEntity(self, request: pb.ApplyEntityRequest, context) -> pb.ApplyEntityResponse:  # noqa: ANN001, N802
+        current_resource.set(f"entities/{request.entity.name}")
+        return pb.ApplyEntityResponse(entity=await asyncio.to_thread(self.definitions.apply_entity, request.entity))
+
+    async def ListEntities(self, request, context) -> pb.ListEntitiesResponse:  # noqa: ANN001, N802
+        return pb.ListEntitiesResponse(entities=await asyncio.to_thread(self.definitions.entities))
+
+    async def ApplyFeatureView(self, request: pb.ApplyFeatureViewRequest, context) -> pb.ApplyFeatureViewResponse:  # noqa: ANN001, N802
+        current_resource.set(f"featureViews/{request.feature_view.name}")
+        view, outcome = await asyncio.to_thread(self.definitions.apply_view, request.feature_view,
+                                                current_principal.get().subject)
+        self.server.views.drop(view.name)
+        return pb.ApplyFeatureViewResponse(feature_view=view, outcome=outcome)
+
+    async def GetFeatureView(self, request: pb.GetFeatureViewRequest, context) -> pb.GetFeatureViewResponse:  # noqa: ANN001, N802
+        view = await asyncio.to_thread(self.definitions.get_view, request.name, request.version)
+        return pb.GetFeatureViewResponse(feature_view=view.spec)
+
+    async def ListFeatureViews(self, request: pb.ListFeatureViewsRequest, context) -> pb.ListFeatureViewsResponse:  # noqa: ANN001, N802
+        if not 0 <= request.page_size <= 500:
+            raise InvalidArgument("page_size", "must be within 0..500")
+        size = request.page_size or 50
+        views = await asyncio.to_thread(self.definitions.search, query=request.query, tag=request.tag,
+                                        owner=request.owner, entity=request.entity, page_size=size + 1,
+                                        after=request.page_token)
+        more = len(views) > size
+        views = views[:size]
+        return pb.ListFeatureViewsResponse(feature_views=views, next_page_token=views[-1].name if more else "")
+
+    async def ListFeatureViewVersions(self, request, context) -> pb.ListFeatureViewVersionsResponse:  # noqa: ANN001, N802
+        return pb.ListFeatureViewVersionsResponse(
+            feature_views=await asyncio.to_thread(self.definitions.versions, request.name))
+
+    async def GetOnlineFeatures(self, request: pb.GetOnlineFeaturesRequest, context) -> pb.GetOnlineFeaturesResponse:  # noqa: ANN001, N802
+        return await asyncio.to_thread(self.server.get_online, request)
+
+    async def PushFeatures(self, request: pb.PushFeaturesRequest, context) -> pb.PushFeaturesResponse:  # noqa: ANN001, N802
+        current_resource.set(f"featureViews/{request.view}")
+        return await asyncio.to_thread(self.server.push, request)

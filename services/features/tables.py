@@ -1,0 +1,59 @@
+"""The feature service's schema (SQLAlchemy Core): entities and versioned feature views. Each
+version keeps its full definition (a serialized strata.features.v1.FeatureView), so an old
+version stays readable after a schema change; `feature_view_heads` points at the current one and
+carries what search filters on."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON, BigInteger, Column, DateTime, Index, LargeBinary, MetaData, String, Table, Text,
+)
+
+from services.common.audit import audit_table
+
+metadata = MetaData()
+
+
+def _ts(name: str) -> Column:
+    return Column(name, DateTime(timezone=True), nullable=False)
+
+
+entities = Table(
+    "entities", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("spec", LargeBinary, nullable=False),  # serialized Entity
+    _ts("create_time"), _ts("update_time"),
+)
+
+feature_views = Table(
+    "feature_views", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", BigInteger, primary_key=True),
+    Column("spec", LargeBinary, nullable=False),  # serialized FeatureView (this version)
+    Column("schema_hash", String(64), nullable=False),
+    Column("created_by", String(256), nullable=False),
+    _ts("create_time"), _ts("update_time"),
+)
+
+feature_view_heads = Table(
+    "feature_view_heads", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("owner", String(256), nullable=False, default=""),
+    # ",user,merchant," so that "keyed by entity X" is one indexed-free LIKE on a short string.
+    Column("entity_list", Text, nullable=False),
+    # Name, description, feature names and descriptions, lower-cased: what free-text search reads.
+    Column("search_text", Text, nullable=False),
+    Column("tags", JSON, nullable=False, default=dict),
+    Index("ix_feature_view_heads_owner", "owner"),
+)
+
+view_tags = Table(
+    "view_tags", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("value", String(1024), nullable=False),
+    Index("ix_view_tags_key_value", "key", "value"),
+)
+
+audit_events = audit_table(metadata)

@@ -1,0 +1,68 @@
+"""Feature-service fixtures: definitions on SQLite and PostgreSQL, the online store on SQLite
+and on the real Redis at 127.0.0.1:6379 (the same tests run against both)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from strata.common.v1 import types_pb2
+from strata.features.v1 import features_pb2 as pb
+
+from services.common.db import Database
+from services.features.app import MIGRATIONS
+from services.features.definitions import Definitions
+from services.features.online import OnlineStore, RedisOnlineStore, SqliteOnlineStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+F64, I64, STR, BOOL = (types_pb2.DATA_TYPE_FLOAT64, types_pb2.DATA_TYPE_INT64, types_pb2.DATA_TYPE_STRING,
+                       types_pb2.DATA_TYPE_BOOL)
+
+
+@pytest.fixture()
+def definitions(database_url: str) -> Iterator[Definitions]:
+    db = Database(database_url)
+    db.migrate(MIGRATIONS)
+    yield Definitions(db)
+    db.dispose()
+
+
+def _redis_or_skip() -> RedisOnlineStore:
+    store = RedisOnlineStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        store.client.ping()
+    except Exception as e:  # noqa: BLE001 - any connection problem means: no Redis here
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    return store
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def online_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OnlineStore]:
+    if request.param == "sqlite":
+        store: OnlineStore = SqliteOnlineStore(str(tmp_path / "online.db"))
+        yield store
+        store.close()
+        return
+    redis_store = _redis_or_skip()
+    yield redis_store
+    keys = list(redis_store.client.scan_iter(f"{redis_store.prefix}:*"))
+    if keys:
+        redis_store.client.delete(*keys)
+    redis_store.close()
+
+
+def user_view(name: str = "user_stats", ttl: int = 0, **kw: object) -> pb.FeatureView:
+    return pb.FeatureView(name=name, entities=["user"], ttl_seconds=ttl, features=[
+        pb.Feature(name="spend_7d", dtype=F64, validation=pb.ValidationRule(min=0, has_min=True, max=1e6,
+                                                                             has_max=True)),
+        pb.Feature(name="orders_7d", dtype=I64),
+        pb.Feature(name="segment", dtype=STR, validation=pb.ValidationRule(allowed_values=["new", "vip", "churn"])),
+        pb.Feature(name="active", dtype=BOOL),
+    ], source=pb.DataSource(path="users/*.parquet", timestamp_field="event_ts"), **kw)
+
+
+def apply_basics(d: Definitions) -> None:
+    d.apply_entity(pb.Entity(name="user", join_key="user_id", value_type=pb.VALUE_TYPE_INT64))
+    d.apply_entity(pb.Entity(name="merchant", join_key="merchant_id", value_type=pb.VALUE_TYPE_STRING))

@@ -1,0 +1,82 @@
+"""The feature service as a process (online store on Redis when it runs, else SQLite): definitions,
+push and online reads over gRPC, bad input -> the right status code, nothing written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from strata.features.v1 import features_pb2 as pb
+from strata.features.v1 import features_pb2_grpc
+
+from tests.features.conftest import F64, REDIS_URL, user_view
+from tests.processes import free_port, start_service, stop_process
+
+
+def _online_url(home: Path) -> str:
+    try:
+        import redis
+        redis.Redis.from_url(REDIS_URL).ping()
+        return REDIS_URL
+    except Exception:  # noqa: BLE001
+        return str(home / "online.db")
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[features_pb2_grpc.FeatureServiceStub]:
+    home = tmp_path_factory.mktemp("features")
+    port = free_port()
+    proc = start_service("features", home, port, {"STRATA_AUTH": "disabled",
+                                                 "STRATA_FEATURES_ONLINE_STORE": _online_url(home)})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield features_pb2_grpc.FeatureServiceStub(ch)
+    finally:
+        stop_process(proc)
+
+
+def test_apply_push_read(stub: features_pb2_grpc.FeatureServiceStub) -> None:
+    suffix = os.urandom(3).hex()
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    view = user_view(name=f"users_{suffix}")
+    created = stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    assert (created.outcome, created.feature_view.version) == ("CREATED", 1)
+    ts = [1_700_000_000_000_000] * 2
+    stub.PushFeatures(pb.PushFeaturesRequest(view=view.name, entities={"user_id": pb.EntityColumn(int64_values=[7, 8])},
+                                             event_timestamps_us=ts, features=[
+        pb.FeatureValues(name="spend_7d", double_values=[1.5, 2.5]),
+        pb.FeatureValues(name="orders_7d", int64_values=[1, 2]),
+        pb.FeatureValues(name="segment", string_values=["new", "vip"]),
+        pb.FeatureValues(name="active", bool_values=[True, False])]))
+    resp = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(
+        features=[f"{view.name}:spend_7d", f"{view.name}:segment"],
+        entities={"user_id": pb.EntityColumn(int64_values=[8, 7, 9])}))
+    spend, segment = resp.features
+    assert list(spend.double_values)[:2] == [2.5, 1.5]
+    assert list(spend.statuses) == [pb.FEATURE_STATUS_PRESENT] * 2 + [pb.FEATURE_STATUS_NOT_FOUND]
+    assert list(segment.string_values)[:2] == ["vip", "new"]
+    assert resp.view_versions[view.name] == 1
+    found = stub.ListFeatureViews(pb.ListFeatureViewsRequest(query=suffix)).feature_views
+    assert [v.name for v in found] == [view.name]
+
+
+@pytest.mark.parametrize("call, code, message", [
+    (lambda s: s.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=["nope:x"], entities={
+        "user_id": pb.EntityColumn(int64_values=[1])})), grpc.StatusCode.NOT_FOUND, "featureViews/nope not found"),
+    (lambda s: s.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name="x", entities=["ghost"], features=[pb.Feature(name="a", dtype=F64)]))),
+     grpc.StatusCode.NOT_FOUND, "entities/ghost not found"),
+    (lambda s: s.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(name="Bad"))),
+     grpc.StatusCode.INVALID_ARGUMENT, "feature_view.name"),
+    (lambda s: s.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=["x"])),
+     grpc.StatusCode.INVALID_ARGUMENT, "features[0]: 'x' is not a feature reference"),
+])
+def test_bad_input_gets_the_right_code(stub: features_pb2_grpc.FeatureServiceStub, call, code, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(grpc.RpcError) as err:
+        call(stub)
+    assert err.value.code() == code
+    assert message in err.value.details(), err.value.details()

@@ -1,0 +1,132 @@
+"""The online store through FeatureServer, the same suite on SQLite and on the real Redis."""
+
+from __future__ import annotations
+
+import pytest
+from strata.features.v1 import features_pb2 as pb
+
+from services.common.errors import InvalidArgument, NotFound
+from services.features.definitions import Definitions
+from services.features.online import OnlineStore
+from services.features.serving import FeatureServer, ViewCache
+from tests.features.conftest import F64, apply_basics, user_view
+
+NOW = 1_800_000_000.0  # the fake clock: seconds since the epoch
+US = 1_000_000
+P, MISSING, EXPIRED, NULL = (pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NOT_FOUND, pb.FEATURE_STATUS_EXPIRED,
+                             pb.FEATURE_STATUS_NULL_VALUE)
+
+
+@pytest.fixture()
+def server(online_store: OnlineStore, tmp_path) -> FeatureServer:  # noqa: ANN001
+    from services.common.db import Database
+    from services.features.app import MIGRATIONS
+    db = Database(f"sqlite:///{tmp_path / 'defs.db'}")
+    db.migrate(MIGRATIONS)
+    d = Definitions(db)
+    apply_basics(d)
+    d.apply_view(user_view(ttl=3600), "t")
+    d.apply_view(pb.FeatureView(name="merchant_risk", entities=["merchant"], features=[
+        pb.Feature(name="chargeback_rate", dtype=F64)]), "t")
+    return FeatureServer(ViewCache(d), online_store, clock=lambda: NOW)
+
+
+def push_users(server: FeatureServer, ids: list[int], spend: list[float], *, ts: float = NOW - 60,
+               segment: list[str] | None = None, null_spend: list[int] = ()) -> pb.PushFeaturesResponse:
+    n = len(ids)
+    statuses = [NULL if i in null_spend else P for i in range(n)]
+    return server.push(pb.PushFeaturesRequest(
+        view="user_stats", entities={"user_id": pb.EntityColumn(int64_values=ids)},
+        event_timestamps_us=[int(ts * US)] * n, features=[
+            pb.FeatureValues(name="spend_7d", double_values=spend, statuses=statuses),
+            pb.FeatureValues(name="orders_7d", int64_values=[i * 2 for i in range(n)]),
+            pb.FeatureValues(name="segment", string_values=segment or ["vip"] * n),
+            pb.FeatureValues(name="active", bool_values=[i % 2 == 0 for i in range(n)])]))
+
+
+def read(server: FeatureServer, features: list[str], users: list[int] = (), merchants: list[str] = ()) -> dict:
+    entities = {}
+    if users:
+        entities["user_id"] = pb.EntityColumn(int64_values=list(users))
+    if merchants:
+        entities["merchant_id"] = pb.EntityColumn(string_values=list(merchants))
+    resp = server.get_online(pb.GetOnlineFeaturesRequest(features=features, entities=entities))
+    return {c.name: c for c in resp.features}
+
+
+def test_values_statuses_and_freshness(server: FeatureServer) -> None:
+    assert push_users(server, [1, 2, 3], [10.5, 20.0, 0.0], null_spend=[2]).rows_written == 3
+    cols = read(server, ["user_stats:spend_7d", "user_stats:segment", "user_stats:orders_7d", "user_stats:active"],
+                users=[3, 1, 99, 2])
+    spend = cols["user_stats:spend_7d"]
+    assert list(spend.statuses) == [NULL, P, MISSING, P]  # a missing value is never a silent zero
+    assert list(spend.double_values)[1] == 10.5 and list(spend.double_values)[3] == 20.0
+    assert list(spend.event_timestamps_us) == [int((NOW - 60) * US)] * 2 + [0, int((NOW - 60) * US)]
+    assert list(cols["user_stats:segment"].string_values)[:2] == ["vip", "vip"]
+    assert list(cols["user_stats:orders_7d"].int64_values) == [4, 0, 0, 2]
+    assert list(cols["user_stats:active"].bool_values) == [True, True, False, False]
+
+
+def test_ttl_is_honoured(server: FeatureServer) -> None:
+    push_users(server, [1], [5.0], ts=NOW - 3599)
+    push_users(server, [2], [6.0], ts=NOW - 3601)
+    assert list(read(server, ["user_stats:spend_7d"], users=[1, 2])["user_stats:spend_7d"].statuses) == [P, EXPIRED]
+
+
+def test_older_rows_never_replace_newer_ones(server: FeatureServer) -> None:
+    push_users(server, [1], [5.0], ts=NOW - 10)
+    push_users(server, [1], [1.0], ts=NOW - 20)  # late, older event
+    assert list(read(server, ["user_stats:spend_7d"], users=[1])["user_stats:spend_7d"].double_values) == [5.0]
+    push_users(server, [1], [7.0], ts=NOW - 5)
+    assert list(read(server, ["user_stats:spend_7d"], users=[1])["user_stats:spend_7d"].double_values) == [7.0]
+
+
+def test_many_entities_two_views_one_call(server: FeatureServer) -> None:
+    ids = list(range(1, 101))
+    push_users(server, ids, [float(i) for i in ids])
+    server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
+        "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in ids])},
+        event_timestamps_us=[int(NOW * US)] * 100,
+        features=[pb.FeatureValues(name="chargeback_rate", double_values=[i / 1000 for i in ids])]))
+    cols = read(server, ["user_stats:spend_7d", "merchant_risk:chargeback_rate"], users=ids,
+                merchants=[f"m{i}" for i in ids])
+    assert list(cols["user_stats:spend_7d"].double_values) == [float(i) for i in ids]
+    assert list(cols["merchant_risk:chargeback_rate"].double_values) == [i / 1000 for i in ids]
+
+
+@pytest.mark.parametrize("kw, field, message", [
+    ({"spend": [1.0, -5.0, 2.0]}, "rows[1].spend_7d", "-5.0 is below the minimum 0"),
+    ({"segment": ["vip", "gold", "new"]}, "rows[1].segment", "'gold' is not an allowed value"),
+])
+def test_a_bad_batch_is_refused_whole(server: FeatureServer, kw: dict, field: str, message: str) -> None:
+    args = {"spend": [1.0, 2.0, 3.0], **kw}
+    with pytest.raises(InvalidArgument) as err:
+        push_users(server, [1, 2, 3], args["spend"], segment=kw.get("segment"))
+    assert err.value.field == field and message in err.value.message
+    statuses = read(server, ["user_stats:spend_7d"], users=[1, 2, 3])["user_stats:spend_7d"].statuses
+    assert list(statuses) == [MISSING] * 3  # nothing of the batch was written
+
+
+def test_bad_requests(server: FeatureServer) -> None:
+    with pytest.raises(InvalidArgument, match="has no feature 'nope'"):
+        read(server, ["user_stats:nope"], users=[1])
+    with pytest.raises(NotFound, match="featureViews/ghost not found"):
+        read(server, ["ghost:x"], users=[1])
+    with pytest.raises(InvalidArgument, match="is not a feature reference"):
+        read(server, ["spend_7d"], users=[1])
+    with pytest.raises(InvalidArgument, match="keyed by INT64; got string values"):
+        server.get_online(pb.GetOnlineFeaturesRequest(features=["user_stats:spend_7d"], entities={
+            "user_id": pb.EntityColumn(string_values=["1"])}))
+    with pytest.raises(InvalidArgument, match="needs join key 'user_id'"):
+        read(server, ["user_stats:spend_7d"], merchants=["m1"])
+    with pytest.raises(InvalidArgument, match="is FLOAT64; got int64_values"):
+        server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
+            "merchant_id": pb.EntityColumn(string_values=["m1"])}, event_timestamps_us=[1],
+            features=[pb.FeatureValues(name="chargeback_rate", int64_values=[1])]))
+    with pytest.raises(InvalidArgument, match="needs feature 'chargeback_rate'"):
+        server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
+            "merchant_id": pb.EntityColumn(string_values=["m1"])}, event_timestamps_us=[1]))
+    with pytest.raises(InvalidArgument, match="1 timestamps for 2 rows"):
+        server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
+            "merchant_id": pb.EntityColumn(string_values=["m1", "m2"])}, event_timestamps_us=[1],
+            features=[pb.FeatureValues(name="chargeback_rate", double_values=[1, 2])]))
