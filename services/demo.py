@@ -40,6 +40,38 @@ def build_model(path: Path) -> None:
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
 
 
+def _rest(gateway: str, path: str, token: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{gateway}{path}", data=json.dumps(body).encode(), method="POST", headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _features_demo(home: Path, gateway: str) -> None:
+    developer = mint_token(dev_secret(home), "demo-developer", ["developer"])
+    view = f"demo_users_{time.strftime('%H%M%S')}"
+    _step(f"feature store: define entity 'user' and view '{view}', push rows, read them online (REST)")
+    _rest(gateway, "/v1/entities", developer, {"entity": {"name": "user", "join_key": "user_id",
+                                                          "value_type": "VALUE_TYPE_INT64"}})
+    out = _rest(gateway, "/v1/featureViews", developer, {"feature_view": {
+        "name": view, "entities": ["user"], "ttl_seconds": 86400, "features": [
+            {"name": "spend_7d", "dtype": "DATA_TYPE_FLOAT64", "validation": {"min": 0, "has_min": True}},
+            {"name": "orders_7d", "dtype": "DATA_TYPE_INT64"}]}})
+    print(f"{view}: {out['outcome']}, version {out['feature_view']['version']}")
+    now_us = int(time.time() * 1e6)
+    _rest(gateway, f"/v1/featureViews/{view}:push", developer, {
+        "entities": {"user_id": {"int64_values": [1, 2]}}, "event_timestamps_us": [now_us, now_us],
+        "features": [{"name": "spend_7d", "double_values": [120.5, 33.0]},
+                     {"name": "orders_7d", "int64_values": [4, 1]}]})
+    print("$ curl -H 'Authorization: Bearer $STRATA_TOKEN' -d '{\"features\": [\"%s:spend_7d\"], "
+          "\"entities\": {\"user_id\": {\"int64_values\": [2, 1, 3]}}}' %s/v1/features:getOnline" % (view, gateway))
+    got = _rest(gateway, "/v1/features:getOnline", developer, {
+        "features": [f"{view}:spend_7d"], "entities": {"user_id": {"int64_values": [2, 1, 3]}}})
+    col = got["features"][0]
+    print(json.dumps({"values": col["double_values"], "statuses": col["statuses"]}))
+    assert col["double_values"][:2] == [33.0, 120.5] and col["statuses"][2] == "FEATURE_STATUS_NOT_FOUND"
+
+
 def _weights(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import onnx
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
@@ -54,6 +86,7 @@ def run_demo(home: Path, *, gateway: str = "http://127.0.0.1:8080", registry: st
              inference: str = "127.0.0.1:50054") -> int:
     try:
         _demo(home.resolve(), gateway, registry, inference)
+        _features_demo(home.resolve(), gateway)
     except (grpc.RpcError, OSError, AssertionError, KeyError, subprocess.CalledProcessError) as e:
         detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
         print(f"\ndemo FAILED: {detail}", file=sys.stderr)

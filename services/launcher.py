@@ -19,7 +19,7 @@ from services.common.supervisor import Child, Supervisor
 log = logging.getLogger("strata.launcher")
 
 # The services `strata up` runs, in start order. Add the others here as they land.
-PLATFORM_SERVICES = ["registry", "inference"]
+PLATFORM_SERVICES = ["registry", "features", "inference"]
 DEV_ROLES = ["viewer", "developer", "approver", "admin"]
 
 

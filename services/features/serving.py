@@ -24,6 +24,9 @@ from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
 
 _DT = types_pb2.DataType
 KEY_SEP = "\x1f"
+# Enum values as plain ints (an attribute lookup on the generated enum costs a Python call).
+PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(pb.FEATURE_STATUS_PRESENT), int(pb.FEATURE_STATUS_NOT_FOUND),
+                                           int(pb.FEATURE_STATUS_EXPIRED), int(pb.FEATURE_STATUS_NULL_VALUE))
 
 
 @dataclass
@@ -113,28 +116,48 @@ class FeatureServer:
         columns: list[pb.FeatureValues | None] = [None] * len(refs)
         resp = pb.GetOnlineFeaturesResponse()
         now_us = int(self._clock() * 1e6)
+        plan = []
         for view_name, wanted in by_view.items():
             cached = self.views.get(view_name)
-            spec, codec = cached.view.spec, cached.codec
-            types = {f.name: f.dtype for f in spec.features}
+            types = {f.name: f.dtype for f in cached.view.spec.features}
             for i, feature in wanted:
                 if feature not in types:
-                    raise InvalidArgument(f"features[{i}]", f"view '{view_name}' (version {spec.version}) has no "
-                                          f"feature '{feature}'")
-            keys = entity_keys(cached.view, request.entities)
-            decoded = codec.decode(self.store.read(view_name, spec.version, keys))
+                    raise InvalidArgument(f"features[{i}]", f"view '{view_name}' (version {cached.view.spec.version}) "
+                                          f"has no feature '{feature}'")
+            plan.append((cached, types, wanted, entity_keys(cached.view, request.entities)))
+        # Every view's rows in one round trip to the store.
+        blobs = self.store.read_many([(c.view.spec.name, c.view.spec.version, keys) for c, _, _, keys in plan])
+        for (cached, types, wanted, keys), view_blobs in zip(plan, blobs, strict=True):
+            spec = cached.view.spec
+            decoded = cached.codec.decode(view_blobs)
             expired = np.zeros(len(keys), dtype=bool)
             if spec.ttl_seconds:
                 expired = decoded.found & (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000)
-            resp.view_versions[view_name] = spec.version
-            base = np.where(decoded.found, np.where(expired, pb.FEATURE_STATUS_EXPIRED, pb.FEATURE_STATUS_PRESENT),
-                            pb.FEATURE_STATUS_NOT_FOUND)
+            resp.view_versions[spec.name] = spec.version
+            base = np.where(decoded.found, np.where(expired, EXPIRED, PRESENT), NOT_FOUND).astype(np.uint8)
+            present = base == PRESENT
+            if request.raw:
+                event_raw = decoded.event_us.astype("<i8").tobytes()
+            else:
+                # Lists, not numpy arrays: protobuf's extend converts a list in C, an array element by element.
+                event_us = decoded.event_us.tolist()
             for i, feature in wanted:
                 col = pb.FeatureValues(name=request.features[i])
-                status = np.where((base == pb.FEATURE_STATUS_PRESENT) & decoded.nulls[feature],
-                                  pb.FEATURE_STATUS_NULL_VALUE, base)
+                status = np.where(present & decoded.nulls[feature], np.uint8(NULL_VALUE), base)
                 values = decoded.values[feature]
                 dtype = types[feature]
+                if request.raw:
+                    col.raw_statuses = status.tobytes()
+                    col.raw_event_timestamps_us = event_raw
+                    if dtype == _DT.DATA_TYPE_STRING:
+                        col.string_values.extend(values)
+                    else:
+                        col.raw_values = np.asarray(values, dtype="<f8" if dtype in FLOATS else "<i8" if dtype in INTS
+                                                    else np.uint8).tobytes()
+                    columns[i] = col
+                    continue
+                if isinstance(values, np.ndarray):
+                    values = values.tolist()
                 if dtype in FLOATS:
                     col.double_values.extend(values)
                 elif dtype in INTS:
@@ -144,7 +167,7 @@ class FeatureServer:
                 else:
                     col.string_values.extend(values)
                 col.statuses.extend(status.tolist())
-                col.event_timestamps_us.extend(decoded.event_us)
+                col.event_timestamps_us.extend(event_us)
                 columns[i] = col
         resp.features.extend(columns)  # type: ignore[arg-type]
         return resp

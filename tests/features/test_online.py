@@ -130,3 +130,20 @@ def test_bad_requests(server: FeatureServer) -> None:
         server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
             "merchant_id": pb.EntityColumn(string_values=["m1", "m2"])}, event_timestamps_us=[1],
             features=[pb.FeatureValues(name="chargeback_rate", double_values=[1, 2])]))
+
+
+def test_raw_columns_match_the_typed_ones(server: FeatureServer) -> None:
+    import numpy as np
+    push_users(server, [1, 2], [10.5, 20.0], null_spend=[1])
+    features = ["user_stats:spend_7d", "user_stats:orders_7d", "user_stats:active", "user_stats:segment"]
+    entities = {"user_id": pb.EntityColumn(int64_values=[2, 1, 5])}
+    typed = server.get_online(pb.GetOnlineFeaturesRequest(features=features, entities=entities)).features
+    raw = server.get_online(pb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True)).features
+    assert list(np.frombuffer(raw[0].raw_values, "<f8")) == list(typed[0].double_values)
+    assert list(np.frombuffer(raw[1].raw_values, "<i8")) == list(typed[1].int64_values)
+    assert list(np.frombuffer(raw[2].raw_values, np.uint8).astype(bool)) == list(typed[2].bool_values)
+    assert list(raw[3].string_values) == list(typed[3].string_values)
+    for r, t in zip(raw, typed, strict=True):
+        assert list(np.frombuffer(r.raw_statuses, np.uint8)) == list(t.statuses)
+        assert list(np.frombuffer(r.raw_event_timestamps_us, "<i8")) == list(t.event_timestamps_us)
+    assert list(typed[0].statuses) == [NULL, P, MISSING]

@@ -727,6 +727,13 @@ class GetOnlineFeaturesRequest(_message.Message):
 
     FEATURES_FIELD_NUMBER: _builtins.int
     ENTITIES_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
+    raw: _builtins.bool
+    """Answer numeric and bool columns as raw little-endian arrays (raw_values,
+    raw_statuses, raw_event_timestamps_us) instead of typed lists: far cheaper
+    to build and to read for gRPC clients (numpy.frombuffer). STRING features
+    still come as string_values.
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature references "{view}:{feature}"."""
@@ -740,10 +747,11 @@ class GetOnlineFeaturesRequest(_message.Message):
         *,
         features: _abc.Iterable[_builtins.str] | None = ...,
         entities: _abc.Mapping[_builtins.str, Global___EntityColumn] | None = ...,
+        raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "features", b"features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "features", b"features", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -765,8 +773,19 @@ class FeatureValues(_message.Message):
     STRING_VALUES_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     EVENT_TIMESTAMPS_US_FIELD_NUMBER: _builtins.int
+    RAW_VALUES_FIELD_NUMBER: _builtins.int
+    RAW_STATUSES_FIELD_NUMBER: _builtins.int
+    RAW_EVENT_TIMESTAMPS_US_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Feature reference "{view}:{feature}"."""
+    raw_values: _builtins.bytes
+    """With GetOnlineFeaturesRequest.raw: the values as little-endian float64
+    (FLOAT32/FLOAT64), int64 (INT32/INT64) or uint8 (BOOL), one per row.
+    """
+    raw_statuses: _builtins.bytes
+    """With raw: the FeatureStatus of each row as uint8."""
+    raw_event_timestamps_us: _builtins.bytes
+    """With raw: event times as little-endian int64 microseconds."""
     @_builtins.property
     def double_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Values of FLOAT32/FLOAT64 features."""
@@ -803,10 +822,13 @@ class FeatureValues(_message.Message):
         string_values: _abc.Iterable[_builtins.str] | None = ...,
         statuses: _abc.Iterable[Global___FeatureStatus.ValueType] | None = ...,
         event_timestamps_us: _abc.Iterable[_builtins.int] | None = ...,
+        raw_values: _builtins.bytes = ...,
+        raw_statuses: _builtins.bytes = ...,
+        raw_event_timestamps_us: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_values", b"bool_values", "double_values", b"double_values", "event_timestamps_us", b"event_timestamps_us", "int64_values", b"int64_values", "name", b"name", "statuses", b"statuses", "string_values", b"string_values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_values", b"bool_values", "double_values", b"double_values", "event_timestamps_us", b"event_timestamps_us", "int64_values", b"int64_values", "name", b"name", "raw_event_timestamps_us", b"raw_event_timestamps_us", "raw_statuses", b"raw_statuses", "raw_values", b"raw_values", "statuses", b"statuses", "string_values", b"string_values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,101 @@
+"""Online feature retrieval benchmark: GetOnlineFeatures over gRPC with the online store on the
+real Redis at 127.0.0.1:6379, measured with h2load (pre-framed gRPC requests, as in
+tests/bench/inference_load.py), JWT auth on.
+
+    .venv/bin/python -m tests.bench.features_online [--seconds 8]
+
+Two views keyed by different entities (user: int64 keys, merchant: string keys), 10 float
+features each, 10,000 entities each pushed first. Requests: 1 entity x 10 features (one view),
+and 100 entities x 20 features (both views).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from strata.common.v1 import types_pb2
+from strata.features.v1 import features_pb2 as pb
+from strata.features.v1 import features_pb2_grpc
+
+from services.common.auth import mint_token
+from tests.bench.inference_load import check_grpc_ok, h2load
+from tests.processes import free_port, start_service, stop_process
+
+SECRET = "bench-secret-0123456789abcdef0123"
+PATH = "/strata.features.v1.FeatureService/GetOnlineFeatures"
+N = 10_000
+
+
+def frame(msg: pb.GetOnlineFeaturesRequest) -> bytes:
+    d = msg.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(d)) + d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="strata-fbench-"))
+    token = mint_token(SECRET, "bench", ["developer"])
+    md = (("authorization", f"Bearer {token}"),)
+    port = free_port()
+    proc = start_service("features", work, port, {"STRATA_JWT_SECRET": SECRET, "STRATA_LOG_LEVEL": "WARNING",
+                                                 "STRATA_FEATURES_ONLINE_STORE": "redis://127.0.0.1:6379/0"})
+    results = {}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            s = features_pb2_grpc.FeatureServiceStub(ch)
+            suffix = time.strftime("%H%M%S")
+            s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                                 value_type=pb.VALUE_TYPE_INT64)), metadata=md)
+            s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="merchant", join_key="merchant_id",
+                                                                 value_type=pb.VALUE_TYPE_STRING)), metadata=md)
+            rng = np.random.default_rng(0)
+            views = {}
+            for entity, key in (("user", "user_id"), ("merchant", "merchant_id")):
+                name = f"bench_{entity}_{suffix}"
+                feats = [pb.Feature(name=f"f{i}", dtype=types_pb2.DATA_TYPE_FLOAT64) for i in range(10)]
+                s.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+                    name=name, entities=[entity], features=feats, ttl_seconds=86400 * 7)), metadata=md)
+                keys = (pb.EntityColumn(int64_values=range(N)) if entity == "user"
+                        else pb.EntityColumn(string_values=[f"m{i}" for i in range(N)]))
+                s.PushFeatures(pb.PushFeaturesRequest(
+                    view=name, entities={key: keys}, event_timestamps_us=[int(time.time() * 1e6)] * N,
+                    features=[pb.FeatureValues(name=f"f{i}", double_values=rng.random(N).tolist()) for i in range(10)]),
+                    metadata=md)
+                views[entity] = name
+        ids = rng.choice(N, 100, replace=False)
+        small = pb.GetOnlineFeaturesRequest(raw=True, features=[f"{views['user']}:f{i}" for i in range(10)],
+                                            entities={"user_id": pb.EntityColumn(int64_values=[int(ids[0])])})
+        big = pb.GetOnlineFeaturesRequest(raw=True,
+            features=[f"{views[e]}:f{i}" for e in ("user", "merchant") for i in range(10)],
+            entities={"user_id": pb.EntityColumn(int64_values=[int(i) for i in ids]),
+                      "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in ids])})
+        url = f"http://127.0.0.1:{port}{PATH}"
+        for label, msg in (("1 entity x 10 features", small), ("100 entities x 20 features (2 views)", big)):
+            body = work / "req.bin"
+            body.write_bytes(frame(msg))
+            check_grpc_ok(url, body, token)
+            for conns, streams in ((1, 1), (1, 8)):
+                key = f"{label} c={conns}x{streams}"
+                results[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
+                                      workdir=work, rows=1)
+                print(key, results[key], flush=True)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
