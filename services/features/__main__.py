@@ -1,7 +1,7 @@
-"""`python -m services.features`: run the feature service."""
+"""`python -m services.features`: run the feature service (one serving process per core)."""
 
-from services.common.server import run
-from services.features.app import build_service
+from services.common.workers import main
+from services.features.app import MIGRATIONS, build_service
 
 if __name__ == "__main__":
-    run(build_service)
+    main("features", build_service, MIGRATIONS)

@@ -13,6 +13,7 @@ from services.common.audit import AuditLog
 from services.common.db import Database
 from services.common.server import Service
 from services.common.settings import ServiceSettings
+from services.common.workers import shares_port
 from services.features import tables
 from services.features.definitions import Definitions
 from services.features.online import open_online_store
@@ -37,4 +38,5 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
         register=lambda server: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
         audit_log=AuditLog(db, tables.audit_events),
         on_stop=[store.close, db.dispose],
+        reuse_port=shares_port("features"),
     )

@@ -1,6 +1,7 @@
 """`python -m services.inference`: run the inference service (one serving process per core)."""
 
-from services.inference.app import main
+from services.common.workers import main
+from services.inference.app import MIGRATIONS, build_service
 
 if __name__ == "__main__":
-    main()
+    main("inference", build_service, MIGRATIONS)

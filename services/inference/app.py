@@ -1,11 +1,5 @@
-"""Wiring of the inference service, and its process model.
-
-`python -m services.inference` runs STRATA_INFERENCE_WORKERS serving processes (default: one
-per core) that share the gRPC port through SO_REUSEPORT, so every core serves; the parent
-supervises them (a crashed worker is restarted), serves their Prometheus metrics as one
-(prometheus-client's multiprocess mode) and stops them on SIGTERM. With one worker the parent
-serves by itself. The workers share the service database: policies, heartbeats, canary stats.
-"""
+"""Wiring of the inference service. Its serving processes (services/common/workers.py: one per
+core on one port by default) share the service database: policies, heartbeats, canary stats."""
 
 from __future__ import annotations
 
@@ -13,11 +7,7 @@ import asyncio
 import gc
 import logging
 import os
-import shutil
-import signal
-import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +20,7 @@ from services.common.auth import mint_token
 from services.common.db import Database
 from services.common.server import Service
 from services.common.settings import ServiceSettings, peer_address
+from services.common.workers import shares_port, worker_count, worker_id
 from services.inference import tables
 from services.inference.batch import BatchJobStore, BatchRunner
 from services.inference.batching import BatchingConfig
@@ -65,7 +56,7 @@ class InferenceConfig:
     @classmethod
     def from_env(cls, settings: ServiceSettings) -> InferenceConfig:
         env = os.environ
-        workers = int(env.get("STRATA_INFERENCE_WORKERS", os.cpu_count() or 1))
+        workers = worker_count("inference")
         token = env.get("STRATA_INFERENCE_REGISTRY_TOKEN")
         if token is None and settings.auth == "enabled" and settings.jwt_secret is not None:
             # The service's own identity towards the registry: read-only.
@@ -73,7 +64,7 @@ class InferenceConfig:
                                ttl_seconds=365 * 86400, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
         return cls(
             workers=max(1, workers),
-            worker_id=env.get("STRATA_INFERENCE_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+            worker_id=worker_id("inference"),
             intra_op_threads=int(env.get("STRATA_INFERENCE_INTRA_OP_THREADS", default_intra_op_threads(workers))),
             device=env.get("STRATA_INFERENCE_DEVICE", "auto"),
             memory_budget_bytes=int(float(env.get("STRATA_INFERENCE_MEMORY_BUDGET_MB", "4096")) * (1 << 20)),
@@ -170,76 +161,5 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         on_stop=[stop],
         extra_services=[grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name],
         extra_policies=V2_POLICIES,
-        reuse_port=config.workers > 1,
+        reuse_port=shares_port("inference"),
     )
-
-
-# -- the process model -------------------------------------------------------------------------
-def _port_free(host: str, port: int) -> bool:
-    """Checked without SO_REUSEPORT, so a port held by anyone (even with SO_REUSEPORT) counts."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def run_workers(workers: int) -> int:
-    """Parent of the serving processes: start, supervise, serve the merged metrics, stop."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-
-    from services.common import telemetry
-    from services.common.supervisor import Child, Supervisor
-
-    settings = ServiceSettings.for_service("inference")
-    telemetry.setup_logging(settings.log_level, settings.log_format)
-    if not _port_free(settings.host, settings.port):
-        raise SystemExit(f"strata-inference: cannot listen on {settings.host}:{settings.port} (port taken)")
-    # Migrate once here, so the workers do not race to create the schema.
-    Database(settings.database_url).migrate(MIGRATIONS)
-    metrics_dir = Path(tempfile.mkdtemp(prefix="strata-inference-metrics-"))
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics_dir))
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=registry)
-    children = [Child(f"inference-worker-{i}", [sys.executable, "-m", "services.inference"], None, env={
-        "STRATA_INFERENCE_ROLE": "worker", "STRATA_INFERENCE_WORKER_ID": f"{socket.gethostname()}-w{i}",
-        "STRATA_INFERENCE_METRICS_PORT": "0", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-    }) for i in range(workers)]
-    sup = Supervisor(children)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sup.stop())
-    log.info("starting serving processes", extra={"fields": {"workers": workers, "port": settings.port}})
-    sup.start_all()
-    ok = sup.watch()
-    sup.stop_all(timeout=settings.grace_seconds + 5)
-    for c in children:
-        if c.proc is not None:
-            mark_process_dead(c.proc.pid, str(metrics_dir))
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0 if ok else 1
-
-
-def _die_with_parent() -> None:
-    """A worker whose supervisor is killed (SIGKILL, OOM) must not keep serving on its own:
-    Linux sends it SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            sys.exit(0)
-
-
-def main() -> None:
-    from services.common.server import run
-
-    workers = int(os.environ.get("STRATA_INFERENCE_WORKERS", os.cpu_count() or 1))
-    if os.environ.get("STRATA_INFERENCE_ROLE") == "worker":
-        _die_with_parent()
-        run(build_service)
-    elif workers <= 1:
-        run(build_service)
-    else:
-        sys.exit(run_workers(workers))

@@ -85,7 +85,7 @@ def main() -> None:
             body = work / "req.bin"
             body.write_bytes(frame(msg))
             check_grpc_ok(url, body, token)
-            for conns, streams in ((1, 1), (1, 8)):
+            for conns, streams in ((1, 1), (1, 8), (8, 1)):
                 key = f"{label} c={conns}x{streams}"
                 results[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
                                       workdir=work, rows=1)
