@@ -16,6 +16,7 @@ from services.common.settings import ServiceSettings
 from services.common.workers import shares_port
 from services.features import tables
 from services.features.definitions import Definitions
+from services.features.materialize import Materializer
 from services.features.online import open_online_store
 from services.features.server import FeatureServicer
 from services.features.serving import FeatureServer, ViewCache
@@ -31,7 +32,14 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
     settings.home.mkdir(parents=True, exist_ok=True)
     online_url = os.environ.get("STRATA_FEATURES_ONLINE_STORE", str((settings.home / "features-online.db").resolve()))
     store = open_online_store(online_url)
-    servicer = FeatureServicer(definitions, FeatureServer(ViewCache(definitions), store))
+    artifacts_root = Path(settings.artifact_store_url)
+
+    def resolve_source(path: str) -> str:
+        """Offline sources: an absolute path or glob, or a key in the local artifact store."""
+        return path if os.path.isabs(path) else str(artifacts_root / path)
+
+    materializer = Materializer(db, definitions, store, resolve_source)
+    servicer = FeatureServicer(definitions, FeatureServer(ViewCache(definitions), store), materializer)
     return Service(
         settings=settings,
         descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],

@@ -12,13 +12,15 @@ from services.common.audit import current_resource
 from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
 from services.features.definitions import Definitions
+from services.features.materialize import Materializer
 from services.features.serving import FeatureServer
 
 
 class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
-    def __init__(self, definitions: Definitions, server: FeatureServer) -> None:
+    def __init__(self, definitions: Definitions, server: FeatureServer, materializer: Materializer) -> None:
         self.definitions = definitions
         self.server = server
+        self.materializer = materializer
 
     async def ApplyEntity(self, request: pb.ApplyEntityRequest, context) -> pb.ApplyEntityResponse:  # noqa: ANN001, N802
         current_resource.set(f"entities/{request.entity.name}")
@@ -61,3 +63,17 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     async def PushFeatures(self, request: pb.PushFeaturesRequest, context) -> pb.PushFeaturesResponse:  # noqa: ANN001, N802
         current_resource.set(f"featureViews/{request.view}")
         return await asyncio.to_thread(self.server.push, request)
+
+    async def Materialize(self, request: pb.MaterializeRequest, context):  # noqa: ANN001, ANN201, N802
+        current_resource.set(f"featureViews/{request.view}")
+        steps = self.materializer.run(request.view, request.start_us, request.end_us)  # a generator: lazy
+        while True:
+            progress = await asyncio.to_thread(next, steps, None)  # each chunk's work off the event loop
+            if progress is None:
+                return
+            out = pb.MaterializeResponse()
+            out.CopyFrom(progress)
+            yield out
+
+    async def GetFeatureStatistics(self, request: pb.GetFeatureStatisticsRequest, context) -> pb.GetFeatureStatisticsResponse:  # noqa: ANN001, N802, E501
+        return await asyncio.to_thread(self.materializer.statistics, request.view, request.version)

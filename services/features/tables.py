@@ -56,4 +56,25 @@ view_tags = Table(
     Index("ix_view_tags_key_value", "key", "value"),
 )
 
+# One row per finished materialization of a view version: where the next incremental run starts.
+materializations = Table(
+    "materializations", metadata,
+    Column("view", String(64), primary_key=True),
+    Column("version", BigInteger, primary_key=True),
+    Column("end_us", BigInteger, primary_key=True),
+    Column("start_us", BigInteger, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    _ts("finish_time"),
+)
+
+# The statistics of the latest materialization per view version (a serialized
+# GetFeatureStatisticsResponse): monitoring's reference profile.
+feature_statistics = Table(
+    "feature_statistics", metadata,
+    Column("view", String(64), primary_key=True),
+    Column("version", BigInteger, primary_key=True),
+    Column("stats", LargeBinary, nullable=False),
+    _ts("compute_time"),
+)
+
 audit_events = audit_table(metadata)

@@ -80,3 +80,30 @@ def test_bad_input_gets_the_right_code(stub: features_pb2_grpc.FeatureServiceStu
         call(stub)
     assert err.value.code() == code
     assert message in err.value.details(), err.value.details()
+
+
+def test_materialize_streams_progress_and_records_statistics(stub: features_pb2_grpc.FeatureServiceStub,
+                                                             tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    n = 1000
+    pq.write_table(pa.table({"user_id": pa.array(range(n), pa.int64()),
+                             "score": pa.array([i / n for i in range(n)], pa.float64()),
+                             "ts": pa.array([1_700_000_000_000_000] * n, pa.timestamp("us", tz="UTC"))}),
+                   tmp_path / "scores.parquet")
+    name = f"scores_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["user"], features=[pb.Feature(name="score", dtype=F64)],
+        source=pb.DataSource(path=str(tmp_path / "scores.parquet"), timestamp_field="ts"))))
+    steps = list(stub.Materialize(pb.MaterializeRequest(view=name, end_us=1_800_000_000_000_000)))
+    assert steps[-1].done and steps[-1].rows_written == n
+    resp = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=[f"{name}:score"], entities={
+        "user_id": pb.EntityColumn(int64_values=[999, 5])}))
+    assert list(resp.features[0].double_values) == [0.999, 0.005]
+    stats = stub.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view=name)).features[0]
+    assert (stats.count, stats.min, stats.max) == (n, 0.0, 0.999)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view=name, version=9))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

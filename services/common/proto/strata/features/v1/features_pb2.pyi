@@ -972,3 +972,203 @@ class PushFeaturesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushFeaturesResponse: _TypeAlias = PushFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class MaterializeRequest(_message.Message):
+    """MaterializeRequest names the view and the time range."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_FIELD_NUMBER: _builtins.int
+    START_US_FIELD_NUMBER: _builtins.int
+    END_US_FIELD_NUMBER: _builtins.int
+    view: _builtins.str
+    """View name (its current version is materialized)."""
+    start_us: _builtins.int
+    """Exclusive start, microseconds since the epoch; 0: where the last run ended
+    (or the beginning of time on the first run).
+    """
+    end_us: _builtins.int
+    """Inclusive end, microseconds since the epoch; 0: now."""
+    def __init__(
+        self,
+        *,
+        view: _builtins.str = ...,
+        start_us: _builtins.int = ...,
+        end_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_us", b"end_us", "start_us", b"start_us", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaterializeRequest: _TypeAlias = MaterializeRequest  # noqa: Y015
+
+@_typing.final
+class MaterializeResponse(_message.Message):
+    """MaterializeResponse is one progress report of a running materialization; the last has
+    done set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_WRITTEN_FIELD_NUMBER: _builtins.int
+    ROWS_TOTAL_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    START_US_FIELD_NUMBER: _builtins.int
+    END_US_FIELD_NUMBER: _builtins.int
+    VIEW_VERSION_FIELD_NUMBER: _builtins.int
+    rows_written: _builtins.int
+    """Rows written to the online store so far."""
+    rows_total: _builtins.int
+    """Rows to write in total (entities with an event in the range)."""
+    done: _builtins.bool
+    """True on the last message."""
+    start_us: _builtins.int
+    """The range materialized (microseconds since the epoch)."""
+    end_us: _builtins.int
+    """End of the range."""
+    view_version: _builtins.int
+    """Version of the view."""
+    def __init__(
+        self,
+        *,
+        rows_written: _builtins.int = ...,
+        rows_total: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        start_us: _builtins.int = ...,
+        end_us: _builtins.int = ...,
+        view_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "end_us", b"end_us", "rows_total", b"rows_total", "rows_written", b"rows_written", "start_us", b"start_us", "view_version", b"view_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaterializeResponse: _TypeAlias = MaterializeResponse  # noqa: Y015
+
+@_typing.final
+class GetFeatureStatisticsRequest(_message.Message):
+    """GetFeatureStatisticsRequest names the view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    view: _builtins.str
+    """View name."""
+    version: _builtins.int
+    """Version; 0: the current one."""
+    def __init__(
+        self,
+        *,
+        view: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureStatisticsRequest: _TypeAlias = GetFeatureStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class FeatureStatistics(_message.Message):
+    """FeatureStatistics describes one feature's values in a materialized batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    NULLS_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    QUANTILES_FIELD_NUMBER: _builtins.int
+    DISTINCT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Feature name."""
+    count: _builtins.int
+    """Rows."""
+    nulls: _builtins.int
+    """Null values."""
+    min: _builtins.float
+    """Smallest value (numeric features)."""
+    max: _builtins.float
+    """Largest value."""
+    mean: _builtins.float
+    """Mean."""
+    std: _builtins.float
+    """Standard deviation (population)."""
+    distinct: _builtins.int
+    """Distinct values (all types)."""
+    @_builtins.property
+    def quantiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Quantiles 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99 (numeric features)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        count: _builtins.int = ...,
+        nulls: _builtins.int = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        mean: _builtins.float = ...,
+        std: _builtins.float = ...,
+        quantiles: _abc.Iterable[_builtins.float] | None = ...,
+        distinct: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "distinct", b"distinct", "max", b"max", "mean", b"mean", "min", b"min", "name", b"name", "nulls", b"nulls", "quantiles", b"quantiles", "std", b"std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureStatistics: _TypeAlias = FeatureStatistics  # noqa: Y015
+
+@_typing.final
+class GetFeatureStatisticsResponse(_message.Message):
+    """GetFeatureStatisticsResponse holds the statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_VERSION_FIELD_NUMBER: _builtins.int
+    COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    START_US_FIELD_NUMBER: _builtins.int
+    END_US_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    view_version: _builtins.int
+    """Version of the view."""
+    start_us: _builtins.int
+    """The range of event times they cover (microseconds since the epoch)."""
+    end_us: _builtins.int
+    """End of the range."""
+    @_builtins.property
+    def compute_time(self) -> _timestamp_pb2.Timestamp:
+        """When they were computed."""
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureStatistics]:
+        """Per feature."""
+
+    def __init__(
+        self,
+        *,
+        view_version: _builtins.int = ...,
+        compute_time: _timestamp_pb2.Timestamp | None = ...,
+        start_us: _builtins.int = ...,
+        end_us: _builtins.int = ...,
+        features: _abc.Iterable[Global___FeatureStatistics] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "end_us", b"end_us", "features", b"features", "start_us", b"start_us", "view_version", b"view_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureStatisticsResponse: _TypeAlias = GetFeatureStatisticsResponse  # noqa: Y015

@@ -81,6 +81,16 @@ class FeatureServiceStub:
                 request_serializer=strata_dot_features_dot_v1_dot_features__pb2.PushFeaturesRequest.SerializeToString,
                 response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.PushFeaturesResponse.FromString,
                 _registered_method=True)
+        self.Materialize = channel.unary_stream(
+                '/strata.features.v1.FeatureService/Materialize',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.MaterializeRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
+                _registered_method=True)
+        self.GetFeatureStatistics = channel.unary_unary(
+                '/strata.features.v1.FeatureService/GetFeatureStatistics',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -155,6 +165,26 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Materialize(self, request, context):
+        """Copies a view's latest rows per entity from its offline source to the
+        online store, for event times in (start, end]. Without start it continues
+        from where the last materialization of the view version ended
+        (incremental); running it twice writes the same rows (idempotent). The rows
+        are validated like a push; per-feature statistics of the materialized rows
+        are recorded. Streams progress, then the summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeatureStatistics(self, request, context):
+        """Per-feature statistics of the latest materialization of a view version:
+        the reference profile monitoring compares live traffic with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +227,16 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.PushFeatures,
                     request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.PushFeaturesRequest.FromString,
                     response_serializer=strata_dot_features_dot_v1_dot_features__pb2.PushFeaturesResponse.SerializeToString,
+            ),
+            'Materialize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Materialize,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.MaterializeRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.MaterializeResponse.SerializeToString,
+            ),
+            'GetFeatureStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureStatistics,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -422,6 +462,60 @@ class FeatureService:
             '/strata.features.v1.FeatureService/PushFeatures',
             strata_dot_features_dot_v1_dot_features__pb2.PushFeaturesRequest.SerializeToString,
             strata_dot_features_dot_v1_dot_features__pb2.PushFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Materialize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/Materialize',
+            strata_dot_features_dot_v1_dot_features__pb2.MaterializeRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/GetFeatureStatistics',
+            strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

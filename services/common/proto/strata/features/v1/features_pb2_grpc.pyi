@@ -65,6 +65,18 @@ class FeatureServiceStub:
     validated against the view's schema and rules first: a bad batch is refused
     whole, with the row and feature named, and nothing of it is written.
     """
+    Materialize: _grpc.UnaryStreamMultiCallable[_features_pb2.MaterializeRequest, _features_pb2.MaterializeResponse]
+    """Copies a view's latest rows per entity from its offline source to the
+    online store, for event times in (start, end]. Without start it continues
+    from where the last materialization of the view version ended
+    (incremental); running it twice writes the same rows (idempotent). The rows
+    are validated like a push; per-feature statistics of the materialized rows
+    are recorded. Streams progress, then the summary.
+    """
+    GetFeatureStatistics: _grpc.UnaryUnaryMultiCallable[_features_pb2.GetFeatureStatisticsRequest, _features_pb2.GetFeatureStatisticsResponse]
+    """Per-feature statistics of the latest materialization of a view version:
+    the reference profile monitoring compares live traffic with.
+    """
 
 @_typing.type_check_only
 class FeatureServiceAsyncStub(FeatureServiceStub):
@@ -102,6 +114,18 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     """Pushes rows of a feature view straight to the online store. The rows are
     validated against the view's schema and rules first: a bad batch is refused
     whole, with the row and feature named, and nothing of it is written.
+    """
+    Materialize: _aio.UnaryStreamMultiCallable[_features_pb2.MaterializeRequest, _features_pb2.MaterializeResponse]  # type: ignore[assignment]
+    """Copies a view's latest rows per entity from its offline source to the
+    online store, for event times in (start, end]. Without start it continues
+    from where the last materialization of the view version ended
+    (incremental); running it twice writes the same rows (idempotent). The rows
+    are validated like a push; per-feature statistics of the materialized rows
+    are recorded. Streams progress, then the summary.
+    """
+    GetFeatureStatistics: _aio.UnaryUnaryMultiCallable[_features_pb2.GetFeatureStatisticsRequest, _features_pb2.GetFeatureStatisticsResponse]  # type: ignore[assignment]
+    """Per-feature statistics of the latest materialization of a view version:
+    the reference profile monitoring compares live traffic with.
     """
 
 class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +209,30 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         """Pushes rows of a feature view straight to the online store. The rows are
         validated against the view's schema and rules first: a bad batch is refused
         whole, with the row and feature named, and nothing of it is written.
+        """
+
+    @_abc_1.abstractmethod
+    def Materialize(
+        self,
+        request: _features_pb2.MaterializeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_features_pb2.MaterializeResponse], _abc.AsyncIterator[_features_pb2.MaterializeResponse]]:
+        """Copies a view's latest rows per entity from its offline source to the
+        online store, for event times in (start, end]. Without start it continues
+        from where the last materialization of the view version ended
+        (incremental); running it twice writes the same rows (idempotent). The rows
+        are validated like a push; per-feature statistics of the materialized rows
+        are recorded. Streams progress, then the summary.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFeatureStatistics(
+        self,
+        request: _features_pb2.GetFeatureStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_features_pb2.GetFeatureStatisticsResponse, _abc.Awaitable[_features_pb2.GetFeatureStatisticsResponse]]:
+        """Per-feature statistics of the latest materialization of a view version:
+        the reference profile monitoring compares live traffic with.
         """
 
 def add_FeatureServiceServicer_to_server(servicer: FeatureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
