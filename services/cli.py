@@ -8,6 +8,7 @@
     strata download NAME (VERSION | --alias A) -o FILE
     strata card NAME VERSION | audit | token --sub NAME --role ROLE
     strata deploy | traffic set | rollback | endpoints ... | predict   (see services/inference/cli.py)
+    strata features apply | list | materialize | get | stats          (see services/features/cli.py)
 
 The registry address comes from --addr or STRATA_REGISTRY_ADDR (default 127.0.0.1:50051), the
 bearer token from --token or STRATA_TOKEN. Errors print `error: CODE: message`, exit status 1.
@@ -28,6 +29,7 @@ from google.protobuf.message import Message
 from strata.registry.v1 import registry_pb2 as pb
 
 from services.common.settings import peer_address
+from services.features import cli as features_cli
 from services.inference import cli as inference_cli
 from services.registry.client import RegistryClient
 
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("audit", help="the audit log, newest first").add_argument("--resource-prefix", default="")
 
     inference_cli.add_commands(sub, ap)
+    features_cli.add_commands(sub, ap)
     tok = sub.add_parser("token", help="mint a development HS256 token")
     tok.add_argument("--secret", default=os.environ.get("STRATA_JWT_SECRET"))
     tok.add_argument("--sub", required=True)
@@ -194,6 +197,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcomm
 
     if args.cmd in inference_cli.COMMANDS:
         return inference_cli.run(args)
+    if args.cmd == "features":
+        return features_cli.run(args)
     out = args.json
     with RegistryClient(args.addr, args.token, args.tls_ca) as c:
         s = c.stub

@@ -3,6 +3,7 @@ push and online reads over gRPC, bad input -> the right status code, nothing wri
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,16 +27,21 @@ def _online_url(home: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[features_pb2_grpc.FeatureServiceStub]:
+def addr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("features")
     port = free_port()
     proc = start_service("features", home, port, {"STRATA_AUTH": "disabled",
                                                  "STRATA_FEATURES_ONLINE_STORE": _online_url(home)})
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield features_pb2_grpc.FeatureServiceStub(ch)
+        yield f"127.0.0.1:{port}"
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def stub(addr: str) -> Iterator[features_pb2_grpc.FeatureServiceStub]:
+    with grpc.insecure_channel(addr) as ch:
+        yield features_pb2_grpc.FeatureServiceStub(ch)
 
 
 def test_apply_push_read(stub: features_pb2_grpc.FeatureServiceStub) -> None:
@@ -107,3 +113,33 @@ def test_materialize_streams_progress_and_records_statistics(stub: features_pb2_
     with pytest.raises(grpc.RpcError) as err:
         stub.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view=name, version=9))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_apply_materialize_get(addr: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.cli import main
+    pq.write_table(pa.table({"store_id": pa.array(["s1", "s2"]), "sales": pa.array([3.5, 7.0]),
+                             "ts": pa.array([1_700_000_000_000_000] * 2, pa.timestamp("us", tz="UTC"))}),
+                   tmp_path / "stores.parquet")
+    name = f"stores_{os.urandom(3).hex()}"
+    spec = tmp_path / "defs.yaml"
+    spec.write_text(f"""
+entities:
+  - {{name: store, join_key: store_id, value_type: STRING}}
+feature_views:
+  - name: {name}
+    entities: [store]
+    source: {{path: {tmp_path / 'stores.parquet'}, timestamp_field: ts}}
+    features:
+      - {{name: sales, dtype: FLOAT64, validation: {{min: 0}}}}
+""")
+    cli = ["--features-addr", addr]
+    assert main([*cli, "features", "apply", str(spec)]) == 0
+    assert f"feature view {name}: CREATED (version 1)" in capsys.readouterr().out
+    assert main([*cli, "features", "materialize", name, "--end", "2030-01-01T00:00:00+00:00"]) == 0
+    captured = capsys.readouterr()
+    assert "2 rows materialized" in captured.out and "2/2 rows" in captured.err
+    assert main([*cli, "features", "get", f"{name}:sales", "--entity", "store_id=s2,s1"]) == 0
+    assert json.loads(capsys.readouterr().out)["features"][0]["double_values"] == [7.0, 3.5]
