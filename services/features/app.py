@@ -16,6 +16,7 @@ from services.common.settings import ServiceSettings
 from services.common.workers import shares_port
 from services.features import tables
 from services.features.definitions import Definitions
+from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
 from services.features.online import open_online_store
 from services.features.server import FeatureServicer
@@ -35,11 +36,13 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
     artifacts_root = Path(settings.artifact_store_url)
 
     def resolve_source(path: str) -> str:
-        """Offline sources: an absolute path or glob, or a key in the local artifact store."""
+        """Offline sources, entity tables and training sets: an absolute path (or glob), or a key
+        in the local artifact store. (S3 sources need DuckDB's httpfs: not wired yet.)"""
         return path if os.path.isabs(path) else str(artifacts_root / path)
 
     materializer = Materializer(db, definitions, store, resolve_source)
-    servicer = FeatureServicer(definitions, FeatureServer(ViewCache(definitions), store), materializer)
+    servicer = FeatureServicer(definitions, FeatureServer(ViewCache(definitions), store), materializer,
+                               HistoricalRetrieval(definitions, resolve_source))
     return Service(
         settings=settings,
         descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],

@@ -12,15 +12,18 @@ from services.common.audit import current_resource
 from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
 from services.features.definitions import Definitions
+from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
 from services.features.serving import FeatureServer
 
 
 class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
-    def __init__(self, definitions: Definitions, server: FeatureServer, materializer: Materializer) -> None:
+    def __init__(self, definitions: Definitions, server: FeatureServer, materializer: Materializer,
+                 historical: HistoricalRetrieval) -> None:
         self.definitions = definitions
         self.server = server
         self.materializer = materializer
+        self.historical = historical
 
     async def ApplyEntity(self, request: pb.ApplyEntityRequest, context) -> pb.ApplyEntityResponse:  # noqa: ANN001, N802
         current_resource.set(f"entities/{request.entity.name}")
@@ -77,3 +80,11 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
 
     async def GetFeatureStatistics(self, request: pb.GetFeatureStatisticsRequest, context) -> pb.GetFeatureStatisticsResponse:  # noqa: ANN001, N802, E501
         return await asyncio.to_thread(self.materializer.statistics, request.view, request.version)
+
+    async def GetHistoricalFeatures(self, request: pb.GetHistoricalFeaturesRequest, context):  # noqa: ANN001, ANN201, N802
+        parts = self.historical.run(request)  # a generator: the join runs in the first next()
+        while True:
+            part = await asyncio.to_thread(next, parts, None)
+            if part is None:
+                return
+            yield part

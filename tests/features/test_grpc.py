@@ -143,3 +143,39 @@ feature_views:
     assert "2 rows materialized" in captured.out and "2/2 rows" in captured.err
     assert main([*cli, "features", "get", f"{name}:sales", "--entity", "store_id=s2,s1"]) == 0
     assert json.loads(capsys.readouterr().out)["features"][0]["double_values"] == [7.0, 3.5]
+
+
+def test_training_set_point_in_time_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def t(h: int) -> datetime:
+        return datetime(2026, 3, 1, h, tzinfo=UTC)
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    pq.write_table(pa.table({"user_id": pa.array([1, 1, 2], pa.int64()), "spend": pa.array([10.0, 20.0, 5.0]),
+                             "ts": pa.array([t(1), t(5), t(2)], pa.timestamp("us", tz="UTC"))}),
+                   tmp_path / "spend.parquet")
+    name = f"spend_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["user"], ttl_seconds=3 * 3600, features=[pb.Feature(name="spend", dtype=F64)],
+        source=pb.DataSource(path=str(tmp_path / "spend.parquet"), timestamp_field="ts"))))
+    entity = pa.table({"user_id": pa.array([1, 1, 1, 2, 2], pa.int64()),
+                       "event_timestamp": pa.array([t(0), t(3), t(6), t(4), t(6)], pa.timestamp("us", tz="UTC"))})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, entity.schema) as w:
+        w.write_table(entity)
+    parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:spend"], entity_arrow=sink.getvalue().to_pybytes())))
+    got = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
+    # before any event -> null; 3h after 10.0 at 1h (ttl 3h: still valid); 6h -> 20.0 (5h);
+    # user 2 at 4h -> 5.0 (2h); at 6h the 2h value is 4h old -> past ttl -> null.
+    assert got.column(f"{name}__spend").to_pylist() == [None, 10.0, 20.0, 5.0, None]
+    out = tmp_path / "train.parquet"
+    ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:spend"], entity_arrow=sink.getvalue().to_pybytes(), output_uri=str(out))))[0].dataset
+    import hashlib
+    assert ds.sha256 == hashlib.sha256(out.read_bytes()).hexdigest() and ds.rows == 5
+    assert ds.dataset_id == f"ds-{ds.sha256[:16]}" and list(ds.features) == [f"{name}:spend@v1"]

@@ -1172,3 +1172,118 @@ class GetFeatureStatisticsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFeatureStatisticsResponse: _TypeAlias = GetFeatureStatisticsResponse  # noqa: Y015
+
+@_typing.final
+class GetHistoricalFeaturesRequest(_message.Message):
+    """GetHistoricalFeaturesRequest names features and the entity table."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    ENTITY_ARROW_FIELD_NUMBER: _builtins.int
+    ENTITY_URI_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_COLUMN_FIELD_NUMBER: _builtins.int
+    OUTPUT_URI_FIELD_NUMBER: _builtins.int
+    entity_arrow: _builtins.bytes
+    """The entity table as an Arrow IPC stream: join key columns plus the
+    timestamp column.
+    """
+    entity_uri: _builtins.str
+    """Or the entity table as a Parquet file: a local path or an artifact-store key."""
+    timestamp_column: _builtins.str
+    """Name of the entity table's timestamp column (default "event_timestamp")."""
+    output_uri: _builtins.str
+    """When set, the result is written here as Parquet (a local path or an
+    artifact-store key) instead of being streamed.
+    """
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Feature references "{view}:{feature}" (current view versions)."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        entity_arrow: _builtins.bytes = ...,
+        entity_uri: _builtins.str = ...,
+        timestamp_column: _builtins.str = ...,
+        output_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "features", b"features", "output_uri", b"output_uri", "timestamp_column", b"timestamp_column"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHistoricalFeaturesRequest: _TypeAlias = GetHistoricalFeaturesRequest  # noqa: Y015
+
+@_typing.final
+class Dataset(_message.Message):
+    """Dataset describes a training set written to output_uri."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """Content-derived id ("ds-" + the first 16 hex digits of the sha256)."""
+    uri: _builtins.str
+    """Where it was written."""
+    sha256: _builtins.str
+    """sha256 of the Parquet file."""
+    rows: _builtins.int
+    """Rows."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Feature references it holds, with the view versions used ("view:feature@v2")."""
+
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "features", b"features", "rows", b"rows", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class GetHistoricalFeaturesResponse(_message.Message):
+    """GetHistoricalFeaturesResponse is one part of the result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARROW_IPC_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    arrow_ipc: _builtins.bytes
+    """A self-contained Arrow IPC stream (schema and record batches) of some rows,
+    in the entity table's order; columns: the entity table's, then one per
+    feature named "{view}__{feature}".
+    """
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """Set on the only message when output_uri was given."""
+
+    def __init__(
+        self,
+        *,
+        arrow_ipc: _builtins.bytes = ...,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_ipc", b"arrow_ipc", "dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHistoricalFeaturesResponse: _TypeAlias = GetHistoricalFeaturesResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class FeatureServiceStub:
                 request_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsRequest.SerializeToString,
                 response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsResponse.FromString,
                 _registered_method=True)
+        self.GetHistoricalFeatures = channel.unary_stream(
+                '/strata.features.v1.FeatureService/GetHistoricalFeatures',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -185,6 +190,17 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHistoricalFeatures(self, request, context):
+        """Point-in-time-correct training data: for every entity row (keys plus an
+        event timestamp) and feature, the latest value at or before the row's
+        time and within the view's ttl (null when there is none). Streams the
+        result as Arrow IPC, or writes it as Parquet to output_uri and answers the
+        dataset's id and sha256 for lineage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +253,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetFeatureStatistics,
                     request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsRequest.FromString,
                     response_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsResponse.SerializeToString,
+            ),
+            'GetHistoricalFeatures': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetHistoricalFeatures,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +537,33 @@ class FeatureService:
             '/strata.features.v1.FeatureService/GetFeatureStatistics',
             strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsRequest.SerializeToString,
             strata_dot_features_dot_v1_dot_features__pb2.GetFeatureStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistoricalFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/GetHistoricalFeatures',
+            strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,

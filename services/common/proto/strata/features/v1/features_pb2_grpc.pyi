@@ -77,6 +77,13 @@ class FeatureServiceStub:
     """Per-feature statistics of the latest materialization of a view version:
     the reference profile monitoring compares live traffic with.
     """
+    GetHistoricalFeatures: _grpc.UnaryStreamMultiCallable[_features_pb2.GetHistoricalFeaturesRequest, _features_pb2.GetHistoricalFeaturesResponse]
+    """Point-in-time-correct training data: for every entity row (keys plus an
+    event timestamp) and feature, the latest value at or before the row's
+    time and within the view's ttl (null when there is none). Streams the
+    result as Arrow IPC, or writes it as Parquet to output_uri and answers the
+    dataset's id and sha256 for lineage.
+    """
 
 @_typing.type_check_only
 class FeatureServiceAsyncStub(FeatureServiceStub):
@@ -126,6 +133,13 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     GetFeatureStatistics: _aio.UnaryUnaryMultiCallable[_features_pb2.GetFeatureStatisticsRequest, _features_pb2.GetFeatureStatisticsResponse]  # type: ignore[assignment]
     """Per-feature statistics of the latest materialization of a view version:
     the reference profile monitoring compares live traffic with.
+    """
+    GetHistoricalFeatures: _aio.UnaryStreamMultiCallable[_features_pb2.GetHistoricalFeaturesRequest, _features_pb2.GetHistoricalFeaturesResponse]  # type: ignore[assignment]
+    """Point-in-time-correct training data: for every entity row (keys plus an
+    event timestamp) and feature, the latest value at or before the row's
+    time and within the view's ttl (null when there is none). Streams the
+    result as Arrow IPC, or writes it as Parquet to output_uri and answers the
+    dataset's id and sha256 for lineage.
     """
 
 class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -233,6 +247,19 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_features_pb2.GetFeatureStatisticsResponse, _abc.Awaitable[_features_pb2.GetFeatureStatisticsResponse]]:
         """Per-feature statistics of the latest materialization of a view version:
         the reference profile monitoring compares live traffic with.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHistoricalFeatures(
+        self,
+        request: _features_pb2.GetHistoricalFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_features_pb2.GetHistoricalFeaturesResponse], _abc.AsyncIterator[_features_pb2.GetHistoricalFeaturesResponse]]:
+        """Point-in-time-correct training data: for every entity row (keys plus an
+        event timestamp) and feature, the latest value at or before the row's
+        time and within the view's ttl (null when there is none). Streams the
+        result as Arrow IPC, or writes it as Parquet to output_uri and answers the
+        dataset's id and sha256 for lineage.
         """
 
 def add_FeatureServiceServicer_to_server(servicer: FeatureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

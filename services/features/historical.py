@@ -1,0 +1,78 @@
+"""Training sets over gRPC: the entity table in (Arrow IPC or a Parquet file), the definitions
+turned into offline ViewSpecs, the point-in-time join done by offline.historical_features
+(DuckDB), the result streamed back as Arrow IPC or written as Parquet with a dataset id and
+sha256 for lineage (training jobs record them; the registry keeps them with the model)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from strata.features.v1 import features_pb2 as pb
+
+from services.common.errors import InvalidArgument, NotFound
+from services.features.definitions import Definitions
+from services.features.offline import OfflineStoreError, ViewSpec, historical_features, write_parquet
+from services.features.serving import parse_refs
+
+BATCH_ROWS = 65_536
+
+
+class HistoricalRetrieval:
+    def __init__(self, definitions: Definitions, resolve: Callable[[str], str]) -> None:
+        self.definitions = definitions
+        self.resolve = resolve  # a source / entity / output uri -> a local path
+
+    def run(self, request: pb.GetHistoricalFeaturesRequest) -> Iterator[pb.GetHistoricalFeaturesResponse]:
+        if not request.features:
+            raise InvalidArgument("features", "no features requested")
+        refs = parse_refs(list(request.features))
+        specs, versions = {}, {}
+        for view, _ in refs:
+            if view not in specs:
+                v = self.definitions.get_view(view)
+                if not v.spec.source.path or not v.spec.source.timestamp_field:
+                    raise InvalidArgument("features", f"view '{view}' has no offline source")
+                specs[view] = ViewSpec(
+                    name=view, entities=v.join_keys, features=tuple(f.name for f in v.spec.features),
+                    timestamp_field=v.spec.source.timestamp_field,
+                    created_timestamp_field=v.spec.source.created_timestamp_field or None,
+                    ttl_seconds=v.spec.ttl_seconds, source=self.resolve(v.spec.source.path))
+                versions[view] = v.spec.version
+        entities = self._entity_table(request)
+        try:
+            result = historical_features(entities, list(specs.values()), refs,
+                                         timestamp_column=request.timestamp_column or "event_timestamp")
+        except OfflineStoreError as e:
+            raise InvalidArgument("features", str(e)) from None
+        if request.output_uri:
+            path = Path(self.resolve(request.output_uri))
+            if path.suffix != ".parquet":
+                raise InvalidArgument("output_uri", "must end with .parquet")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            digest = write_parquet(result, path)
+            yield pb.GetHistoricalFeaturesResponse(dataset=pb.Dataset(
+                dataset_id=f"ds-{digest[:16]}", uri=request.output_uri, sha256=digest, rows=result.num_rows,
+                features=[f"{v}:{f}@v{versions[v]}" for v, f in refs]))
+            return
+        for batch in result.to_batches(max_chunksize=BATCH_ROWS) or [pa.RecordBatch.from_pylist([], result.schema)]:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, result.schema) as writer:
+                writer.write_batch(batch)
+            yield pb.GetHistoricalFeaturesResponse(arrow_ipc=sink.getvalue().to_pybytes())
+
+    def _entity_table(self, request: pb.GetHistoricalFeaturesRequest) -> pa.Table:
+        if bool(request.entity_arrow) == bool(request.entity_uri):
+            raise InvalidArgument("entity_arrow", "give the entity table as entity_arrow or entity_uri (one)")
+        if request.entity_arrow:
+            try:
+                return pa.ipc.open_stream(request.entity_arrow).read_all()
+            except pa.ArrowInvalid as e:
+                raise InvalidArgument("entity_arrow", f"not an Arrow IPC stream: {e}") from None
+        path = self.resolve(request.entity_uri)
+        if not os.path.isfile(path):
+            raise NotFound(f"entity table {request.entity_uri} not found")
+        return pq.read_table(path)
