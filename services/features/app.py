@@ -18,6 +18,7 @@ from services.features import tables
 from services.features.definitions import Definitions
 from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
+from services.features.offline_append import make_appender
 from services.features.online import open_online_store
 from services.features.server import FeatureServicer
 from services.features.serving import FeatureServer, ViewCache
@@ -41,7 +42,8 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
         return path if os.path.isabs(path) else str(artifacts_root / path)
 
     materializer = Materializer(db, definitions, store, resolve_source)
-    servicer = FeatureServicer(definitions, FeatureServer(ViewCache(definitions), store), materializer,
+    server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(resolve_source))
+    servicer = FeatureServicer(definitions, server, materializer,
                                HistoricalRetrieval(definitions, resolve_source))
     return Service(
         settings=settings,

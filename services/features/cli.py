@@ -5,6 +5,7 @@
     strata features materialize VIEW [--start ISO] [--end ISO]   with a progress bar
     strata features get VIEW:FEATURE ... --entity user_id=1,2,3
     strata features stats VIEW
+    strata features training-set --entities rows.parquet VIEW:FEATURE ... -o train.parquet
 
 The feature service's address comes from --features-addr or STRATA_FEATURES_ADDR (default
 127.0.0.1:50052). YAML: `entities: [{name, join_key, value_type: INT64|STRING}]` and
@@ -45,6 +46,11 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     get.add_argument("features", nargs="+", metavar="VIEW:FEATURE")
     get.add_argument("--entity", action="append", required=True, metavar="JOIN_KEY=V1,V2,...")
     fs.add_parser("stats").add_argument("view")
+    ts = fs.add_parser("training-set", help="point-in-time training set to a local Parquet file")
+    ts.add_argument("features", nargs="+", metavar="VIEW:FEATURE")
+    ts.add_argument("--entities", type=Path, required=True, help="Parquet: join keys + event_timestamp")
+    ts.add_argument("--timestamp-column", default="event_timestamp")
+    ts.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _us(text: str) -> int:
@@ -110,6 +116,20 @@ def run(args: argparse.Namespace) -> int:
                                  else pb.EntityColumn(string_values=parts))
             r = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=args.features, entities=entities))
             print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+        elif args.action == "training-set":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            entities = pq.read_table(args.entities)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, entities.schema) as w:
+                w.write_table(entities)
+            parts = stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+                features=args.features, entity_arrow=sink.getvalue().to_pybytes(),
+                timestamp_column=args.timestamp_column))
+            table = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
+            from services.features.offline import write_parquet
+            digest = write_parquet(table, args.output)
+            print(f"{args.output}: {table.num_rows:,} rows, {len(args.features)} features, sha256 {digest}")
         elif args.action == "stats":
             r = stub.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view=args.view))
             print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))

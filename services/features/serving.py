@@ -100,10 +100,14 @@ def parse_refs(refs: list[str]) -> list[tuple[str, str]]:
 
 
 class FeatureServer:
-    def __init__(self, views: ViewCache, store: OnlineStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, views: ViewCache, store: OnlineStore, clock: Callable[[], float] = time.time,
+                 offline_append: Callable[[ViewDef, dict[str, pb.EntityColumn], np.ndarray, dict, dict], None]
+                 | None = None) -> None:
         self.views = views
         self.store = store
         self._clock = clock
+        # Pushed rows also go to the view's offline source, so training later sees what serving saw.
+        self.offline_append = offline_append
 
     # -- reads -----------------------------------------------------------------------------------
     def get_online(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
@@ -199,6 +203,8 @@ class FeatureServer:
             name = sorted(given)[0]
             raise InvalidArgument(f"features[{name}]", f"view '{spec.name}' (version {spec.version}) has no "
                                   f"feature '{name}'")
+        if self.offline_append is not None:  # first: the durable record; a failure writes nothing online
+            self.offline_append(cached.view, dict(request.entities), ts, columns, nulls)
         self.store.write(spec.name, spec.version, keys, codec.encode(ts, columns, nulls))
         return pb.PushFeaturesResponse(rows_written=rows, view_version=spec.version)
 

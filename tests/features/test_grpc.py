@@ -179,3 +179,53 @@ def test_training_set_point_in_time_over_grpc(stub: features_pb2_grpc.FeatureSer
     import hashlib
     assert ds.sha256 == hashlib.sha256(out.read_bytes()).hexdigest() and ds.rows == 5
     assert ds.dataset_id == f"ds-{ds.sha256[:16]}" and list(ds.features) == [f"{name}:spend@v1"]
+
+
+def test_pushed_rows_reach_the_offline_store(stub: features_pb2_grpc.FeatureServiceStub, tmp_path: Path) -> None:
+    import pyarrow as pa
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    name = f"clicks_{os.urandom(3).hex()}"
+    source = tmp_path / "clicks"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["user"], features=[pb.Feature(name="clicks", dtype=F64)],
+        source=pb.DataSource(path=str(source / "*.parquet"), timestamp_field="ts"))))
+    t = 1_767_225_600_000_000
+    stub.PushFeatures(pb.PushFeaturesRequest(view=name, entities={"user_id": pb.EntityColumn(int64_values=[1, 2])},
+                                             event_timestamps_us=[t, t], features=[pb.FeatureValues(
+                                                 name="clicks", double_values=[3.0, 0.0],
+                                                 statuses=[pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NULL_VALUE])]))
+    assert len(list(source.glob("*.parquet"))) == 1 and not list(source.glob("*.tmp"))
+    entity = pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                       "event_timestamp": pa.array([t + 1, t + 1], pa.timestamp("us", tz="UTC"))})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, entity.schema) as w:
+        w.write_table(entity)
+    parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:clicks"], entity_arrow=sink.getvalue().to_pybytes())))
+    got = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
+    assert got.column(f"{name}__clicks").to_pylist() == [3.0, None]  # training sees what serving saw
+
+
+def test_cli_training_set(addr: str, stub: features_pb2_grpc.FeatureServiceStub, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.cli import main
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    t = 1_767_225_600_000_000
+    pq.write_table(pa.table({"user_id": pa.array([7], pa.int64()), "age": pa.array([41.0]),
+                             "ts": pa.array([t], pa.timestamp("us", tz="UTC"))}), tmp_path / "ages.parquet")
+    name = f"ages_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["user"], features=[pb.Feature(name="age", dtype=F64)],
+        source=pb.DataSource(path=str(tmp_path / "ages.parquet"), timestamp_field="ts"))))
+    pq.write_table(pa.table({"user_id": pa.array([7, 7], pa.int64()), "event_timestamp": pa.array(
+        [t - 1, t + 1], pa.timestamp("us", tz="UTC"))}), tmp_path / "rows.parquet")
+    out = tmp_path / "train.parquet"
+    assert main(["--features-addr", addr, "features", "training-set", f"{name}:age", "--entities",
+                 str(tmp_path / "rows.parquet"), "-o", str(out)]) == 0
+    assert "2 rows" in capsys.readouterr().out
+    assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, 41.0]
