@@ -17,6 +17,15 @@ from tests.features.conftest import F64, REDIS_URL, user_view
 from tests.processes import free_port, start_service, stop_process
 
 
+def _ipc(table) -> bytes:  # noqa: ANN001 - a pyarrow Table
+    """A table as an Arrow IPC stream (how entity tables travel in GetHistoricalFeatures)."""
+    import pyarrow as pa
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def _online_url(home: Path) -> str:
     try:
         import redis
@@ -164,18 +173,15 @@ def test_training_set_point_in_time_over_grpc(stub: features_pb2_grpc.FeatureSer
         source=pb.DataSource(path=str(tmp_path / "spend.parquet"), timestamp_field="ts"))))
     entity = pa.table({"user_id": pa.array([1, 1, 1, 2, 2], pa.int64()),
                        "event_timestamp": pa.array([t(0), t(3), t(6), t(4), t(6)], pa.timestamp("us", tz="UTC"))})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, entity.schema) as w:
-        w.write_table(entity)
     parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        features=[f"{name}:spend"], entity_arrow=sink.getvalue().to_pybytes())))
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity))))
     got = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
     # before any event -> null; 3h after 10.0 at 1h (ttl 3h: still valid); 6h -> 20.0 (5h);
     # user 2 at 4h -> 5.0 (2h); at 6h the 2h value is 4h old -> past ttl -> null.
     assert got.column(f"{name}__spend").to_pylist() == [None, 10.0, 20.0, 5.0, None]
     out = tmp_path / "train.parquet"
     ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        features=[f"{name}:spend"], entity_arrow=sink.getvalue().to_pybytes(), output_uri=str(out))))[0].dataset
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=str(out))))[0].dataset
     import hashlib
     assert ds.sha256 == hashlib.sha256(out.read_bytes()).hexdigest() and ds.rows == 5
     assert ds.dataset_id == f"ds-{ds.sha256[:16]}" and list(ds.features) == [f"{name}:spend@v1"]
@@ -198,11 +204,8 @@ def test_pushed_rows_reach_the_offline_store(stub: features_pb2_grpc.FeatureServ
     assert len(list(source.glob("*.parquet"))) == 1 and not list(source.glob("*.tmp"))
     entity = pa.table({"user_id": pa.array([1, 2], pa.int64()),
                        "event_timestamp": pa.array([t + 1, t + 1], pa.timestamp("us", tz="UTC"))})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, entity.schema) as w:
-        w.write_table(entity)
     parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        features=[f"{name}:clicks"], entity_arrow=sink.getvalue().to_pybytes())))
+        features=[f"{name}:clicks"], entity_arrow=_ipc(entity))))
     got = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
     assert got.column(f"{name}__clicks").to_pylist() == [3.0, None]  # training sees what serving saw
 
