@@ -50,6 +50,7 @@ class Inference:
     addr: str
     home: Path
     proc: subprocess.Popen
+    metrics_port: int = 0
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.addr)
@@ -59,11 +60,11 @@ class Inference:
 
 
 def start_inference(registry: Registry, home: Path, workers: int = 1, **env: str) -> Inference:
-    port = free_port()
+    port, metrics = free_port(), free_port()
     proc = start_service("inference", home, port, {
-        "STRATA_AUTH": "disabled", "STRATA_REGISTRY_ADDR": registry.addr,
+        "STRATA_AUTH": "disabled", "STRATA_REGISTRY_ADDR": registry.addr, "STRATA_INFERENCE_METRICS_PORT": str(metrics),
         "STRATA_INFERENCE_WORKERS": str(workers), "STRATA_INFERENCE_POLL_SECONDS": "0.05", **env})
-    return Inference(f"127.0.0.1:{port}", home, proc)
+    return Inference(f"127.0.0.1:{port}", home, proc, metrics)
 
 
 @pytest.fixture(scope="package")

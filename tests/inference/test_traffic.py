@@ -216,3 +216,23 @@ def test_every_response_names_the_version(inference: Inference) -> None:
     _create(stub, "named", policy(("mlp", 2, 1)))
     r = stub.Predict(_request("named"))
     assert (r.endpoint, r.model, r.version, r.policy_revision) == ("named", "mlp", 2, 1)
+
+
+def test_metrics_per_endpoint_and_version_summed_over_processes(serving: Inference) -> None:
+    """The parent's /metrics merges every serving process (prometheus-client multiprocess mode)."""
+    import urllib.request
+    stub = serving.stub()
+    _create(stub, "metered", policy(("mlp", 1, 1)))
+    with ThreadPoolExecutor(8) as pool:  # several connections: both processes serve some
+        list(pool.map(lambda _: serving.stub().Predict(_request("metered")), range(200)))
+
+    def total() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{serving.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("strata_inference_predictions_total{") and 'endpoint="metered"' in line
+                   and 'version="1"' in line and 'outcome="ok"' in line)
+    deadline = time.time() + 10
+    while total() < 200 and time.time() < deadline:
+        time.sleep(0.2)
+    assert total() == 200

@@ -1,0 +1,70 @@
+"""The prediction log: never blocks, delivers in batches, spools what the sink refuses and
+delivers it later, counts what it had to drop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import REGISTRY
+
+from services.inference.predlog import FileSink, PredictionLog, read_records
+
+
+def _count(outcome: str) -> float:
+    return REGISTRY.get_sample_value("strata_inference_prediction_log_total", {"outcome": outcome}) or 0.0
+
+
+def _entry(i: int) -> tuple:
+    x = np.full((1, 4), i, np.float32)
+    return (time.time(), f"r{i}", "ep", "m", 1, 1, False, 0.5, {"input": x}, [("output", x[:, :2])], "")
+
+
+class FlakySink:
+    """Refuses the first `failures` writes (a monitoring service that is down), then appends."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        self.inner = FileSink(path)
+        self.failures = failures
+
+    def write(self, records: list[bytes]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("sink unavailable")
+        self.inner.write(records)
+
+
+def _wait(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.02)
+    assert cond()
+
+
+def test_refused_batches_are_spooled_then_delivered(tmp_path: Path) -> None:
+    spooled, delivered = _count("spooled"), _count("delivered")
+    sink = FlakySink(tmp_path / "log.binpb", failures=1)
+    log = PredictionLog(sink, tmp_path / "spool", interval=0.01, retry_seconds=0.2)
+    for i in range(50):
+        log.record(_entry(i))
+    _wait(lambda: _count("spooled") - spooled == 50)
+    assert list((tmp_path / "spool").glob("*.binpb"))
+    _wait(lambda: _count("delivered") - delivered == 50)  # replayed once the sink accepts
+    log.close()
+    recs = read_records(tmp_path / "log.binpb")
+    assert sorted(r.request_id for r in recs) == sorted(f"r{i}" for i in range(50))
+    assert not list((tmp_path / "spool").glob("*.binpb"))
+    r = recs[0]
+    assert (r.endpoint, r.model, r.version, r.shadow) == ("ep", "m", 1, False)
+    assert np.frombuffer(r.inputs[0].raw, np.float32).shape == (4,)
+
+
+def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
+    dropped = _count("dropped")
+    log = PredictionLog(FileSink(tmp_path / "log.binpb"), tmp_path / "spool", capacity=10, interval=5.0)
+    for i in range(1000):  # the flusher sleeps 5 s: the queue fills, record() drops instead of waiting
+        log.record(_entry(i))
+    assert _count("dropped") - dropped == 990
+    log.close()
+    assert len(read_records(tmp_path / "log.binpb")) == 10
