@@ -56,6 +56,11 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, gateway_p
     home.mkdir(parents=True, exist_ok=True)
     logs = home / "logs"
     env = {"STRATA_HOME": str(home)}
+    # A laptop-sized platform: at most two serving processes per service unless asked for more
+    # (the services' own default is one per core, right for a dedicated machine).
+    for name in ("features", "inference"):
+        key = f"STRATA_{name.upper()}_WORKERS"
+        env[key] = os.environ.get(key, str(min(2, os.cpu_count() or 1)))
     secret = None
     if auth:
         secret = dev_secret(home)
