@@ -8,7 +8,8 @@ timestamp (a null created timestamp loses to any value), then to the latest sour
 position is (file path in lexicographic order, row number inside the file), so of two rows that
 are equal otherwise the one in the later file, or further down the same file, wins. No match gives
 null features; a matched row's null feature stays null (no fall back to older rows). Rows with a
-null key or timestamp (entity or source) never match.
+null key or timestamp (entity or source) never match. Join keys must be of one kind on both sides
+(any integer width with any other, any string type with any other; else OfflineStoreError).
 
 Timestamps are compared as integers since the epoch in UTC (naive timestamps are taken as UTC), in
 microseconds, or in nanoseconds where either side has nanosecond precision, so that no sub-
@@ -89,12 +90,15 @@ class _Source:
 def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.Schema, entity_ns: bool,
              features: list[str]) -> _Source:
     if view.ttl_seconds < 0:
-        raise OfflineStoreError(f"feature view {view.name!r}: ttl_seconds must be >= 0, got {view.ttl_seconds}")
+        raise OfflineStoreError(f"feature view {view.name!r}: ttl_seconds must be >= 0, "
+                                f"got {view.ttl_seconds}")
     for key in view.entities:
         if key not in entity_schema.names:
-            raise OfflineStoreError(f"entity_rows lacks column {key!r}, a join key of feature view {view.name!r}")
+            raise OfflineStoreError(f"entity_rows lacks column {key!r}, "
+                                    f"a join key of feature view {view.name!r}")
     try:
-        files = [r[0] for r in con.execute("SELECT file FROM glob(?) ORDER BY file", [view.source]).fetchall()]
+        found = con.execute("SELECT file FROM glob(?) ORDER BY file", [view.source]).fetchall()
+        files = [r[0] for r in found]
     except duckdb.Error as e:
         raise OfflineStoreError(f"source of feature view {view.name!r} ({view.source}): {e}") from e
     if not files:
@@ -102,21 +106,24 @@ def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.S
     try:  # the first file's schema is the source's (the types the result columns get)
         schema = pq.read_schema(files[0])
     except (OSError, pa.ArrowException) as e:
-        raise OfflineStoreError(f"source of feature view {view.name!r} ({files[0]}) is not readable Parquet: {e}") from e
+        raise OfflineStoreError(f"source of feature view {view.name!r} ({files[0]}) "
+                                f"is not readable Parquet: {e}") from e
     needed = [*view.entities, view.timestamp_field, *features]
     if view.created_timestamp_field:
         needed.append(view.created_timestamp_field)
     for col in needed:
         if col not in schema.names:
-            raise OfflineStoreError(f"source of feature view {view.name!r} ({view.source}) lacks column {col!r}")
+            raise OfflineStoreError(f"source of feature view {view.name!r} ({view.source}) "
+                                    f"lacks column {col!r}")
     for col in filter(None, (view.timestamp_field, view.created_timestamp_field)):
         if not pa.types.is_timestamp(schema.field(col).type):
             raise OfflineStoreError(f"column {col!r} of feature view {view.name!r} must be a timestamp, "
                                     f"got {schema.field(col).type}")
     for key in view.entities:
         ours, theirs = entity_schema.field(key).type, schema.field(key).type
-        if _family(ours) != _family(theirs) and not pa.types.is_null(ours):  # all-null column: matches nothing
-            raise OfflineStoreError(f"join key {key!r} of feature view {view.name!r}: entity_rows has {ours}, "
+        if _family(ours) != _family(theirs) and not pa.types.is_null(ours):  # all-null: matches nothing
+            raise OfflineStoreError(f"join key {key!r} of feature view {view.name!r}: "
+                                    f"entity_rows has {ours}, "
                                     f"the source has {theirs}")
     ts_type = schema.field(view.timestamp_field).type
     unit = "ns" if entity_ns or ts_type.unit == "ns" else "us"
@@ -128,7 +135,8 @@ def _entity_time(col: pa.ChunkedArray, unit: str, column: str) -> pa.ChunkedArra
     try:
         return col.cast(pa.timestamp(unit, tz=col.type.tz)).cast(pa.int64())
     except pa.ArrowInvalid as e:
-        raise OfflineStoreError(f"entity_rows column {column!r} has values outside the {unit} range: {e}") from e
+        raise OfflineStoreError(f"entity_rows column {column!r} has values outside the {unit} range: "
+                                f"{e}") from e
 
 
 def _view_sql(i: int, s: _Source) -> str:
@@ -156,8 +164,9 @@ def _entity_ord(s: _Source, ets: str) -> str:
     return f"(CASE WHEN {ets} IS NOT NULL THEN struct_pack(o0 := {ets}, {tail}) END)"
 
 
-def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec], features: Sequence[tuple[str, str]], *,
-                        timestamp_column: str = "event_timestamp", threads: int | None = None) -> pa.Table:
+def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
+                        features: Sequence[tuple[str, str]], *, timestamp_column: str = "event_timestamp",
+                        threads: int | None = None) -> pa.Table:
     """`entity_rows` (in their order, all their columns) plus one column `<view>__<feature>` per requested
     feature, each the value as of the row's timestamp (see the module docstring)."""
     if not isinstance(entity_rows, pa.Table):
@@ -198,17 +207,19 @@ def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec], featur
             if threads is not None:
                 con.execute(f"SET threads = {int(threads)}")
             entity_ns = ts_type.unit == "ns"
-            sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs) for n, fs in wanted.items()]
+            sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs)
+                       for n, fs in wanted.items()]
             return _query(con, entity_rows, timestamp_column, sources, out_names)
         finally:
             con.close()
 
 
-def _query(con: duckdb.DuckDBPyConnection, entity_rows: pa.Table, timestamp_column: str, sources: list[_Source],
-           out_names: list[str]) -> pa.Table:
+def _query(con: duckdb.DuckDBPyConnection, entity_rows: pa.Table, timestamp_column: str,
+           sources: list[_Source], out_names: list[str]) -> pa.Table:
     # The entity side holds only what the joins need (zero-copy columns); the caller's columns
     # are appended to, never round-tripped through DuckDB.
-    cols: dict[str, pa.Array | pa.ChunkedArray] = {_ROW: pa.array(np.arange(entity_rows.num_rows, dtype=np.int64))}
+    row_ids = pa.array(np.arange(entity_rows.num_rows, dtype=np.int64))
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {_ROW: row_ids}
     for s in sources:
         for key in s.view.entities:
             cols[key] = entity_rows.column(key)
@@ -222,7 +233,8 @@ def _query(con: duckdb.DuckDBPyConnection, entity_rows: pa.Table, timestamp_colu
         v, ets = s.view, f"e.{ts_cols[s.unit]}"
         ctes.append(_view_sql(i, s))
         params[f"files{i}"] = s.files
-        on = " AND ".join([*(f"e.{_q(k)} = v{i}.{_q(k)}" for k in v.entities), f"{_entity_ord(s, ets)} >= v{i}.ord"])
+        on = " AND ".join([*(f"e.{_q(k)} = v{i}.{_q(k)}" for k in v.entities),
+                           f"{_entity_ord(s, ets)} >= v{i}.ord"])
         joins.append(f"ASOF LEFT JOIN v{i} ON {on}")
         ttl = v.ttl_seconds * _PER_SECOND[s.unit]
         for j, f in enumerate(s.features):

@@ -1,6 +1,7 @@
 """Benchmark of the offline store's point-in-time retrieval (services/features/offline.py).
 
-    .venv/bin/python -m tests.bench.features_offline [--entity-rows 1000000] [--source-rows 10000000] [--out DIR]
+    .venv/bin/python -m tests.bench.features_offline [--entity-rows 1000000] [--source-rows 10000000]
+        [--out DIR] [--threads N]
 
 Generates two feature views as Parquet (half the source rows each, in files of <= 1M rows so that
 generation itself stays small in memory): `user_stats` keyed by user_id (int64, 100k users, 10
@@ -89,7 +90,8 @@ def main() -> None:
         t0 = time.perf_counter()
         result = historical_features(entities, views, wanted, threads=args.threads)
         seconds = time.perf_counter() - t0
-        matched = {v.name: 1 - result.column(f"{v.name}__{v.features[-1]}").null_count / max(n, 1) for v in views}
+        matched = {v.name: 1 - result.column(f"{v.name}__{v.features[-1]}").null_count / max(n, 1)
+                   for v in views}
         print(json.dumps({
             "entity_rows": n,
             "source_rows": args.source_rows,
