@@ -27,7 +27,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.features import tables as t
 from services.features.definitions import Definitions, ViewDef
 from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
-from services.features.serving import KEY_SEP, _validate
+from services.features.serving import KEY_SEP, validate_rules
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 _DT = types_pb2.DataType
@@ -140,7 +140,7 @@ class Materializer:
                                           f"{col.type}")
                 kind = np.float64 if f.dtype in FLOATS else np.int64 if f.dtype in INTS else np.bool_
                 values = col.fill_null(0).to_numpy(zero_copy_only=False).astype(kind)
-            _validate(f, values, null)
+            validate_rules(f, values, null)
             columns[f.name], nulls[f.name] = values, null
         return keys, ts, columns, nulls
 

@@ -198,7 +198,7 @@ class FeatureServer:
                 raise InvalidArgument(f"features[{f.name}]", f"view '{spec.name}' needs feature '{f.name}' in "
                                       "every push")
             columns[f.name], nulls[f.name] = _column(f, col, rows)
-            _validate(f, columns[f.name], nulls[f.name])
+            validate_rules(f, columns[f.name], nulls[f.name])
         if given:
             name = sorted(given)[0]
             raise InvalidArgument(f"features[{name}]", f"view '{spec.name}' (version {spec.version}) has no "
@@ -239,7 +239,7 @@ def _column(f: pb.Feature, col: pb.FeatureValues, rows: int) -> tuple[np.ndarray
     return arr, null
 
 
-def _validate(f: pb.Feature, values: np.ndarray, null: np.ndarray) -> None:
+def validate_rules(f: pb.Feature, values: np.ndarray, null: np.ndarray) -> None:
     """The view's rules for this feature, vectorised; the first violating row is reported."""
     r = f.validation
     rows = len(values)

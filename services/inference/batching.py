@@ -86,7 +86,9 @@ class Batcher:
         self._batch_rows = BATCH_ROWS.labels(*self._labels)
         self._compute = COMPUTE_SECONDS.labels(*self._labels)
         self.stats = Stats()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{model}-{version}")
+        # Inline batches run from _drain_inline callbacks; only the other modes need the loop task.
+        self._task = None if self.inline else asyncio.get_running_loop().create_task(
+            self._loop(), name=f"batcher-{model}-{version}")
 
     async def infer(self, feeds: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
         """Queue one request (already checked against the signature); return its outputs."""
@@ -105,7 +107,8 @@ class Batcher:
         return await fut
 
     async def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
         for p in self._queue:
             if not p.future.done():
                 p.future.set_exception(ResourceExhausted("model unloaded while the request waited"))
@@ -162,8 +165,6 @@ class Batcher:
             offset += p.rows
 
     async def _loop(self) -> None:
-        if self.inline:
-            return  # batches run from _drain_inline
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_us / 1e6
         while True:

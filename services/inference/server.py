@@ -53,15 +53,13 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         self.endpoints = engine.endpoints
 
     async def _resolve_policy(self, policy: pb.TrafficPolicy, field: str) -> pb.TrafficPolicy:
-        """Aliases and missing versions -> concrete versions, so every process routes alike."""
+        """Aliases and missing versions -> concrete versions, so every process routes alike.
+        The callers run validate_policy first (names, versions, weights); a stored policy may keep
+        both a version and the alias it came from, so only the input is refused both here."""
         resolved = pb.TrafficPolicy()
         resolved.CopyFrom(policy)
         for kind in ("targets", "shadows"):
             for i, tg in enumerate(getattr(resolved, kind)):
-                if not tg.model:
-                    raise InvalidArgument(f"{field}.{kind}[{i}].model", "model name is required")
-                if tg.version < 0:
-                    raise InvalidArgument(f"{field}.{kind}[{i}].version", "must be positive (or 0 with an alias)")
                 if tg.version and tg.alias:
                     raise InvalidArgument(f"{field}.{kind}[{i}].alias", "give a version or an alias, not both")
                 ref = await self.engine.store.resolve(tg.model, tg.version, tg.alias)
