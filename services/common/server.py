@@ -30,7 +30,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import start_http_server
 
-from services.common import telemetry
+from services.common import reuseport, telemetry
 from services.common.audit import AuditLog, AuditRecord, current_resource
 from services.common.auth import ANONYMOUS_ADMIN, Authenticator, Principal, current_principal
 from services.common.errors import PermissionDenied, StrataError
@@ -325,6 +325,8 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
         if inspect.isawaitable(res):
             await res
     await server.start()
+    if svc.reuse_port:  # one of several serving processes: take new connections in turn with the others
+        reuseport.join_listener(bound)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"fields": {"service": s.service, "address": f"{s.host}:{bound}",

@@ -23,6 +23,8 @@ class Child:
     #: None: the child writes to this process's stdout/stderr.
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: File descriptors the child inherits (e.g. the connection balancer's BPF program and map).
+    pass_fds: tuple[int, ...] = ()
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)  # times of recent restarts
     next_start: float = 0.0
@@ -30,12 +32,13 @@ class Child:
     def start(self) -> None:
         env = {**os.environ, **self.env}
         if self.log_path is None:
-            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                         pass_fds=self.pass_fds)
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL,
+                                         stdin=subprocess.DEVNULL, pass_fds=self.pass_fds,
                                          start_new_session=True)  # Ctrl-C reaches us, not the children
 
 

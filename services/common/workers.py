@@ -5,7 +5,9 @@ uses every core. `python -m services.<name>` calls `main(name, build, migrations
 - otherwise it becomes the parent: it refuses a port that anyone holds (checked without
   SO_REUSEPORT), migrates the database once, starts the workers (the same module with
   STRATA_<NAME>_ROLE=worker), restarts a crashed one, serves their Prometheus metrics merged
-  (prometheus-client's multiprocess mode), and stops them on SIGTERM. A worker dies with its
+  (prometheus-client's multiprocess mode), and stops them on SIGTERM. New connections go to the
+  workers in turn (services/common/reuseport.py, an eBPF program) where the kernel allows it, by
+  the kernel's 4-tuple hash otherwise. A worker dies with its
   parent (PR_SET_PDEATHSIG), so a killed parent never leaves workers serving on their own.
 """
 
@@ -21,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from services.common import reuseport
 from services.common.db import Database
 from services.common.server import Service, run
 from services.common.settings import ServiceSettings
@@ -81,10 +84,12 @@ def run_workers(name: str, workers: int, migrations: Path | None) -> int:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=registry)
     prefix = f"STRATA_{name.upper()}_"
+    balancer = reuseport.Balancer.create(workers)
     children = [Child(f"{name}-worker-{i}", [sys.executable, "-m", f"services.{name}"], None, env={
         prefix + "ROLE": "worker", prefix + "WORKER_ID": f"{socket.gethostname()}-w{i}",
         prefix + "METRICS_PORT": "0", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-    }) for i in range(workers)]
+        **(balancer.env() if balancer else {}), reuseport.SLOT_ENV: str(i),
+    }, pass_fds=balancer.fds if balancer else ()) for i in range(workers)]
     sup = Supervisor(children)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sup.stop())
@@ -97,6 +102,8 @@ def run_workers(name: str, workers: int, migrations: Path | None) -> int:
         if c.proc is not None:
             mark_process_dead(c.proc.pid, str(metrics_dir))
     shutil.rmtree(metrics_dir, ignore_errors=True)
+    if balancer:
+        balancer.close()
     return 0 if ok else 1
 
 

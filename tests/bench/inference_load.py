@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,12 @@ def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, 
     cmd = ["h2load", "-D", str(seconds), "--warm-up-time", "2", "-c", str(connections), "-m", str(streams),
            "-t", "1", "-H", f"content-type: {content_type}", *grpc_headers,
            "-H", f"authorization: Bearer {token}", "-d", str(body), "--log-file", str(log), url]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2 + seconds / 2)
+    split = connections_per_process(int(url.split(":")[2].split("/")[0]))
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"h2load failed: {err}")
     m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
     status = re.search(r"status codes: (\d+) 2xx", out)
     failed = re.search(r"requests: .*?(\d+) failed", out)
@@ -68,7 +74,15 @@ def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, 
             "rows_per_s": round(rps * rows, 1), "ok_2xx": int(status.group(1)) if status else 0,
             "failed": int(failed.group(1)) if failed else -1,
             "p50_ms": round(float(np.percentile(lat, 50)), 3), "p95_ms": round(float(np.percentile(lat, 95)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+            "p99_ms": round(float(np.percentile(lat, 99)), 3), "connections_per_process": split}
+
+
+def connections_per_process(port: int) -> list[int]:
+    """How the kernel spread the client's connections over the serving processes (ss -p)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    pids = re.findall(r"pid=(\d+)", out)
+    return sorted((pids.count(p) for p in set(pids)), reverse=True)
 
 
 def rest_via_envoy(work: Path, reg_port: int, inf_port: int, token: str, seconds: int) -> dict:

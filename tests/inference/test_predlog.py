@@ -68,3 +68,25 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     assert _count("dropped") - dropped == 990
     log.close()
     assert len(read_records(tmp_path / "log.binpb")) == 10
+
+
+def test_fast_encoder_writes_the_same_records_as_protobuf() -> None:
+    """The hot path's Encoder (cached wire fragments) must give exactly the message the protobuf
+    runtime builds, for every kind of tensor and field combination."""
+    from strata.inference.v1 import inference_pb2 as pb
+
+    from services.inference.predlog import Encoder, encode
+
+    entries = [
+        (time.time(), "abc-123", "bench", "bench-mlp", 1, 3, False, 0.51,
+         {"input": np.random.default_rng(0).random((1, 32), np.float32)},
+         [("output", np.ones((1, 2), np.float32))], ""),
+        (1_700_000_000.0, "", "", "m", 2, 0, True, 0.0,
+         {"a": np.array([["x", "yy"]], dtype=object), "b": np.zeros((0, 3), np.int64)}, [], "boom: failed"),
+        (1_700_000_000.5, "r" * 300, "e", "m", 0, 0, False, 1.5,
+         {"b": np.arange(6, dtype=np.int64).reshape(2, 3)[:, ::2]}, [("o", np.array([True, False]))], ""),
+        (5.000000001, "x", "e", "m", 10**12, 2**40, False, -3.25, {"big": np.zeros((64, 300), np.float64)}, [], ""),
+    ]
+    enc = Encoder()
+    for e in entries * 2:  # the second round hits the caches
+        assert pb.PredictionRecord.FromString(enc.encode(e)) == pb.PredictionRecord.FromString(encode(e))
