@@ -8,11 +8,18 @@ without string features have fixed-size rows, so a whole read decodes with one n
 the concatenated blobs (no per-value Python). A write never replaces a newer row with an older
 one: both backends compare the time prefix where the data lives (a Lua script in Redis, an
 upsert with a WHERE clause in SQLite), so concurrent writers cannot reorder history.
+
+Redis reads from the serving path go over `RespPipe`: one connection per event loop, on the loop,
+with every concurrent call's MGETs pipelined on it (Redis answers in order, so a queue of waiters
+matches replies to calls). Measured against redis-py in a worker thread: no thread hop, no
+connection pool, no GIL hand-off per call (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +28,8 @@ import numpy as np
 from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
+from services.common.errors import Unavailable
+
 _DT = types_pb2.DataType
 FLOATS = {_DT.DATA_TYPE_FLOAT32, _DT.DATA_TYPE_FLOAT64}
 INTS = {_DT.DATA_TYPE_INT32, _DT.DATA_TYPE_INT64}
@@ -28,12 +37,13 @@ INTS = {_DT.DATA_TYPE_INT32, _DT.DATA_TYPE_INT64}
 
 @dataclass
 class Decoded:
-    """Columns of one read: per feature an array (with nulls) and the row metadata."""
+    """Columns of one read, feature-major so that each feature's column is one contiguous row."""
 
     found: np.ndarray                # bool per requested key
     event_us: np.ndarray             # int64 per key (0 when not found)
-    nulls: dict[str, np.ndarray]     # bool per key, per feature
-    values: dict[str, np.ndarray | list]  # float64/int64/bool arrays, or lists of str
+    nulls: np.ndarray                # bool (features, keys), in the view's feature order; True when not found
+    fixed: np.ndarray                # little-endian 8-byte words (numeric and bool features, keys); 0 when not found
+    strings: dict[str, list[str]]    # string features: one str per key ("" when null or not found)
 
 
 class RowCodec:
@@ -49,6 +59,8 @@ class RowCodec:
             fields.append((f.name, "<f8" if f.dtype in FLOATS else "<i8"))
         self.dtype = np.dtype(fields)
         self.null_index = {name: i for i, name in enumerate(self.names)}
+        self.fixed_index = {f.name: j for j, f in enumerate(self.fixed)}
+        self._fixed_offset = 8 + n  # the fixed features follow the time and the null flags, 8 bytes each
 
     def encode(self, event_us: np.ndarray, columns: dict[str, np.ndarray], nulls: dict[str, np.ndarray]) -> list[bytes]:
         rows = len(event_us)
@@ -75,24 +87,20 @@ class RowCodec:
         n = len(blobs)
         size = self.dtype.itemsize
         present = [b for b in blobs if b is not None]
-        all_found = len(present) == n
-        found = np.ones(n, dtype=bool) if all_found else np.fromiter((b is not None for b in blobs), bool, count=n)
-        rec = np.frombuffer(b"".join(b[:size] for b in present) if self.strings else b"".join(present),
-                            dtype=self.dtype)
-
-        def column(data: np.ndarray, fill: object, dtype: object) -> np.ndarray:
-            if all_found:  # the common case: views of the record array, no copies
-                return data
-            out = np.full((n, *data.shape[1:]), fill, dtype=dtype)
-            out[found] = data
-            return out
-        event_us = column(rec["ts"].astype(np.int64), 0, np.int64)
-        null_matrix = column(rec["nulls"].astype(bool), True, bool)
-        nulls = {name: null_matrix[:, i] for name, i in self.null_index.items()}
-        values: dict[str, np.ndarray | list] = {}
-        for f in self.fixed:
-            col = column(rec[f.name], 0, np.float64 if f.dtype in FLOATS else np.int64)
-            values[f.name] = col.astype(bool) if f.dtype == _DT.DATA_TYPE_BOOL else col
+        k = len(present)
+        found = np.ones(n, dtype=bool) if k == n else np.fromiter((b is not None for b in blobs), bool, count=n)
+        buf = b"".join(b[:size] for b in present) if self.strings else b"".join(present)
+        rec = np.frombuffer(buf, dtype=self.dtype)
+        # Feature-major copies straight from the row bytes: one strided copy per block.
+        nulls_t = rec["nulls"].T.astype(bool)
+        fixed_t = np.ndarray((len(self.fixed), k), "<u8", buffer=buf, offset=self._fixed_offset,
+                             strides=(8, size)).copy() if k else np.zeros((len(self.fixed), 0), "<u8")
+        event_us = rec["ts"].astype(np.int64)
+        if k != n:  # rows not found: time 0, all null, values 0
+            ev, nl, fx = np.zeros(n, np.int64), np.ones((len(self.names), n), bool), np.zeros((len(self.fixed), n), "<u8")
+            ev[found], nl[:, found], fx[:, found] = event_us, nulls_t, fixed_t
+            event_us, nulls_t, fixed_t = ev, nl, fx
+        strs: dict[str, list[str]] = {}
         if self.strings:
             strs = {f.name: [""] * n for f in self.strings}
             for row, blob in zip(np.flatnonzero(found), present, strict=True):
@@ -101,14 +109,28 @@ class RowCodec:
                     (length,) = struct.unpack_from("<I", blob, pos)
                     strs[f.name][row] = blob[pos + 4:pos + 4 + length].decode()
                     pos += 4 + length
-            values.update(strs)
-        return Decoded(found, event_us, nulls, values)
+        return Decoded(found, event_us, nulls_t, fixed_t, strs)
+
+    def values(self, decoded: Decoded, name: str) -> np.ndarray | list[str]:
+        """One feature's column, typed: float64, int64 or bool array, or a list of str."""
+        j = self.fixed_index.get(name)
+        if j is None:
+            return decoded.strings[name]
+        dtype = self.fixed[j].dtype
+        word = decoded.fixed[j]
+        if dtype in FLOATS:
+            return word.view("<f8")
+        return word.view("<i8").astype(bool) if dtype == _DT.DATA_TYPE_BOOL else word.view("<i8")
 
 
 class OnlineStore(Protocol):
+    #: Whether `read_many_async` reads on the event loop (else callers use a worker thread).
+    async_reads: bool
+
     def write(self, view: str, version: int, keys: Sequence[str], blobs: Sequence[bytes]) -> None: ...
     def read(self, view: str, version: int, keys: Sequence[str]) -> list[bytes | None]: ...
     def read_many(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]: ...
+    async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]: ...
     def close(self) -> None: ...
 
 
@@ -125,6 +147,69 @@ return #KEYS
 """
 
 
+class RespPipe(asyncio.Protocol):
+    """One Redis connection on an event loop. `call(payload, replies)` writes a pipelined batch
+    of commands and resolves with their `replies` replies, parsed by hiredis (C)."""
+
+    def __init__(self) -> None:
+        import hiredis
+        self._reader = hiredis.Reader()
+        self._protocol_error = hiredis.ProtocolError
+        self._waiters: deque[tuple[asyncio.Future, int, list]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.lost = False
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while self._waiters:
+                reply = self._reader.gets()
+                if reply is False:
+                    return
+                fut, want, got = self._waiters[0]
+                got.append(reply)
+                if len(got) == want:
+                    self._waiters.popleft()
+                    if not fut.done():  # a cancelled call's replies are read and dropped
+                        fut.set_result(got)
+        except self._protocol_error as e:
+            self._fail(ConnectionError(f"redis protocol error: {e}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(ConnectionError(f"redis connection lost: {exc or 'closed by the server'}"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.lost = True
+        while self._waiters:
+            fut = self._waiters.popleft()[0]
+            if not fut.done():
+                fut.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def call(self, payload: bytes, replies: int) -> asyncio.Future:
+        if self.lost:
+            raise ConnectionError("redis connection lost")
+        fut = self.loop.create_future()
+        self._waiters.append((fut, replies, []))
+        self._transport.write(payload)  # type: ignore[union-attr]
+        return fut
+
+    def close(self) -> None:
+        self.lost = True
+        if self._transport is not None and not self.loop.is_closed():
+            self._transport.abort()
+
+
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
 class RedisOnlineStore:
     """Keys `sf:{view}:v{version}:{entity key}`; reads are one MGET (one round trip) per view."""
 
@@ -133,6 +218,12 @@ class RedisOnlineStore:
         self.client = redis.Redis.from_url(url)
         self.prefix = prefix
         self._set_if_newer = self.client.register_script(_REDIS_SET_IF_NEWER)
+        pool = self.client.connection_pool
+        self._conn_kwargs = pool.connection_kwargs
+        # TLS (rediss://) stays on redis-py in a worker thread; plain TCP and unix sockets pipeline on the loop.
+        self.async_reads = pool.connection_class in (redis.Connection, redis.UnixDomainSocketConnection)
+        self._pipe: RespPipe | None = None
+        self._connecting: asyncio.Future | None = None
 
     def _key(self, view: str, version: int, key: str) -> str:
         return f"{self.prefix}:{view}:v{version}:{key}"
@@ -145,10 +236,15 @@ class RedisOnlineStore:
     def _mget(self, view: str, version: int, keys: Sequence[str]) -> bytes:
         # The RESP frame of one MGET, built here in one pass: redis-py's generic argument
         # packing costs ~4 us per key in Python, more than the round trip for 100 keys.
-        prefix = f"{self.prefix}:{view}:v{version}:".encode()
-        parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)]
+        prefix = f"{self.prefix}:{view}:v{version}:"
+        head = b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)
+        plen = len(prefix)
+        body = "".join([f"${plen + len(k)}\r\n{prefix}{k}\r\n" for k in keys])
+        if body.isascii():  # then character counts are byte counts; one encode for the whole frame
+            return head + body.encode()
+        parts = [head]
         for k in keys:
-            key = prefix + k.encode()
+            key = (prefix + k).encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
         return b"".join(parts)
 
@@ -172,12 +268,80 @@ class RedisOnlineStore:
         it = iter(replies)
         return [next(it) if keys else [] for _, _, keys in reads]
 
+    async def _open_pipe(self) -> RespPipe:
+        loop = asyncio.get_running_loop()
+        kw = self._conn_kwargs
+        timeout = kw.get("socket_connect_timeout") or 5.0
+        if "path" in kw:
+            connect = loop.create_unix_connection(RespPipe, kw["path"])
+        else:
+            connect = loop.create_connection(RespPipe, kw.get("host", "localhost"), kw.get("port", 6379))
+        _, pipe = await asyncio.wait_for(connect, timeout)
+        setup = []  # AUTH and SELECT first, pipelined; their replies are checked like any other
+        if kw.get("password"):
+            user = kw.get("username")
+            setup.append(_resp(b"AUTH", *([user.encode()] if user else []), str(kw["password"]).encode()))
+        if kw.get("db"):
+            setup.append(_resp(b"SELECT", str(kw["db"]).encode()))
+        if setup:
+            for reply in await asyncio.wait_for(pipe.call(b"".join(setup), len(setup)), timeout):
+                if isinstance(reply, Exception):
+                    pipe.close()
+                    raise ConnectionError(f"redis: {reply}")
+        return pipe
+
+    async def _get_pipe(self) -> RespPipe:
+        pipe = self._pipe
+        if pipe is not None and not pipe.lost and pipe.loop is asyncio.get_running_loop():
+            return pipe
+        if self._connecting is None or self._connecting.get_loop() is not asyncio.get_running_loop():
+            # One connect for all the calls that find no connection at the same moment.
+            self._connecting = asyncio.ensure_future(self._open_pipe())
+        connecting = self._connecting
+        try:
+            pipe = await asyncio.shield(connecting)
+        finally:
+            if self._connecting is connecting and connecting.done():
+                self._connecting = None
+        if self._pipe is not pipe:
+            if self._pipe is not None:
+                self._pipe.close()
+            self._pipe = pipe
+        return pipe
+
+    async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
+        """`read_many` on the event loop: the MGETs of all views in one write, pipelined with
+        every other call in flight on this loop's connection. Reads are idempotent, so a call
+        that finds the connection broken reconnects and retries once."""
+        frames = [self._mget(v, ver, keys) for v, ver, keys in reads if keys]
+        if not frames:
+            return [[] for _ in reads]
+        payload = b"".join(frames)
+        for attempt in (1, 2):
+            try:
+                pipe = await self._get_pipe()
+                replies = await pipe.call(payload, len(frames))
+                break
+            except (OSError, asyncio.TimeoutError) as e:  # ConnectionError is an OSError
+                if attempt == 2:
+                    raise Unavailable(f"online store (redis) unreachable: {e}") from e
+        for r in replies:
+            if isinstance(r, Exception):
+                raise RuntimeError(f"redis MGET failed: {r}")
+        it = iter(replies)
+        return [next(it) if keys else [] for _, _, keys in reads]
+
     def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
         self.client.close()
 
 
 class SqliteOnlineStore:
     """One table in an embedded SQLite file (WAL), keyed by (view, version, entity key)."""
+
+    async_reads = False  # reads are blocking file I/O: callers run them in a worker thread
 
     def __init__(self, path: str) -> None:
         import sqlite3
@@ -228,6 +392,9 @@ class SqliteOnlineStore:
 
     def read_many(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
         return [self.read(v, ver, keys) for v, ver, keys in reads]
+
+    async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
+        return await asyncio.to_thread(self.read_many, reads)
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)

@@ -10,9 +10,10 @@ written; the first problem is reported with its row and feature, and nothing is 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from strata.common.v1 import types_pb2
@@ -34,6 +35,23 @@ class _Cached:
     view: ViewDef
     codec: RowCodec
     loaded: float
+    types: dict[str, int] = field(default_factory=dict)  # feature name -> DataType
+
+    def __post_init__(self) -> None:
+        self.types = {f.name: f.dtype for f in self.view.spec.features}
+
+
+class _Stale(Exception):
+    """A view's cached definition is missing or older than the cache's max age."""
+
+
+@dataclass
+class _Step:
+    """One view's part of a read: its definition, the wanted (position, feature), the row keys."""
+
+    cached: _Cached
+    wanted: list[tuple[int, str]]
+    keys: list[str]
 
 
 class ViewCache:
@@ -56,6 +74,13 @@ class ViewCache:
                 c.loaded = self._clock()
                 return c
             c = self._views[name] = _Cached(view, RowCodec(view.spec), self._clock())
+        return c
+
+    def fresh(self, name: str) -> _Cached:
+        """The cached entry if it is young enough, else `_Stale` (no database read here)."""
+        c = self._views.get(name)
+        if c is None or self._clock() - c.loaded > self.max_age:
+            raise _Stale(name)
         return c
 
     def drop(self, name: str) -> None:
@@ -111,69 +136,88 @@ class FeatureServer:
 
     # -- reads -----------------------------------------------------------------------------------
     def get_online(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
+        """Blocking: for worker threads and stores without async reads."""
+        plan = self._plan(request, self.views.get)
+        return self._build(request, plan, self.store.read_many(self._reads(plan)))
+
+    async def get_online_async(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
+        """On the event loop: the store read is awaited (pipelined with the other calls in
+        flight), the decode runs inline. Only a stale view definition sends the planning (a
+        database read) to a worker thread, about once a second per view."""
+        try:
+            plan = self._plan(request, self.views.fresh)
+        except _Stale:
+            plan = await asyncio.to_thread(self._plan, request, self.views.get)
+        return self._build(request, plan, await self.store.read_many_async(self._reads(plan)))
+
+    def _plan(self, request: pb.GetOnlineFeaturesRequest, lookup: Callable[[str], _Cached]) -> list[_Step]:
         if not request.features:
             raise InvalidArgument("features", "no features requested")
         refs = parse_refs(list(request.features))
         by_view: dict[str, list[tuple[int, str]]] = {}
         for i, (view, feature) in enumerate(refs):
             by_view.setdefault(view, []).append((i, feature))
-        columns: list[pb.FeatureValues | None] = [None] * len(refs)
-        resp = pb.GetOnlineFeaturesResponse()
-        now_us = int(self._clock() * 1e6)
         plan = []
         for view_name, wanted in by_view.items():
-            cached = self.views.get(view_name)
-            types = {f.name: f.dtype for f in cached.view.spec.features}
+            cached = lookup(view_name)
             for i, feature in wanted:
-                if feature not in types:
+                if feature not in cached.types:
                     raise InvalidArgument(f"features[{i}]", f"view '{view_name}' (version {cached.view.spec.version}) "
                                           f"has no feature '{feature}'")
-            plan.append((cached, types, wanted, entity_keys(cached.view, request.entities)))
+            plan.append(_Step(cached, wanted, entity_keys(cached.view, request.entities)))
+        return plan
+
+    @staticmethod
+    def _reads(plan: list[_Step]) -> list[tuple[str, int, list[str]]]:
         # Every view's rows in one round trip to the store.
-        blobs = self.store.read_many([(c.view.spec.name, c.view.spec.version, keys) for c, _, _, keys in plan])
-        for (cached, types, wanted, keys), view_blobs in zip(plan, blobs, strict=True):
-            spec = cached.view.spec
-            decoded = cached.codec.decode(view_blobs)
-            expired = np.zeros(len(keys), dtype=bool)
+        return [(s.cached.view.spec.name, s.cached.view.spec.version, s.keys) for s in plan]
+
+    def _build(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step],
+               blobs: list[list[bytes | None]]) -> pb.GetOnlineFeaturesResponse:
+        names = list(request.features)
+        columns: list[dict] = [{}] * len(names)  # FeatureValues fields per requested position
+        resp = pb.GetOnlineFeaturesResponse()
+        now_us = int(self._clock() * 1e6)
+        raw = request.raw
+        for step, view_blobs in zip(plan, blobs, strict=True):
+            cached = step.cached
+            spec, codec, types = cached.view.spec, cached.codec, cached.types
+            decoded = codec.decode(view_blobs)
+            expired = np.zeros(len(step.keys), dtype=bool)
             if spec.ttl_seconds:
                 expired = decoded.found & (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000)
             resp.view_versions[spec.name] = spec.version
             base = np.where(decoded.found, np.where(expired, EXPIRED, PRESENT), NOT_FOUND).astype(np.uint8)
-            present = base == PRESENT
-            if request.raw:
+            # Statuses of every feature of the view at once: (features, keys), one row per feature.
+            statuses = np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base).astype(np.uint8)
+            if raw:
                 event_raw = decoded.event_us.astype("<i8").tobytes()
             else:
-                # Lists, not numpy arrays: protobuf's extend converts a list in C, an array element by element.
+                # Lists, not numpy arrays: protobuf converts a list in C, an array element by element.
                 event_us = decoded.event_us.tolist()
-            for i, feature in wanted:
-                col = pb.FeatureValues(name=request.features[i])
-                status = np.where(present & decoded.nulls[feature], np.uint8(NULL_VALUE), base)
-                values = decoded.values[feature]
+            for i, feature in step.wanted:
+                status = statuses[codec.null_index[feature]]
                 dtype = types[feature]
-                if request.raw:
-                    col.raw_statuses = status.tobytes()
-                    col.raw_event_timestamps_us = event_raw
-                    if dtype == _DT.DATA_TYPE_STRING:
-                        col.string_values.extend(values)
-                    else:
-                        col.raw_values = np.asarray(values, dtype="<f8" if dtype in FLOATS else "<i8" if dtype in INTS
-                                                    else np.uint8).tobytes()
+                if raw:
+                    j = codec.fixed_index.get(feature)
+                    col = {"name": names[i], "raw_statuses": status.tobytes(), "raw_event_timestamps_us": event_raw}
+                    if j is None:
+                        col["string_values"] = decoded.strings[feature]
+                    elif dtype == _DT.DATA_TYPE_BOOL:
+                        col["raw_values"] = decoded.fixed[j].astype(np.uint8).tobytes()
+                    else:  # stored as little-endian 8-byte words: already the wire form of raw_values
+                        col["raw_values"] = decoded.fixed[j].tobytes()
                     columns[i] = col
                     continue
+                values = codec.values(decoded, feature)
                 if isinstance(values, np.ndarray):
                     values = values.tolist()
-                if dtype in FLOATS:
-                    col.double_values.extend(values)
-                elif dtype in INTS:
-                    col.int64_values.extend(values)
-                elif dtype == _DT.DATA_TYPE_BOOL:
-                    col.bool_values.extend(values)
-                else:
-                    col.string_values.extend(values)
-                col.statuses.extend(status.tolist())
-                col.event_timestamps_us.extend(event_us)
-                columns[i] = col
-        resp.features.extend(columns)  # type: ignore[arg-type]
+                kind = ("double_values" if dtype in FLOATS else "int64_values" if dtype in INTS
+                        else "bool_values" if dtype == _DT.DATA_TYPE_BOOL else "string_values")
+                columns[i] = {"name": names[i], kind: values, "statuses": status.tolist(), "event_timestamps_us": event_us}
+        add = resp.features.add
+        for col in columns:
+            add(**col)  # built in place: extend() would copy each message
         return resp
 
     # -- pushes ----------------------------------------------------------------------------------

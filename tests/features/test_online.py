@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+
 import pytest
 from strata.features.v1 import features_pb2 as pb
 
@@ -15,6 +18,32 @@ NOW = 1_800_000_000.0  # the fake clock: seconds since the epoch
 US = 1_000_000
 P, MISSING, EXPIRED, NULL = (pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NOT_FOUND, pb.FEATURE_STATUS_EXPIRED,
                              pb.FEATURE_STATUS_NULL_VALUE)
+
+
+_LOOP = asyncio.new_event_loop()  # one loop for the module: the Redis store keeps one connection per loop
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loop() -> Iterator[None]:
+    yield
+    _LOOP.run_until_complete(asyncio.sleep(0))  # let closed connections finish closing
+    _LOOP.close()
+
+
+def get_online(server: FeatureServer, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
+    """The blocking read, and where the store reads on the event loop, the async one too: both
+    must give the same response or the same error."""
+    try:
+        resp = server.get_online(request)
+    except Exception as e:
+        if server.store.async_reads:
+            with pytest.raises(type(e)) as err:
+                _LOOP.run_until_complete(server.get_online_async(request))
+            assert str(err.value) == str(e)
+        raise
+    if server.store.async_reads:
+        assert _LOOP.run_until_complete(server.get_online_async(request)) == resp
+    return resp
 
 
 @pytest.fixture()
@@ -50,7 +79,7 @@ def read(server: FeatureServer, features: list[str], users: list[int] = (), merc
         entities["user_id"] = pb.EntityColumn(int64_values=list(users))
     if merchants:
         entities["merchant_id"] = pb.EntityColumn(string_values=list(merchants))
-    resp = server.get_online(pb.GetOnlineFeaturesRequest(features=features, entities=entities))
+    resp = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities))
     return {c.name: c for c in resp.features}
 
 
@@ -115,7 +144,7 @@ def test_bad_requests(server: FeatureServer) -> None:
     with pytest.raises(InvalidArgument, match="is not a feature reference"):
         read(server, ["spend_7d"], users=[1])
     with pytest.raises(InvalidArgument, match="keyed by INT64; got string values"):
-        server.get_online(pb.GetOnlineFeaturesRequest(features=["user_stats:spend_7d"], entities={
+        get_online(server, pb.GetOnlineFeaturesRequest(features=["user_stats:spend_7d"], entities={
             "user_id": pb.EntityColumn(string_values=["1"])}))
     with pytest.raises(InvalidArgument, match="needs join key 'user_id'"):
         read(server, ["user_stats:spend_7d"], merchants=["m1"])
@@ -137,8 +166,8 @@ def test_raw_columns_match_the_typed_ones(server: FeatureServer) -> None:
     push_users(server, [1, 2], [10.5, 20.0], null_spend=[1])
     features = ["user_stats:spend_7d", "user_stats:orders_7d", "user_stats:active", "user_stats:segment"]
     entities = {"user_id": pb.EntityColumn(int64_values=[2, 1, 5])}
-    typed = server.get_online(pb.GetOnlineFeaturesRequest(features=features, entities=entities)).features
-    raw = server.get_online(pb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True)).features
+    typed = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities)).features
+    raw = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True)).features
     assert list(np.frombuffer(raw[0].raw_values, "<f8")) == list(typed[0].double_values)
     assert list(np.frombuffer(raw[1].raw_values, "<i8")) == list(typed[1].int64_values)
     assert list(np.frombuffer(raw[2].raw_values, np.uint8).astype(bool)) == list(typed[2].bool_values)
@@ -147,3 +176,13 @@ def test_raw_columns_match_the_typed_ones(server: FeatureServer) -> None:
         assert list(np.frombuffer(r.raw_statuses, np.uint8)) == list(t.statuses)
         assert list(np.frombuffer(r.raw_event_timestamps_us, "<i8")) == list(t.event_timestamps_us)
     assert list(typed[0].statuses) == [NULL, P, MISSING]
+
+
+def test_non_ascii_entity_keys(server: FeatureServer) -> None:
+    keys = ["plain", "café", "日本-1", "x y\tz"]
+    server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
+        "merchant_id": pb.EntityColumn(string_values=keys)}, event_timestamps_us=[int((NOW - 5) * US)] * 4,
+        features=[pb.FeatureValues(name="chargeback_rate", double_values=[0.1, 0.2, 0.3, 0.4])]))
+    col = read(server, ["merchant_risk:chargeback_rate"], merchants=["日本-1", "nope", "café", "x y\tz", "plain"])
+    assert list(col["merchant_risk:chargeback_rate"].double_values) == [0.3, 0.0, 0.2, 0.4, 0.1]
+    assert list(col["merchant_risk:chargeback_rate"].statuses) == [P, MISSING, P, P, P]
