@@ -10,10 +10,12 @@ shutdown on SIGTERM/SIGINT that stops taking calls and lets in-flight ones finis
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import itertools
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -351,6 +353,17 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
     log.info("stopped")
 
 
+def _tune_for_latency() -> None:
+    """Once a serving process has started (only there: these settings are process-wide).
+    Everything loaded so far (modules, definitions, models) is long-lived, so the collector need
+    never scan it again (a full collection over it is a pause of tens of ms). Threads beside the
+    event loop (grpc's poller, the prediction log, heartbeats, store reads) may hold the GIL for
+    at most 0.5 ms before the loop gets it back (the default is 5 ms, which shows in p99)."""
+    gc.collect()
+    gc.freeze()
+    sys.setswitchinterval(0.0005)
+
+
 def run(build: Callable[[], Service]) -> None:
     """Entry point of `python -m services.<name>`: settings errors end the process with a
     clear message, the loop is uvloop when installed."""
@@ -364,6 +377,7 @@ def run(build: Callable[[], Service]) -> None:
         svc = build()
         telemetry.setup_logging(svc.settings.log_level, svc.settings.log_format)
         telemetry.setup_tracing(svc.settings.service, svc.settings.tracing, svc.settings.otlp_endpoint)
+        svc.on_start.append(_tune_for_latency)
         await serve(svc)
 
     runner(main())

@@ -189,26 +189,31 @@ class FeatureServer:
             resp.view_versions[spec.name] = spec.version
             base = np.where(decoded.found, np.where(expired, EXPIRED, PRESENT), NOT_FOUND).astype(np.uint8)
             # Statuses of every feature of the view at once: (features, keys), one row per feature.
-            statuses = np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base).astype(np.uint8)
+            statuses = np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
+            rows = len(step.keys)
             if raw:
                 event_raw = decoded.event_us.astype("<i8").tobytes()
+                # Each block's bytes once; a feature's column is a slice (cheaper than a numpy call each).
+                status_raw, fixed_raw, word = statuses.tobytes(), decoded.fixed.tobytes(), 8 * rows
             else:
                 # Lists, not numpy arrays: protobuf converts a list in C, an array element by element.
                 event_us = decoded.event_us.tolist()
             for i, feature in step.wanted:
-                status = statuses[codec.null_index[feature]]
+                k = codec.null_index[feature]
                 dtype = types[feature]
                 if raw:
                     j = codec.fixed_index.get(feature)
-                    col = {"name": names[i], "raw_statuses": status.tobytes(), "raw_event_timestamps_us": event_raw}
+                    col = {"name": names[i], "raw_statuses": status_raw[k * rows:(k + 1) * rows],
+                           "raw_event_timestamps_us": event_raw}
                     if j is None:
                         col["string_values"] = decoded.strings[feature]
                     elif dtype == _DT.DATA_TYPE_BOOL:
                         col["raw_values"] = decoded.fixed[j].astype(np.uint8).tobytes()
                     else:  # stored as little-endian 8-byte words: already the wire form of raw_values
-                        col["raw_values"] = decoded.fixed[j].tobytes()
+                        col["raw_values"] = fixed_raw[j * word:(j + 1) * word]
                     columns[i] = col
                     continue
+                status = statuses[k]
                 values = codec.values(decoded, feature)
                 if isinstance(values, np.ndarray):
                     values = values.tolist()

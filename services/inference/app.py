@@ -4,10 +4,8 @@ core on one port by default) share the service database: policies, heartbeats, c
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,14 +124,7 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         await engine.start()
         await recover_jobs(including_mine=True)
         background.append(asyncio.get_running_loop().create_task(watch_jobs()))
-        # Tail latency: everything loaded so far (modules, models, sessions) is long-lived, so
-        # the collector need never scan it again (a full collection over it is a pause of tens of
-        # ms); and a background thread (prediction log, heartbeats) may hold the GIL for at most
-        # 0.5 ms before the event loop gets it back (the default is 5 ms).
-        gc.collect()
-        gc.freeze()
-        sys.setswitchinterval(0.0005)
-        ready.set()
+        ready.set()  # (the process-wide latency settings follow in services/common/server.py)
 
     async def stop() -> None:
         ready.clear()

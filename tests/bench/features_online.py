@@ -32,6 +32,7 @@ from tests.processes import free_port, start_service, stop_process
 SECRET = "bench-secret-0123456789abcdef0123"
 PATH = "/strata.features.v1.FeatureService/GetOnlineFeatures"
 N = 10_000
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def frame(msg: pb.GetOnlineFeaturesRequest) -> bytes:
@@ -43,14 +44,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", default="", help="run only the cases whose label contains this (e.g. '100 entities', 'c=8x1')")
+    ap.add_argument("--repeat", type=int, default=1, help="run each case this many times")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="strata-fbench-"))
     token = mint_token(SECRET, "bench", ["developer"])
     md = (("authorization", f"Bearer {token}"),)
     port = free_port()
     proc = start_service("features", work, port, {"STRATA_JWT_SECRET": SECRET, "STRATA_LOG_LEVEL": "WARNING",
-                                                 "STRATA_FEATURES_ONLINE_STORE": "redis://127.0.0.1:6379/0"})
+                                                 "STRATA_FEATURES_ONLINE_STORE": REDIS_URL})
     results = {}
+    views: dict[str, str] = {}
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             s = features_pb2_grpc.FeatureServiceStub(ch)
@@ -60,7 +64,6 @@ def main() -> None:
             s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="merchant", join_key="merchant_id",
                                                                  value_type=pb.VALUE_TYPE_STRING)), metadata=md)
             rng = np.random.default_rng(0)
-            views = {}
             for entity, key in (("user", "user_id"), ("merchant", "merchant_id")):
                 name = f"bench_{entity}_{suffix}"
                 feats = [pb.Feature(name=f"f{i}", dtype=types_pb2.DATA_TYPE_FLOAT64) for i in range(10)]
@@ -86,15 +89,35 @@ def main() -> None:
             body.write_bytes(frame(msg))
             check_grpc_ok(url, body, token)
             for conns, streams in ((1, 1), (1, 8), (8, 1)):
-                key = f"{label} c={conns}x{streams}"
-                results[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
-                                      workdir=work, rows=1)
-                print(key, results[key], flush=True)
+                for run in range(args.repeat):
+                    key = f"{label} c={conns}x{streams}" + (f" run {run + 1}" if args.repeat > 1 else "")
+                    if args.only not in key:
+                        continue
+                    results[key] = h2load(url, body, token, connections=conns, streams=streams,
+                                          seconds=args.seconds, workdir=work, rows=1)
+                    print(key, results[key], flush=True)
     finally:
         stop_process(proc)
         shutil.rmtree(work, ignore_errors=True)
+        _drop_keys(list(views.values()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def _drop_keys(views: list[str]) -> None:
+    """The benchmark's rows out of the shared Redis (keys sf:{view}:v{version}:{entity})."""
+    import redis
+    client = redis.Redis.from_url(REDIS_URL)
+    for view in views:
+        batch = []
+        for key in client.scan_iter(f"sf:{view}:*", count=5000):
+            batch.append(key)
+            if len(batch) == 5000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    client.close()
 
 
 if __name__ == "__main__":
