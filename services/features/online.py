@@ -180,7 +180,6 @@ class RespPipe(asyncio.Protocol):
             self._fail(ConnectionError(f"redis protocol error: {e}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         self._fail(ConnectionError(f"redis connection lost: {exc or 'closed by the server'}"))
 
     def _fail(self, exc: Exception) -> None:
@@ -242,18 +241,14 @@ class RedisOnlineStore:
         body = "".join([f"${plen + len(k)}\r\n{prefix}{k}\r\n" for k in keys])
         if body.isascii():  # then character counts are byte counts; one encode for the whole frame
             return head + body.encode()
-        parts = [head]
-        for k in keys:
-            key = (prefix + k).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
-        return b"".join(parts)
+        return _resp(b"MGET", *[(prefix + k).encode() for k in keys])
 
     def read(self, view: str, version: int, keys: Sequence[str]) -> list[bytes | None]:
         return self.read_many([(view, version, keys)])[0]
 
     def read_many(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
         """Several MGETs pipelined: one round trip for all the views of a request."""
-        frames = [self._mget(v, ver, keys) for v, ver, keys in reads if keys]
+        frames = self._frames(reads)
         if not frames:
             return [[] for _ in reads]
         conn = self.client.connection_pool.get_connection()
@@ -265,6 +260,14 @@ class RedisOnlineStore:
             raise
         finally:
             self.client.connection_pool.release(conn)
+        return self._spread(reads, replies)
+
+    def _frames(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[bytes]:
+        return [self._mget(v, ver, keys) for v, ver, keys in reads if keys]
+
+    @staticmethod
+    def _spread(reads: Sequence[tuple[str, int, Sequence[str]]], replies: list) -> list[list[bytes | None]]:
+        """One reply per read that had keys, in order; reads without keys get []."""
         it = iter(replies)
         return [next(it) if keys else [] for _, _, keys in reads]
 
@@ -313,7 +316,7 @@ class RedisOnlineStore:
         """`read_many` on the event loop: the MGETs of all views in one write, pipelined with
         every other call in flight on this loop's connection. Reads are idempotent, so a call
         that finds the connection broken reconnects and retries once."""
-        frames = [self._mget(v, ver, keys) for v, ver, keys in reads if keys]
+        frames = self._frames(reads)
         if not frames:
             return [[] for _ in reads]
         payload = b"".join(frames)
@@ -328,8 +331,7 @@ class RedisOnlineStore:
         for r in replies:
             if isinstance(r, Exception):
                 raise RuntimeError(f"redis MGET failed: {r}")
-        it = iter(replies)
-        return [next(it) if keys else [] for _, _, keys in reads]
+        return self._spread(reads, replies)
 
     def close(self) -> None:
         if self._pipe is not None:

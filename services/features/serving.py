@@ -35,7 +35,7 @@ class _Cached:
     view: ViewDef
     codec: RowCodec
     loaded: float
-    types: dict[str, int] = field(default_factory=dict)  # feature name -> DataType
+    types: dict[str, int] = field(init=False)  # feature name -> DataType
 
     def __post_init__(self) -> None:
         self.types = {f.name: f.dtype for f in self.view.spec.features}
@@ -67,7 +67,7 @@ class ViewCache:
 
     def get(self, name: str) -> _Cached:
         c = self._views.get(name)
-        if c is None or self._clock() - c.loaded > self.max_age:
+        if not self._young(c):
             view = self.definitions.get_view(name)
             if c is not None and (c.view.spec.version, c.view.spec.update_time) == \
                     (view.spec.version, view.spec.update_time):
@@ -79,9 +79,12 @@ class ViewCache:
     def fresh(self, name: str) -> _Cached:
         """The cached entry if it is young enough, else `_Stale` (no database read here)."""
         c = self._views.get(name)
-        if c is None or self._clock() - c.loaded > self.max_age:
+        if not self._young(c):
             raise _Stale(name)
-        return c
+        return c  # type: ignore[return-value]
+
+    def _young(self, c: _Cached | None) -> bool:
+        return c is not None and self._clock() - c.loaded <= self.max_age
 
     def drop(self, name: str) -> None:
         self._views.pop(name, None)

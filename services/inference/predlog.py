@@ -231,5 +231,4 @@ class Encoder:
             if len(self._tensors) < self._MAX:
                 self._tensors[key] = prefix
         raw = np.ascontiguousarray(arr).tobytes()
-        body = prefix + (_RAW_TAG + _varint(len(raw)) + raw if raw else b"")
-        return _SMALL_VARINTS[number << 3 | 2] + _varint(len(body)) + body
+        return _field(number, prefix + (_RAW_TAG + _varint(len(raw)) + raw if raw else b""))

@@ -9,6 +9,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -74,35 +75,33 @@ def connect_and_count(port: int, socks: list[socket.socket], n_conns: int) -> li
     return counts
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_round_robin_spreads_connections_evenly(n: int) -> None:
+@contextmanager
+def joined_group(n: int) -> Iterator[list[socket.socket]]:
+    """n listeners on one port, each joined to a fresh n-slot Balancer at its own slot."""
     balancer = make_balancer(n)
     socks = listeners(n)
     try:
         env = balancer.env()
         assert all(join(sock.fileno(), i, env) for i, sock in enumerate(socks))
-        counts = connect_and_count(socks[0].getsockname()[1], socks, 4 * n)
-        assert counts == [4] * n
+        yield socks
     finally:
         for sock in socks:
             sock.close()
         balancer.close()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_round_robin_spreads_connections_evenly(n: int) -> None:
+    with joined_group(n) as socks:
+        counts = connect_and_count(socks[0].getsockname()[1], socks, 4 * n)
+        assert counts == [4] * n
 
 
 def test_empty_slot_falls_back_to_hash() -> None:
-    balancer = make_balancer(2)
-    socks = listeners(2)
-    try:
-        env = balancer.env()
-        assert join(socks[0].fileno(), 0, env)
-        assert join(socks[1].fileno(), 1, env)
+    with joined_group(2) as socks:
         socks[1].close()  # its worker died: slot 1 is empty
         counts = connect_and_count(socks[0].getsockname()[1], socks[:1], 8)
         assert counts == [8]
-    finally:
-        for sock in socks:
-            sock.close()
-        balancer.close()
 
 
 def test_balancer_env_and_inheritable_fds() -> None:
