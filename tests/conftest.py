@@ -1,8 +1,13 @@
-"""Fixtures shared by the test suites: databases (SQLite file, PostgreSQL on 127.0.0.1:5432) and
-small ONNX models."""
+"""Fixtures shared by the test suites: databases (SQLite file, PostgreSQL on 127.0.0.1:5432), an
+S3 endpoint and small ONNX models."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -11,6 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+S3_ACCESS_KEY = "testing"
+S3_SECRET_KEY = "testing"
 
 
 def _pg_available() -> str | None:
@@ -49,6 +56,38 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # noqa: ANN0
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'test.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """host:port of an S3 server running for the whole session. No MinIO server package exists
+    in the package registries we can use, so this is moto's standalone S3-compatible server;
+    minio and pyarrow speak the same S3 API to it as they would to MinIO or AWS."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited with code {proc.returncode}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("moto server did not answer within 30 s")
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def make_onnx_model(n_inputs: int = 4, n_outputs: int = 2, pad_bytes: int = 0) -> bytes:

@@ -16,6 +16,7 @@ from services.common.settings import ServiceSettings
 from services.common.workers import shares_port
 from services.features import tables
 from services.features.definitions import Definitions
+from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
 from services.features.offline_append import make_appender
@@ -34,17 +35,12 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
     settings.home.mkdir(parents=True, exist_ok=True)
     online_url = os.environ.get("STRATA_FEATURES_ONLINE_STORE", str((settings.home / "features-online.db").resolve()))
     store = open_online_store(online_url)
-    artifacts_root = Path(settings.artifact_store_url)
-
-    def resolve_source(path: str) -> str:
-        """Offline sources, entity tables and training sets: an absolute path (or glob), or a key
-        in the local artifact store. (S3 sources need DuckDB's httpfs: not wired yet.)"""
-        return path if os.path.isabs(path) else str(artifacts_root / path)
-
-    materializer = Materializer(db, definitions, store, resolve_source)
-    server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(resolve_source))
-    servicer = FeatureServicer(definitions, server, materializer,
-                               HistoricalRetrieval(definitions, resolve_source))
+    # Offline sources, entity tables and training sets: keys in the artifact store (a local
+    # directory or S3), absolute paths, or s3:// URIs (files.py).
+    files = OfflineFiles(settings.artifact_store_url)
+    materializer = Materializer(db, definitions, store, files)
+    server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(files))
+    servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files))
     return Service(
         settings=settings,
         descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],

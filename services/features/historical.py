@@ -5,26 +5,24 @@ sha256 for lineage (training jobs record them; the registry keeps them with the 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from strata.features.v1 import features_pb2 as pb
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
 from services.features.definitions import Definitions
-from services.features.offline import OfflineStoreError, ViewSpec, historical_features, write_parquet
+from services.features.files import OfflineFiles
+from services.features.offline import OfflineStoreError, ViewSpec, historical_features
 from services.features.serving import parse_refs
 
 BATCH_ROWS = 65_536
 
 
 class HistoricalRetrieval:
-    def __init__(self, definitions: Definitions, resolve: Callable[[str], str]) -> None:
+    def __init__(self, definitions: Definitions, files: OfflineFiles) -> None:
         self.definitions = definitions
-        self.resolve = resolve  # a source / entity / output uri -> a local path
+        self.files = files
 
     def run(self, request: pb.GetHistoricalFeaturesRequest) -> Iterator[pb.GetHistoricalFeaturesResponse]:
         if not request.features:
@@ -40,20 +38,17 @@ class HistoricalRetrieval:
                     name=view, entities=v.join_keys, features=tuple(f.name for f in v.spec.features),
                     timestamp_field=v.spec.source.timestamp_field,
                     created_timestamp_field=v.spec.source.created_timestamp_field or None,
-                    ttl_seconds=v.spec.ttl_seconds, source=self.resolve(v.spec.source.path))
+                    ttl_seconds=v.spec.ttl_seconds, source=self.files.resolve(v.spec.source.path, "source.path"))
                 versions[view] = v.spec.version
         entities = self._entity_table(request)
         try:
             result = historical_features(entities, list(specs.values()), refs,
-                                         timestamp_column=request.timestamp_column or "event_timestamp")
+                                         timestamp_column=request.timestamp_column or "event_timestamp",
+                                         filesystem=self.files.fs)
         except OfflineStoreError as e:
             raise InvalidArgument("features", str(e)) from None
         if request.output_uri:
-            path = Path(self.resolve(request.output_uri))
-            if path.suffix != ".parquet":
-                raise InvalidArgument("output_uri", "must end with .parquet")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            digest = write_parquet(result, path)
+            digest = self.files.write_parquet(result, request.output_uri, "output_uri")
             yield pb.GetHistoricalFeaturesResponse(dataset=pb.Dataset(
                 dataset_id=f"ds-{digest[:16]}", uri=request.output_uri, sha256=digest, rows=result.num_rows,
                 features=[f"{v}:{f}@v{versions[v]}" for v, f in refs]))
@@ -72,7 +67,4 @@ class HistoricalRetrieval:
                 return pa.ipc.open_stream(request.entity_arrow).read_all()
             except pa.ArrowInvalid as e:
                 raise InvalidArgument("entity_arrow", f"not an Arrow IPC stream: {e}") from None
-        path = self.resolve(request.entity_uri)
-        if not os.path.isfile(path):
-            raise NotFound(f"entity table {request.entity_uri} not found")
-        return pq.read_table(path)
+        return self.files.read_table(request.entity_uri, "entity_uri")

@@ -12,7 +12,7 @@ computed by DuckDB in the same pass and stored as the view version's reference p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import duckdb
@@ -26,6 +26,7 @@ from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.features import tables as t
 from services.features.definitions import Definitions, ViewDef
+from services.features.files import OfflineFiles
 from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
 from services.features.serving import KEY_SEP, validate_rules
 
@@ -39,11 +40,11 @@ def _q(name: str) -> str:
 
 class Materializer:
     def __init__(self, db: Database, definitions: Definitions, store: OnlineStore,
-                 resolve_source: Callable[[str], str], chunk_rows: int = 50_000) -> None:
+                 files: OfflineFiles, chunk_rows: int = 50_000) -> None:
         self.db = db
         self.definitions = definitions
         self.store = store
-        self.resolve_source = resolve_source
+        self.files = files
         self.chunk_rows = chunk_rows
 
     def last_end(self, view: str, version: int) -> int:
@@ -94,7 +95,7 @@ class Materializer:
 
     def _latest_rows(self, view: ViewDef, start_us: int, end_us: int) -> pa.Table:
         spec = view.spec
-        src = self.resolve_source(spec.source.path)
+        src = self.files.resolve(spec.source.path, "source.path")
         keys = ", ".join(_q(k) for k in view.join_keys)
         feats = ", ".join(_q(f.name) for f in spec.features)
         ts = _q(spec.source.timestamp_field)
@@ -104,7 +105,7 @@ class Materializer:
                f"WHERE epoch_us({ts}::TIMESTAMP) > ? AND epoch_us({ts}::TIMESTAMP) <= ? "
                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1")
         try:
-            with duckdb.connect() as con:
+            with self.files.connect() as con:
                 return con.sql(sql, params=[src, start_us, end_us]).to_arrow_table()
         except duckdb.Error as e:
             raise FailedPrecondition(f"featureViews/{spec.name}: reading source {spec.source.path} failed: "

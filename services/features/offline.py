@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -52,7 +53,7 @@ class ViewSpec:
     timestamp_field: str                 # event timestamp column in the source
     created_timestamp_field: str | None  # tie-breaker column (optional)
     ttl_seconds: int                     # 0 = unlimited
-    source: str                          # a local Parquet path or glob
+    source: str                          # a Parquet path or glob (local, or s3:// with a filesystem)
 
 
 class OfflineStoreError(ValueError):
@@ -88,7 +89,7 @@ class _Source:
 
 
 def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.Schema, entity_ns: bool,
-             features: list[str]) -> _Source:
+             features: list[str], filesystem: Any) -> _Source:
     if view.ttl_seconds < 0:
         raise OfflineStoreError(f"feature view {view.name!r}: ttl_seconds must be >= 0, "
                                 f"got {view.ttl_seconds}")
@@ -104,7 +105,7 @@ def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.S
     if not files:
         raise OfflineStoreError(f"source of feature view {view.name!r} matches no file: {view.source}")
     try:  # the first file's schema is the source's (the types the result columns get)
-        schema = pq.read_schema(files[0])
+        schema = pq.read_schema(files[0], filesystem=filesystem if "://" in files[0] else None)
     except (OSError, pa.ArrowException) as e:
         raise OfflineStoreError(f"source of feature view {view.name!r} ({files[0]}) "
                                 f"is not readable Parquet: {e}") from e
@@ -166,9 +167,10 @@ def _entity_ord(s: _Source, ets: str) -> str:
 
 def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
                         features: Sequence[tuple[str, str]], *, timestamp_column: str = "event_timestamp",
-                        threads: int | None = None) -> pa.Table:
+                        threads: int | None = None, filesystem: Any = None) -> pa.Table:
     """`entity_rows` (in their order, all their columns) plus one column `<view>__<feature>` per requested
-    feature, each the value as of the row's timestamp (see the module docstring)."""
+    feature, each the value as of the row's timestamp (see the module docstring). `filesystem`: an
+    fsspec filesystem DuckDB reads non-local sources through (services/features/files.py)."""
     if not isinstance(entity_rows, pa.Table):
         raise OfflineStoreError(f"entity_rows must be a pyarrow.Table, got {type(entity_rows).__name__}")
     if timestamp_column not in entity_rows.column_names:
@@ -206,8 +208,10 @@ def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
         try:
             if threads is not None:
                 con.execute(f"SET threads = {int(threads)}")
+            if filesystem is not None:
+                con.register_filesystem(filesystem)
             entity_ns = ts_type.unit == "ns"
-            sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs)
+            sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs, filesystem)
                        for n, fs in wanted.items()]
             return _query(con, entity_rows, timestamp_column, sources, out_names)
         finally:

@@ -1,24 +1,22 @@
 """Pushed rows appended to a view's offline source (one Parquet file per push), so that a
-training set built later sees exactly what serving saw. Only for local sources that name a
-directory or a `dir/*.parquet` glob; the file appears under its final name only when complete
-(written as `.tmp`, then renamed), so a concurrent reader never sees half a file."""
+training set built later sees exactly what serving saw. Only for sources that name a directory
+or a `dir/*.parquet` glob (local or on S3, see files.py); the file appears under its final name
+only when complete, so a concurrent reader never sees half a file."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
 from services.features.definitions import ViewDef
+from services.features.files import OfflineFiles
 from services.features.online import FLOATS, INTS
 
 log = logging.getLogger("strata.features.offline")
@@ -27,21 +25,11 @@ _ARROW = {_DT.DATA_TYPE_FLOAT32: pa.float32(), _DT.DATA_TYPE_FLOAT64: pa.float64
           _DT.DATA_TYPE_INT64: pa.int64(), _DT.DATA_TYPE_BOOL: pa.bool_(), _DT.DATA_TYPE_STRING: pa.string()}
 
 
-def source_dir(path: str) -> Path | None:
-    """The directory pushes go to, or None when the source is a single file or not local."""
-    if "://" in path:
-        return None
-    p = Path(path)
-    if p.name in ("*.parquet", "*"):
-        return p.parent
-    return p if p.is_dir() else None
-
-
-def make_appender(resolve: Callable[[str], str]) -> Callable[..., None]:
+def make_appender(files: OfflineFiles) -> Callable[..., None]:
     def append(view: ViewDef, entities: dict[str, pb.EntityColumn], event_us: np.ndarray, columns: dict,
                nulls: dict) -> None:
         spec = view.spec
-        directory = source_dir(resolve(spec.source.path)) if spec.source.path and spec.source.timestamp_field \
+        directory = files.append_dir(spec.source.path) if spec.source.path and spec.source.timestamp_field \
             else None
         if directory is None:
             return
@@ -59,11 +47,5 @@ def make_appender(resolve: Callable[[str], str]) -> Callable[..., None]:
         if spec.source.created_timestamp_field:
             now = int(time.time() * 1e6)
             data[spec.source.created_timestamp_field] = pa.array([now] * len(event_us), pa.timestamp("us", tz="UTC"))
-        directory.mkdir(parents=True, exist_ok=True)
-        final = directory / f"push-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(pa.table(data), tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        files.add_file(directory, f"push-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet", pa.table(data))
     return append

@@ -24,6 +24,7 @@ from strata.features.v1 import features_pb2 as pb
 from services.common.db import Database
 from services.features.app import MIGRATIONS
 from services.features.definitions import Definitions
+from services.features.files import OfflineFiles
 from services.features.materialize import Materializer
 from services.features.online import RedisOnlineStore, SqliteOnlineStore
 
@@ -50,7 +51,7 @@ def main() -> None:
         features=[pb.Feature(name=f"f{i}", dtype=types_pb2.DATA_TYPE_FLOAT64) for i in range(10)]), "bench")
     store = (SqliteOnlineStore(str(work / "online.db")) if args.sqlite
              else RedisOnlineStore("redis://127.0.0.1:6379/0", prefix=f"bench-{uuid.uuid4().hex[:6]}"))
-    m = Materializer(db, d, store, resolve_source=lambda p: p)
+    m = Materializer(db, d, store, OfflineFiles(str(work)))
     started = time.perf_counter()
     last = list(m.run("bench", end_us=t0 + 31 * 86400 * 10**6))[-1]
     seconds = time.perf_counter() - started

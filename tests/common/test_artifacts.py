@@ -1,22 +1,17 @@
 """One suite for every artifact store backend (the "universal suite" pattern): each test
 runs against the local directory store and the S3 store.
 
-No MinIO server package exists in the package registries we can use, so the S3 backend is
-tested against moto's standalone S3-compatible server (started once per session); the
-minio client speaks the same S3 API to it as it would to MinIO or AWS.
+The S3 backend is tested against moto's S3-compatible server (the `s3_endpoint` fixture in
+tests/conftest.py says why).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,45 +25,8 @@ from services.common.artifacts import (
     open_artifact_store,
 )
 
-ACCESS_KEY = "testing"
-SECRET_KEY = "testing"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """host:port of a moto S3 server running for the whole session."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with code {proc.returncode}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("moto server did not answer within 30 s")
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from tests.conftest import S3_ACCESS_KEY as ACCESS_KEY
+from tests.conftest import S3_SECRET_KEY as SECRET_KEY
 
 
 def _bucket() -> str:
@@ -101,6 +59,18 @@ def test_put_open_read_round_trip_in_chunks(store: ArtifactStore) -> None:
     assert store.size("models/fraud/1/model.onnx") == 10_000
     store.put("models/fraud/1/model.onnx", b"v2")  # put replaces
     assert _read(store, "models/fraud/1/model.onnx") == b"v2"
+
+
+def test_put_file_copies_a_local_file(store: ArtifactStore, tmp_path: Path) -> None:
+    src = tmp_path / "train.parquet"
+    data = os.urandom(300_000)
+    src.write_bytes(data)
+    store.put_file("datasets/train.parquet", str(src))
+    assert _read(store, "datasets/train.parquet") == data
+    assert store.list_keys("datasets/") == ["datasets/train.parquet"]
+    with pytest.raises(FileNotFoundError):  # a missing source leaves no object
+        store.put_file("datasets/gone.parquet", str(tmp_path / "gone"))
+    assert not store.exists("datasets/gone.parquet")
 
 
 def test_staged_parts_are_invisible_until_publish(store: ArtifactStore) -> None:

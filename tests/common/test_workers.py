@@ -13,14 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.processes import free_port, start_service, stop_process
 
 
-def _established_per_process(pids: list[int], port: int) -> list[int]:
-    """Established TCP connections on local `port` held by each process (its socket fds matched
-    against /proc/net/tcp by inode)."""
+def _sockets_per_process(pids: list[int], port: int, state: str = "01") -> list[int]:
+    """TCP sockets on local `port` in `state` (01: ESTABLISHED, 0A: LISTEN) held by each process
+    (its socket fds matched against /proc/net/tcp by inode)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # 01: ESTABLISHED
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == state:
                 inodes.add(f[9])
     counts = []
     for pid in pids:
@@ -42,13 +42,18 @@ def test_serving_processes_take_connections_in_turn(tmp_path: Path) -> None:
     try:
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(children) == 2
+        # The service is SERVING once one process is; the other may still be starting.
+        deadline = time.monotonic() + 20
+        while min(_sockets_per_process(children, port, "0A")) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # listening, then joining the round-robin group
         for _ in range(3):
-            before = _established_per_process(children, port)
+            before = _sockets_per_process(children, port)
             channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
                         for _ in range(4)]
             for ch in channels:
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-            after = _established_per_process(children, port)
+            after = _sockets_per_process(children, port)
             assert sorted(a - b for a, b in zip(after, before, strict=True)) == [2, 2], (before, after)
             for ch in channels:
                 ch.close()

@@ -16,6 +16,7 @@ from services.common.db import Database
 from services.common.errors import InvalidArgument
 from services.features.app import MIGRATIONS
 from services.features.definitions import Definitions
+from services.features.files import OfflineFiles
 from services.features.materialize import Materializer
 from services.features.online import OnlineStore
 from services.features.serving import FeatureServer, ViewCache
@@ -41,7 +42,7 @@ def setup(online_store: OnlineStore, tmp_path: Path):  # noqa: ANN201
         pb.Feature(name="count", dtype=I64)],
         source=pb.DataSource(path=str(src / "*.parquet"), timestamp_field="ts", created_timestamp_field="created")),
         "t")
-    m = Materializer(db, d, online_store, resolve_source=lambda p: p, chunk_rows=3)
+    m = Materializer(db, d, online_store, OfflineFiles(str(tmp_path)), chunk_rows=3)
     server = FeatureServer(ViewCache(d), online_store, clock=lambda: T0.timestamp() + 100 * 3600)
     return m, server, src
 

@@ -72,6 +72,11 @@ class ArtifactStore(ABC):
         """Write a small object in one step (atomic for readers)."""
 
     @abstractmethod
+    def put_file(self, key: str, path: str) -> None:
+        """Copy a local file to `key` (any size, streamed; atomic for readers: a failed copy
+        leaves no object)."""
+
+    @abstractmethod
     def open_read(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """Yield the object's bytes in chunks of at most chunk_size. ArtifactNotFound if absent."""
 

@@ -184,6 +184,9 @@ class LocalArtifactStore(ArtifactStore):
     def put(self, key: str, data: bytes) -> None:
         _atomic_write(self._path(key), [data])
 
+    def put_file(self, key: str, path: str) -> None:
+        _atomic_write(self._path(key), _read_file(Path(path), 4 << 20))
+
     def open_read(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         # Open eagerly so a missing key raises here, before the caller starts streaming.
         path = self._path(key)

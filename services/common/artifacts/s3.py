@@ -81,6 +81,8 @@ class S3ArtifactStore(ArtifactStore):
         self._client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
         )
+        self._arrow_options = {"access_key": access_key, "secret_key": secret_key, "endpoint_override": endpoint,
+                               "scheme": "https" if secure else "http", "region": region or "us-east-1"}
         if not self._client.bucket_exists(bucket):
             try:
                 self._client.make_bucket(bucket, location=region)
@@ -156,6 +158,18 @@ class S3ArtifactStore(ArtifactStore):
     # -- final objects ---------------------------------------------------------------------
     def put(self, key: str, data: bytes) -> None:
         self._client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+
+    def put_file(self, key: str, path: str) -> None:
+        # minio uploads big files in parts and aborts the multipart upload when a part fails,
+        # so the object appears whole or not at all.
+        self._client.fput_object(self.bucket, self._name(key), path)
+
+    def arrow_filesystem(self):  # -> pyarrow.fs.S3FileSystem (imported only when asked for)
+        """The same bucket endpoint and credentials as a pyarrow filesystem, for readers that
+        scan Parquet in place (DuckDB, pyarrow) instead of streaming whole objects."""
+        from pyarrow import fs
+
+        return fs.S3FileSystem(**self._arrow_options)
 
     def _stream(self, name: str, chunk_size: int) -> Iterator[bytes]:
         """Open `name` eagerly (so a missing object raises now) and stream it lazily."""

@@ -1,0 +1,120 @@
+"""Where the feature service's offline data lives: view sources, entity tables, training sets
+and pushed rows, on the artifact store (a local directory by default, or S3 / MinIO).
+
+A path in a request or a definition is either relative (a key in the artifact store), an
+absolute local path, or, with an S3 artifact store, an `s3://bucket/key` URI on the same
+endpoint. DuckDB reads S3 objects in place, range by range, through pyarrow's S3 client
+(registered as an fsspec filesystem for the `s3` protocol), so one query plan serves both.
+Writes (training sets, pushed rows) go through the artifact store, whole or not at all, and
+only inside it: a service writes nowhere it was not given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from services.common.artifacts import ArtifactStore, LocalArtifactStore, open_artifact_store
+from services.common.errors import InvalidArgument, NotFound
+from services.features.offline import write_parquet
+
+S3 = "s3://"
+
+
+class OfflineFiles:
+    def __init__(self, artifact_store_url: str) -> None:
+        self.store: ArtifactStore = open_artifact_store(artifact_store_url)
+        self.local_root: Path | None = self.store.root if isinstance(self.store, LocalArtifactStore) else None
+        self.fs: Any = None  # fsspec filesystem for s3:// (DuckDB and pyarrow read through it)
+        if self.local_root is None:
+            from fsspec.implementations.arrow import ArrowFSWrapper
+
+            class _S3(ArrowFSWrapper):
+                protocol = "s3"  # DuckDB routes s3:// paths to the filesystem with this protocol
+
+            self.fs = _S3(self.store.arrow_filesystem())  # type: ignore[attr-defined]
+            self._root_uri = self.store.uri("x")[:-1]  # s3://bucket/prefix/
+
+    def resolve(self, path: str, field: str = "path") -> str:
+        """A local path or an s3:// URI for `path` (relative = a key in the artifact store)."""
+        if path.startswith(S3):
+            if self.fs is None:
+                raise InvalidArgument(field, f"{path}: s3:// paths need an S3 artifact store "
+                                      "(STRATA_ARTIFACT_STORE=s3://bucket/prefix?endpoint=host:port)")
+            return path
+        if "://" in path:
+            raise InvalidArgument(field, f"{path}: expected a key in the artifact store, an absolute path or s3://")
+        if os.path.isabs(path):
+            return path
+        if self.local_root is not None:
+            return str(self.local_root / path)
+        return self._root_uri + path
+
+    def connect(self, **config: Any) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection that can read this store's paths."""
+        con = duckdb.connect(":memory:", config=config)
+        if self.fs is not None:
+            con.register_filesystem(self.fs)
+        return con
+
+    def exists(self, path: str) -> bool:
+        return self.fs.isfile(path) if path.startswith(S3) else os.path.isfile(path)
+
+    def read_table(self, uri: str, field: str) -> pa.Table:
+        path = self.resolve(uri, field)
+        if not self.exists(path):
+            raise NotFound(f"{field} {uri} not found")
+        try:
+            return pq.read_table(path, filesystem=self.fs if path.startswith(S3) else None)
+        except (OSError, pa.ArrowException) as e:
+            raise InvalidArgument(field, f"{uri} is not readable Parquet: {e}") from None
+
+    def write_parquet(self, table: pa.Table, uri: str, field: str) -> str:
+        """Writes `table` to `uri` whole or not at all; returns the file's sha256."""
+        path = self.resolve(uri, field)
+        if not path.endswith(".parquet"):
+            raise InvalidArgument(field, "must end with .parquet")
+        if not path.startswith(S3):
+            return write_parquet(table, Path(path))
+        key = self._key(path, field)
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+            pq.write_table(table, tmp.name)
+            digest = hashlib.sha256()
+            with open(tmp.name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            self.store.put_file(key, tmp.name)
+        return digest.hexdigest()
+
+    def append_dir(self, source: str) -> str | None:
+        """Where rows pushed to a view go: the source's directory (a local directory or a
+        `dir/*.parquet` glob; on S3 a `prefix/*.parquet` glob or a `prefix/`), or None when the
+        source is a single file."""
+        path = self.resolve(source, "source.path")
+        name = path.rsplit("/", 1)[-1]
+        if name in ("*.parquet", "*"):
+            return path[: -len(name)]
+        if path.startswith(S3):
+            return path if path.endswith("/") else None
+        return path + "/" if os.path.isdir(path) else None
+
+    def add_file(self, directory: str, name: str, table: pa.Table) -> None:
+        """A new Parquet file `name` in `directory` (from append_dir), visible only when complete."""
+        if not directory.startswith(S3):
+            final = Path(directory) / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            write_parquet(table, final)
+            return
+        self.write_parquet(table, directory + name, "source.path")
+
+    def _key(self, uri: str, field: str) -> str:
+        if not uri.startswith(self._root_uri):
+            raise InvalidArgument(field, f"{uri}: writes go to the artifact store ({self._root_uri}) only")
+        return uri[len(self._root_uri):]

@@ -1,0 +1,179 @@
+"""The feature service with its artifact store on S3 (moto, see tests/conftest.py): view sources,
+entity tables and training sets as keys in the bucket, read in place by DuckDB; pushed rows
+appended to the S3 source; writes outside the store refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from strata.features.v1 import features_pb2 as pb
+from strata.features.v1 import features_pb2_grpc
+
+from services.common.artifacts import S3ArtifactStore
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.features.conftest import F64
+from tests.features.test_grpc import _ipc, _online_url
+from tests.processes import free_port, start_service, stop_process
+
+PREFIX = "team-a"
+
+
+def t(h: int) -> datetime:
+    return datetime(2026, 3, 1, h, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str) -> S3ArtifactStore:
+    """The service's artifact store, seen from the test (same bucket and prefix)."""
+    return S3ArtifactStore(s3_endpoint, S3_ACCESS_KEY, S3_SECRET_KEY, f"features-{uuid.uuid4().hex[:12]}",
+                           prefix=PREFIX)
+
+
+@pytest.fixture(scope="module")
+def stub(bucket: S3ArtifactStore, s3_endpoint: str,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[features_pb2_grpc.FeatureServiceStub]:
+    home = tmp_path_factory.mktemp("features-s3")
+    port = free_port()
+    proc = start_service("features", home, port, {
+        "STRATA_AUTH": "disabled", "STRATA_FEATURES_ONLINE_STORE": _online_url(home),
+        "STRATA_ARTIFACT_STORE": f"s3://{bucket.bucket}/{PREFIX}?endpoint={s3_endpoint}&secure=false",
+        "STRATA_S3_ACCESS_KEY": S3_ACCESS_KEY, "STRATA_S3_SECRET_KEY": S3_SECRET_KEY})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            s = features_pb2_grpc.FeatureServiceStub(ch)
+            s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                                 value_type=pb.VALUE_TYPE_INT64)))
+            yield s
+    finally:
+        stop_process(proc)
+
+
+def _put_parquet(bucket: S3ArtifactStore, key: str, table: pa.Table, tmp_path: Path) -> None:
+    local = tmp_path / key.replace("/", "_")
+    pq.write_table(table, local)
+    bucket.put_file(key, str(local))
+
+
+def _view(stub: features_pb2_grpc.FeatureServiceStub, source: str, ttl: int = 0) -> str:
+    name = f"spend_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["user"], ttl_seconds=ttl, features=[pb.Feature(name="spend", dtype=F64)],
+        source=pb.DataSource(path=source, timestamp_field="ts"))))
+    return name
+
+
+def _frame(parts: list[pb.GetHistoricalFeaturesResponse]) -> pa.Table:
+    return pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
+
+
+def test_point_in_time_over_sources_spread_across_s3_objects(
+        stub: features_pb2_grpc.FeatureServiceStub, bucket: S3ArtifactStore, tmp_path: Path) -> None:
+    src = f"sources/{uuid.uuid4().hex[:8]}"
+    ts = pa.timestamp("us", tz="UTC")
+    # Two objects; the later object wins an exact tie (same user, same timestamp).
+    _put_parquet(bucket, f"{src}/a.parquet", pa.table({
+        "user_id": pa.array([1, 1, 2], pa.int64()), "spend": [10.0, 20.0, 5.0],
+        "ts": pa.array([t(1), t(5), t(2)], ts)}), tmp_path)
+    _put_parquet(bucket, f"{src}/b.parquet", pa.table({
+        "user_id": pa.array([2], pa.int64()), "spend": [6.0], "ts": pa.array([t(2)], ts)}), tmp_path)
+    name = _view(stub, f"{src}/*.parquet", ttl=3 * 3600)
+    entity = pa.table({"user_id": pa.array([1, 1, 1, 2, 2], pa.int64()),
+                       "event_timestamp": pa.array([t(0), t(3), t(6), t(4), t(6)], ts)})
+    got = _frame(list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity)))))
+    assert got.column(f"{name}__spend").to_pylist() == [None, 10.0, 20.0, 6.0, None]
+
+    # The entity table from the bucket, the training set written back to it, hashed for lineage.
+    _put_parquet(bucket, f"{src}-rows.parquet", entity, tmp_path)
+    ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:spend"], entity_uri=f"{src}-rows.parquet", output_uri=f"training/{name}.parquet")))[0].dataset
+    written = b"".join(bucket.open_read(f"training/{name}.parquet"))
+    assert ds.sha256 == hashlib.sha256(written).hexdigest() and ds.rows == 5
+    assert ds.uri == f"training/{name}.parquet"
+    back = pq.read_table(pa.BufferReader(written))
+    assert back.column(f"{name}__spend").to_pylist() == [None, 10.0, 20.0, 6.0, None]
+
+    # The same bucket by its full s3:// URI.
+    full = f"s3://{bucket.bucket}/{PREFIX}/training/{name}-2.parquet"
+    list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=full)))
+    assert bucket.exists(f"training/{name}-2.parquet")
+
+
+def test_materialize_from_s3_then_read_online(stub: features_pb2_grpc.FeatureServiceStub,
+                                              bucket: S3ArtifactStore, tmp_path: Path) -> None:
+    src = f"sources/{uuid.uuid4().hex[:8]}"
+    n = 500
+    _put_parquet(bucket, f"{src}/part-0.parquet", pa.table({
+        "user_id": pa.array(list(range(n)) * 2, pa.int64()), "spend": [float(i) for i in range(2 * n)],
+        "ts": pa.array([t(1)] * n + [t(2)] * n, pa.timestamp("us", tz="UTC"))}), tmp_path)
+    name = _view(stub, f"{src}/*.parquet")
+    steps = list(stub.Materialize(pb.MaterializeRequest(view=name, end_us=1_900_000_000_000_000)))
+    assert steps[-1].done and steps[-1].rows_written == n
+    resp = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=[f"{name}:spend"], entities={
+        "user_id": pb.EntityColumn(int64_values=[0, n - 1])}))
+    assert list(resp.features[0].double_values) == [float(n), float(2 * n - 1)]  # the later row of each user
+
+
+def test_pushed_rows_are_appended_to_the_s3_source(stub: features_pb2_grpc.FeatureServiceStub,
+                                                   bucket: S3ArtifactStore) -> None:
+    src = f"sources/{uuid.uuid4().hex[:8]}"
+    name = _view(stub, f"{src}/*.parquet")
+    stamp = 1_767_225_600_000_000
+    stub.PushFeatures(pb.PushFeaturesRequest(
+        view=name, entities={"user_id": pb.EntityColumn(int64_values=[1, 2])}, event_timestamps_us=[stamp, stamp],
+        features=[pb.FeatureValues(name="spend", double_values=[3.0, 0.0],
+                                   statuses=[pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NULL_VALUE])]))
+    keys = bucket.list_keys(f"{src}/")
+    assert len(keys) == 1 and keys[0].startswith(f"{src}/push-") and keys[0].endswith(".parquet")
+    entity = pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                       "event_timestamp": pa.array([stamp + 1, stamp + 1], pa.timestamp("us", tz="UTC"))})
+    got = _frame(list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity)))))
+    assert got.column(f"{name}__spend").to_pylist() == [3.0, None]  # training sees what serving saw
+
+
+@pytest.mark.parametrize("uri, code, message", [
+    ("s3://some-other-bucket/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: s3://some-other-bucket"),
+    ("training/x.csv", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: must end with .parquet"),
+    ("gs://bucket/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: gs://bucket/x.parquet"),
+])
+def test_training_sets_are_written_inside_the_store_only(stub: features_pb2_grpc.FeatureServiceStub,
+                                                         bucket: S3ArtifactStore, tmp_path: Path,
+                                                         uri: str, code: grpc.StatusCode, message: str) -> None:
+    src = f"sources/{uuid.uuid4().hex[:8]}"
+    _put_parquet(bucket, f"{src}/a.parquet", pa.table({
+        "user_id": pa.array([1], pa.int64()), "spend": [1.0],
+        "ts": pa.array([t(1)], pa.timestamp("us", tz="UTC"))}), tmp_path)
+    name = _view(stub, f"{src}/*.parquet")
+    entity = pa.table({"user_id": pa.array([1], pa.int64()),
+                       "event_timestamp": pa.array([t(2)], pa.timestamp("us", tz="UTC"))})
+    before = bucket.list_keys()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+            features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=uri)))
+    assert err.value.code() == code and message in err.value.details(), err.value.details()
+    assert bucket.list_keys() == before
+
+
+def test_missing_entity_table_and_empty_source_are_reported(stub: features_pb2_grpc.FeatureServiceStub) -> None:
+    name = _view(stub, f"sources/{uuid.uuid4().hex[:8]}/*.parquet")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+            features=[f"{name}:spend"], entity_uri="nowhere/rows.parquet")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nowhere/rows.parquet" in err.value.details()
+    entity = pa.table({"user_id": pa.array([1], pa.int64()),
+                       "event_timestamp": pa.array([t(2)], pa.timestamp("us", tz="UTC"))})
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+            features=[f"{name}:spend"], entity_arrow=_ipc(entity))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "matches no file" in err.value.details()
