@@ -28,6 +28,7 @@ KEY_SEP = "\x1f"
 # Enum values as plain ints (an attribute lookup on the generated enum costs a Python call).
 PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(pb.FEATURE_STATUS_PRESENT), int(pb.FEATURE_STATUS_NOT_FOUND),
                                            int(pb.FEATURE_STATUS_EXPIRED), int(pb.FEATURE_STATUS_NULL_VALUE))
+_BOOL = int(_DT.DATA_TYPE_BOOL)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str =
             if col.string_values:
                 raise InvalidArgument(f"{field}[{e.join_key}]", f"entity {e.name} is keyed by INT64; "
                                       "got string values")
-            values = [str(v) for v in col.int64_values]
+            values = list(map(str, col.int64_values))
         else:
             if col.int64_values:
                 raise InvalidArgument(f"{field}[{e.join_key}]", f"entity {e.name} is keyed by STRING; "
@@ -186,14 +187,18 @@ class FeatureServer:
             cached = step.cached
             spec, codec, types = cached.view.spec, cached.codec, cached.types
             decoded = codec.decode(view_blobs)
-            expired = np.zeros(len(step.keys), dtype=bool)
-            if spec.ttl_seconds:
-                expired = decoded.found & (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000)
-            resp.view_versions[spec.name] = spec.version
-            base = np.where(decoded.found, np.where(expired, EXPIRED, PRESENT), NOT_FOUND).astype(np.uint8)
-            # Statuses of every feature of the view at once: (features, keys), one row per feature.
-            statuses = np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
             rows = len(step.keys)
+            resp.view_versions[spec.name] = spec.version
+            # Statuses of every feature of the view at once: (features, keys), one row per feature.
+            expired = (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000) if spec.ttl_seconds else None
+            if decoded.found.all() and (expired is None or not expired.any()) and not decoded.nulls.any():
+                statuses = np.full(decoded.nulls.shape, PRESENT, np.uint8)  # the usual case: all present
+            else:
+                base = np.full(rows, PRESENT, np.uint8)
+                if expired is not None:
+                    base[expired] = EXPIRED
+                base[~decoded.found] = NOT_FOUND
+                statuses = np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
             if raw:
                 event_raw = decoded.event_us.astype("<i8").tobytes()
                 # Each block's bytes once; a feature's column is a slice (cheaper than a numpy call each).
@@ -210,7 +215,7 @@ class FeatureServer:
                            "raw_event_timestamps_us": event_raw}
                     if j is None:
                         col["string_values"] = decoded.strings[feature]
-                    elif dtype == _DT.DATA_TYPE_BOOL:
+                    elif dtype == _BOOL:
                         col["raw_values"] = decoded.fixed[j].astype(np.uint8).tobytes()
                     else:  # stored as little-endian 8-byte words: already the wire form of raw_values
                         col["raw_values"] = fixed_raw[j * word:(j + 1) * word]
@@ -221,7 +226,7 @@ class FeatureServer:
                 if isinstance(values, np.ndarray):
                     values = values.tolist()
                 kind = ("double_values" if dtype in FLOATS else "int64_values" if dtype in INTS
-                        else "bool_values" if dtype == _DT.DATA_TYPE_BOOL else "string_values")
+                        else "bool_values" if dtype == _BOOL else "string_values")
                 columns[i] = {"name": names[i], kind: values, "statuses": status.tolist(), "event_timestamps_us": event_us}
         add = resp.features.add
         for col in columns:

@@ -60,9 +60,14 @@ def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, 
            "-t", "1", "-H", f"content-type: {content_type}", *grpc_headers,
            "-H", f"authorization: Bearer {token}", "-d", str(body), "--log-file", str(log), url]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2 + seconds / 2)
-    split = connections_per_process(int(url.split(":")[2].split("/")[0]))
+    port = int(url.split(":")[2].split("/")[0])
+    time.sleep(2.2)  # past the warm-up
+    pids = serving_pids(port)
+    cpu0 = _cpu_seconds(pids)
+    time.sleep(seconds / 2)
+    split = connections_per_process(port)
     out, err = proc.communicate()
+    cpu = _cpu_seconds(pids) - cpu0
     if proc.returncode:
         raise RuntimeError(f"h2load failed: {err}")
     m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
@@ -74,7 +79,29 @@ def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, 
             "rows_per_s": round(rps * rows, 1), "ok_2xx": int(status.group(1)) if status else 0,
             "failed": int(failed.group(1)) if failed else -1,
             "p50_ms": round(float(np.percentile(lat, 50)), 3), "p95_ms": round(float(np.percentile(lat, 95)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3), "connections_per_process": split}
+            "p99_ms": round(float(np.percentile(lat, 99)), 3), "connections_per_process": split,
+            # CPU of the serving processes (all their threads) per request: steadier than the
+            # throughput on a shared machine, and what a change to the server really saves.
+            "server_cpu_us_per_request": round(cpu / (rps * (seconds - 0.2)) * 1e6, 1) if rps else None}
+
+
+def serving_pids(port: int) -> list[int]:
+    """The processes that hold connections to `port` (the serving processes under load)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of `pids` so far (every thread), from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def connections_per_process(port: int) -> list[int]:

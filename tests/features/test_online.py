@@ -186,3 +186,16 @@ def test_non_ascii_entity_keys(server: FeatureServer) -> None:
     col = read(server, ["merchant_risk:chargeback_rate"], merchants=["日本-1", "nope", "café", "x y\tz", "plain"])
     assert list(col["merchant_risk:chargeback_rate"].double_values) == [0.3, 0.0, 0.2, 0.4, 0.1]
     assert list(col["merchant_risk:chargeback_rate"].statuses) == [P, MISSING, P, P, P]
+
+
+def test_mget_frame_is_the_resp_encoding() -> None:
+    """The hand-built MGET frame (interleaved per key length) equals the generic RESP encoding,
+    for keys of mixed lengths, one key, and non-ASCII keys (the fallback)."""
+    from services.features.online import RedisOnlineStore, _resp
+    store = RedisOnlineStore("redis://127.0.0.1:6379/0", prefix="sf")  # builds frames; connects lazily
+    try:
+        for keys in (["7", "12", "123", "7", "99999", "1\x1f2"], ["only"], ["café", "a", "日本"]):
+            want = _resp(b"MGET", *[f"sf:v:v3:{k}".encode() for k in keys])
+            assert store._mget("v", 3, keys) == want, keys
+    finally:
+        store.close()
