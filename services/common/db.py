@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
 
 
 def make_engine(url: str) -> Engine:
@@ -67,6 +67,20 @@ class Database:
         """A transaction that only reads (on SQLite it does not take the write lock)."""
         with self._read_engine.begin() as conn:
             yield conn
+
+    def upsert(self, conn: Connection, table: Table, rows: list[dict], keys: list[str]) -> None:
+        """Insert `rows`, replacing the non-key columns of rows whose `keys` exist: one
+        executemany (INSERT .. ON CONFLICT DO UPDATE, on SQLite and PostgreSQL alike)."""
+        if not rows:
+            return
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        stmt = dialect_insert(table)
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_={
+            c: stmt.excluded[c] for c in rows[0] if c not in keys})
+        conn.execute(stmt, rows)
 
     def migrate(self, migrations_dir: Path) -> None:
         """Bring the schema to the newest revision (Alembic `upgrade head`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -199,12 +200,20 @@ class EndpointStore:
             c.execute(delete(t.target_stats).where(t.target_stats.c.endpoint == name))
 
     # -- serving processes -------------------------------------------------------------------
-    def heartbeat(self, worker_id: str, pid: int, applied: dict[str, int], failures: dict[str, str]) -> None:
+    def report(self, worker_id: str, pid: int, applied: dict[str, int], failures: dict[str, str],
+               stats: Sequence[tuple[str, int, str, int, int, list[int]]] = ()) -> None:
+        """A serving process's heartbeat (what it applied, what failed) and its statistics rows
+        (endpoint, revision, target, requests, errors, histogram; cumulative for the process), in
+        one transaction of two upserts: this runs every second in every serving process."""
         now = datetime.now(UTC)
-        values = {"pid": pid, "applied": json.dumps(applied), "failures": json.dumps(failures), "heartbeat": now}
         with self.db.session() as c:
-            if not c.execute(update(t.workers).where(t.workers.c.worker_id == worker_id).values(**values)).rowcount:
-                c.execute(insert(t.workers).values(worker_id=worker_id, **values))
+            self.db.upsert(c, t.workers, [{"worker_id": worker_id, "pid": pid, "applied": json.dumps(applied),
+                                           "failures": json.dumps(failures), "heartbeat": now}], ["worker_id"])
+            self.db.upsert(c, t.target_stats, [
+                {"endpoint": e, "revision": rev, "target": target, "worker_id": worker_id, "requests": requests,
+                 "errors": errors, "histogram": json.dumps(hist), "update_time": now}
+                for e, rev, target, requests, errors, hist in stats],
+                ["endpoint", "revision", "target", "worker_id"])
 
     def live_workers(self, within_seconds: float) -> list[tuple[str, dict[str, int], dict[str, str]]]:
         since = datetime.now(UTC).timestamp() - within_seconds
@@ -216,18 +225,6 @@ class EndpointStore:
     def forget_worker(self, worker_id: str) -> None:
         with self.db.session() as c:
             c.execute(delete(t.workers).where(t.workers.c.worker_id == worker_id))
-
-    def save_stats(self, worker_id: str, rows: list[tuple[str, int, str, int, int, list[int]]]) -> None:
-        """rows: (endpoint, revision, target, requests, errors, histogram) cumulative for this process."""
-        now = datetime.now(UTC)
-        with self.db.session() as c:
-            for endpoint, revision, target, requests, errors, hist in rows:
-                key = (t.target_stats.c.endpoint == endpoint, t.target_stats.c.revision == revision,
-                       t.target_stats.c.target == target, t.target_stats.c.worker_id == worker_id)
-                values = {"requests": requests, "errors": errors, "histogram": json.dumps(hist), "update_time": now}
-                if not c.execute(update(t.target_stats).where(*key).values(**values)).rowcount:
-                    c.execute(insert(t.target_stats).values(endpoint=endpoint, revision=revision, target=target,
-                                                            worker_id=worker_id, **values))
 
     def stats(self, endpoint: str, revision: int) -> dict[str, tuple[int, int, list[int]]]:
         """{target: (requests, errors, histogram)} summed over serving processes."""

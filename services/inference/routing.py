@@ -201,11 +201,15 @@ class Engine:
 
     def _report_once(self) -> None:
         applied = {n: r.revision for n, r in self.routes.items()}
-        self.endpoints.heartbeat(self.worker_id, os.getpid(), applied, self.failures)
-        if self._stats.dirty:
-            self._stats.dirty = False
-            rows = [(e, rev, key, v[0], v[1], list(v[2])) for (e, rev, key), v in list(self._stats.rows.items())]
-            self.endpoints.save_stats(self.worker_id, rows)
+        dirty, self._stats.dirty = self._stats.dirty, False
+        rows = [(e, rev, key, v[0], v[1], list(v[2])) for (e, rev, key), v in list(self._stats.rows.items())] \
+            if dirty else []
+        try:
+            self.endpoints.report(self.worker_id, os.getpid(), applied, self.failures, rows)
+        except BaseException:
+            self._stats.dirty = self._stats.dirty or dirty  # not saved: the next round tries again
+            raise
+        if dirty:
             current = {(n, r.revision) for n, r in self.routes.items()}
             for k in [k for k in self._stats.rows if (k[0], k[1]) not in current]:
                 del self._stats.rows[k]  # saved for the last time; the revision is gone
