@@ -11,6 +11,7 @@ written; the first problem is reported with its row and feature, and nothing is 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ import numpy as np
 from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.features.definitions import Definitions, ViewDef
 from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
 
 _DT = types_pb2.DataType
+log = logging.getLogger("strata.features")
 KEY_SEP = "\x1f"
 # Enum values as plain ints (an attribute lookup on the generated enum costs a Python call).
 PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(pb.FEATURE_STATUS_PRESENT), int(pb.FEATURE_STATUS_NOT_FOUND),
@@ -65,6 +67,7 @@ class ViewCache:
         self.max_age = max_age
         self._clock = clock
         self._views: dict[str, _Cached] = {}
+        self._refreshing: set[str] = set()
 
     def get(self, name: str) -> _Cached:
         c = self._views.get(name)
@@ -78,11 +81,27 @@ class ViewCache:
         return c
 
     def fresh(self, name: str) -> _Cached:
-        """The cached entry if it is young enough, else `_Stale` (no database read here)."""
+        """On the event loop, without a database read: the cached entry, or `_Stale` when there is
+        none. An entry older than `max_age` is still served while one re-read per view runs in a
+        worker thread (stale-while-revalidate): otherwise every call arriving during the re-read
+        would start its own, and a registry database that is briefly unreachable would stop
+        online serving of views whose definitions have not changed."""
         c = self._views.get(name)
-        if not self._young(c):
+        if c is None:
             raise _Stale(name)
-        return c  # type: ignore[return-value]
+        if not self._young(c) and name not in self._refreshing:
+            self._refreshing.add(name)
+            done = asyncio.get_running_loop().run_in_executor(None, self._refresh, name)
+            done.add_done_callback(lambda _: self._refreshing.discard(name))
+        return c
+
+    def _refresh(self, name: str) -> None:
+        try:
+            self.get(name)
+        except NotFound:
+            self._views.pop(name, None)  # deleted: the next call reports NOT_FOUND
+        except Exception:  # keep serving the cached definition; the next call tries again
+            log.warning("re-reading feature view %s failed", name, exc_info=True)
 
     def _young(self, c: _Cached | None) -> bool:
         return c is not None and self._clock() - c.loaded <= self.max_age
@@ -146,8 +165,8 @@ class FeatureServer:
 
     async def get_online_async(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """On the event loop: the store read is awaited (pipelined with the other calls in
-        flight), the decode runs inline. Only a stale view definition sends the planning (a
-        database read) to a worker thread, about once a second per view."""
+        flight), the decode runs inline. Only a view not cached yet sends the planning (a
+        database read) to a worker thread; cached ones are re-read in the background."""
         try:
             plan = self._plan(request, self.views.fresh)
         except _Stale:

@@ -120,6 +120,49 @@ def test_stale_definitions_are_reread_and_unknown_views_are_not_found(server: Fe
     _run(server, main)
 
 
+def test_a_stale_definition_is_served_while_one_reread_runs(server: FeatureServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stale-while-revalidate: calls finding the cached definition too old are answered from it
+    at once; one re-read per view runs in a thread, however many calls arrive meanwhile; a new
+    version is served once read; a failing definitions database does not stop serving."""
+    import threading
+
+    definitions = server.views.definitions
+    real_get_view = definitions.get_view
+    reads, release = [], threading.Event()
+
+    def slow_get_view(name: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+        reads.append(name)
+        release.wait(5)
+        return real_get_view(name, *args, **kw)
+
+    async def main() -> None:
+        assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 1  # cached now
+        server.views.max_age = 0.0
+        monkeypatch.setattr(definitions, "get_view", slow_get_view)
+        # A schema change made elsewhere (another process): version 2.
+        definitions.apply_view(pb.FeatureView(name="merchant_risk", entities=["merchant"], features=[
+            pb.Feature(name="rate", dtype=F64), pb.Feature(name="volume", dtype=F64)]), "t")
+        results = await asyncio.gather(*(server.get_online_async(_request([i])) for i in range(20)))
+        assert [r.view_versions["merchant_risk"] for r in results] == [1] * 20  # all from the cache
+        assert reads == ["merchant_risk"]  # one re-read in flight, not twenty
+        release.set()
+        for _ in range(100):
+            if not server.views._refreshing:
+                break
+            await asyncio.sleep(0.02)
+        assert server.views._views["merchant_risk"].view.spec.version == 2
+        assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 2
+
+        def broken(name: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError("definitions database unreachable")
+        monkeypatch.setattr(definitions, "get_view", broken)
+        for _ in range(3):
+            assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 2
+            await asyncio.sleep(0.02)
+    _run(server, main)
+
+
 def test_unreachable_redis_is_unavailable(tmp_path) -> None:  # noqa: ANN001
     store = RedisOnlineStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
