@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,34 @@ def online_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Onl
     if keys:
         redis_store.client.delete(*keys)
     redis_store.close()
+
+
+@contextmanager
+def service_online_store(home: Path, db: int) -> Iterator[str]:
+    """The online store for a feature-service process under test: Redis database `db` of its own,
+    emptied before and after (so the suite leaves nothing behind), or a SQLite file in `home`
+    where Redis is not running."""
+    import redis
+    client = redis.Redis.from_url(f"redis://127.0.0.1:6379/{db}")
+    try:
+        client.flushdb()
+    except redis.ConnectionError:
+        yield str(home / "online.db")
+        return
+    try:
+        yield f"redis://127.0.0.1:6379/{db}"
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def ipc(table) -> bytes:  # noqa: ANN001 - a pyarrow Table
+    """A table as an Arrow IPC stream (how entity tables travel in GetHistoricalFeatures)."""
+    import pyarrow as pa
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def user_view(name: str = "user_stats", ttl: int = 0, **kw: object) -> pb.FeatureView:

@@ -13,38 +13,22 @@ import pytest
 from strata.features.v1 import features_pb2 as pb
 from strata.features.v1 import features_pb2_grpc
 
-from tests.features.conftest import F64, REDIS_URL, user_view
+from tests.features.conftest import F64, service_online_store, user_view
+from tests.features.conftest import ipc as _ipc
 from tests.processes import free_port, start_service, stop_process
-
-
-def _ipc(table) -> bytes:  # noqa: ANN001 - a pyarrow Table
-    """A table as an Arrow IPC stream (how entity tables travel in GetHistoricalFeatures)."""
-    import pyarrow as pa
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _online_url(home: Path) -> str:
-    try:
-        import redis
-        redis.Redis.from_url(REDIS_URL).ping()
-        return REDIS_URL
-    except Exception:  # noqa: BLE001
-        return str(home / "online.db")
 
 
 @pytest.fixture(scope="module")
 def addr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("features")
     port = free_port()
-    proc = start_service("features", home, port, {"STRATA_AUTH": "disabled",
-                                                 "STRATA_FEATURES_ONLINE_STORE": _online_url(home)})
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with service_online_store(home, db=13) as online:
+        proc = start_service("features", home, port, {"STRATA_AUTH": "disabled",
+                                                     "STRATA_FEATURES_ONLINE_STORE": online})
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            stop_process(proc)
 
 
 @pytest.fixture(scope="module")

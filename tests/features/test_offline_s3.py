@@ -20,8 +20,8 @@ from strata.features.v1 import features_pb2_grpc
 
 from services.common.artifacts import S3ArtifactStore
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.features.conftest import F64
-from tests.features.test_grpc import _ipc, _online_url
+from tests.features.conftest import F64, service_online_store
+from tests.features.conftest import ipc as _ipc
 from tests.processes import free_port, start_service, stop_process
 
 PREFIX = "team-a"
@@ -43,18 +43,19 @@ def stub(bucket: S3ArtifactStore, s3_endpoint: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[features_pb2_grpc.FeatureServiceStub]:
     home = tmp_path_factory.mktemp("features-s3")
     port = free_port()
-    proc = start_service("features", home, port, {
-        "STRATA_AUTH": "disabled", "STRATA_FEATURES_ONLINE_STORE": _online_url(home),
-        "STRATA_ARTIFACT_STORE": f"s3://{bucket.bucket}/{PREFIX}?endpoint={s3_endpoint}&secure=false",
-        "STRATA_S3_ACCESS_KEY": S3_ACCESS_KEY, "STRATA_S3_SECRET_KEY": S3_SECRET_KEY})
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            s = features_pb2_grpc.FeatureServiceStub(ch)
-            s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
-                                                                 value_type=pb.VALUE_TYPE_INT64)))
-            yield s
-    finally:
-        stop_process(proc)
+    with service_online_store(home, db=12) as online:
+        proc = start_service("features", home, port, {
+            "STRATA_AUTH": "disabled", "STRATA_FEATURES_ONLINE_STORE": online,
+            "STRATA_ARTIFACT_STORE": f"s3://{bucket.bucket}/{PREFIX}?endpoint={s3_endpoint}&secure=false",
+            "STRATA_S3_ACCESS_KEY": S3_ACCESS_KEY, "STRATA_S3_SECRET_KEY": S3_SECRET_KEY})
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                s = features_pb2_grpc.FeatureServiceStub(ch)
+                s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                                     value_type=pb.VALUE_TYPE_INT64)))
+                yield s
+        finally:
+            stop_process(proc)
 
 
 def _put_parquet(bucket: S3ArtifactStore, key: str, table: pa.Table, tmp_path: Path) -> None:
