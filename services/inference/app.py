@@ -32,7 +32,6 @@ from services.inference.access import V2_POLICIES
 from services.inference.v2 import V2Servicer
 from services.registry.client import RegistryClient
 
-MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger("strata.inference")
 
 
@@ -81,7 +80,7 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
     settings = settings or ServiceSettings.for_service("inference")
     config = config or InferenceConfig.from_env(settings)
     db = Database(settings.database_url)
-    db.migrate(MIGRATIONS)
+    db.migrate(tables.MIGRATIONS)
     home = (settings.home / "inference").resolve()
     source = RegistrySource(lambda: RegistryClient(config.registry_addr, config.registry_token))
     store = ModelStore(source, home / "cache", memory_budget_bytes=config.memory_budget_bytes,

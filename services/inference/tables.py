@@ -5,11 +5,15 @@ process applies."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import (
     BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text,
 )
 
 from services.common.audit import audit_table
+
+MIGRATIONS = Path(__file__).parent / "migrations"  # the Alembic scripts of this schema
 
 metadata = MetaData()
 

@@ -9,7 +9,7 @@ import pytest
 from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.db import Database
-from services.inference.app import MIGRATIONS
+from services.inference.tables import MIGRATIONS  # not from app: that loads the V2 stubs, which clash with tritonclient's
 from services.inference.endpoints import EndpointStore
 from services.inference.routing import LATENCY_BUCKETS_MS
 
