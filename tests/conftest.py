@@ -10,6 +10,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -58,11 +59,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # noqa: ANN0
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """host:port of an S3 server running for the whole session. No MinIO server package exists
-    in the package registries we can use, so this is moto's standalone S3-compatible server;
-    minio and pyarrow speak the same S3 API to it as they would to MinIO or AWS."""
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """An S3 server for as long as the block runs; yields host:port. No MinIO server package
+    exists in the package registries we can use, so this is moto's standalone S3-compatible
+    server; minio and pyarrow speak the same S3 API to it as they would to MinIO or AWS."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -88,6 +89,13 @@ def s3_endpoint() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """host:port of an S3 server (moto_server) running for the whole session."""
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 def make_onnx_model(n_inputs: int = 4, n_outputs: int = 2, pad_bytes: int = 0) -> bytes:

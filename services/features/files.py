@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from services.common.artifacts import ArtifactStore, LocalArtifactStore, open_artifact_store
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.features.offline import write_parquet
 
 S3 = "s3://"
@@ -33,13 +34,9 @@ class OfflineFiles:
         self.store: ArtifactStore = open_artifact_store(artifact_store_url)
         self.local_root: Path | None = self.store.root if isinstance(self.store, LocalArtifactStore) else None
         self.fs: Any = None  # fsspec filesystem for s3:// (DuckDB and pyarrow read through it)
+        self._reachable_until = 0.0
         if self.local_root is None:
-            from fsspec.implementations.arrow import ArrowFSWrapper
-
-            class _S3(ArrowFSWrapper):
-                protocol = "s3"  # DuckDB routes s3:// paths to the filesystem with this protocol
-
-            self.fs = _S3(self.store.arrow_filesystem())  # type: ignore[attr-defined]
+            self.fs = _s3_fsspec(self.store.arrow_filesystem())  # type: ignore[attr-defined]
             self._root_uri = self.store.uri("x")[:-1]  # s3://bucket/prefix/
 
     def resolve(self, path: str, field: str = "path") -> str:
@@ -48,6 +45,7 @@ class OfflineFiles:
             if self.fs is None:
                 raise InvalidArgument(field, f"{path}: s3:// paths need an S3 artifact store "
                                       "(STRATA_ARTIFACT_STORE=s3://bucket/prefix?endpoint=host:port)")
+            self._ensure_reachable()
             return path
         if "://" in path:
             raise InvalidArgument(field, f"{path}: expected a key in the artifact store, an absolute path or s3://")
@@ -55,7 +53,20 @@ class OfflineFiles:
             return path
         if self.local_root is not None:
             return str(self.local_root / path)
+        self._ensure_reachable()
         return self._root_uri + path
+
+    def _ensure_reachable(self) -> None:
+        """UNAVAILABLE when the S3 endpoint does not answer, before anything reads a listing or
+        a file: a listing that failed must not pass for "no such file". One request, at most
+        once a second."""
+        if time.monotonic() < self._reachable_until:
+            return
+        try:
+            self.fs.fs.get_file_info(self._root_uri[len(S3):].rstrip("/"))
+        except OSError as e:
+            raise Unavailable(f"offline store {self._root_uri} unreachable: {str(e).splitlines()[0]}") from None
+        self._reachable_until = time.monotonic() + 1.0
 
     def connect(self, **config: Any) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection that can read this store's paths."""
@@ -118,3 +129,29 @@ class OfflineFiles:
         if not uri.startswith(self._root_uri):
             raise InvalidArgument(field, f"{uri}: writes go to the artifact store ({self._root_uri}) only")
         return uri[len(self._root_uri):]
+
+
+def _s3_fsspec(arrow_fs: Any) -> Any:
+    """pyarrow's S3 filesystem as the fsspec filesystem for `s3://` (what DuckDB looks up by
+    protocol). Unlike fsspec's defaults, a listing or an existence check that fails for any reason
+    other than "not found" raises instead of answering "nothing there"."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    def _raise_unless_missing(e: BaseException) -> None:
+        if not isinstance(e, FileNotFoundError):
+            raise e
+
+    class S3(ArrowFSWrapper):
+        protocol = "s3"
+
+        def walk(self, path: str, maxdepth: int | None = None, topdown: bool = True, on_error: Any = "omit",
+                 **kwargs: Any) -> Any:
+            return super().walk(path, maxdepth, topdown, on_error=_raise_unless_missing, **kwargs)
+
+        def isfile(self, path: str) -> bool:
+            try:
+                return self.info(path)["type"] == "file"
+            except FileNotFoundError:
+                return False
+
+    return S3(arrow_fs)

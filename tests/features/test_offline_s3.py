@@ -178,3 +178,37 @@ def test_missing_entity_table_and_empty_source_are_reported(stub: features_pb2_g
         list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
             features=[f"{name}:spend"], entity_arrow=_ipc(entity))))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "matches no file" in err.value.details()
+
+
+def test_an_unreachable_s3_endpoint_is_unavailable_not_missing(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """When S3 stops answering, listings and existence checks must not pass for "no such file"
+    (fsspec's defaults would say so): every path is UNAVAILABLE, naming the store."""
+    from services.common.errors import Unavailable
+    from services.features.files import OfflineFiles
+    from services.features.offline import ViewSpec, historical_features
+    from tests.conftest import moto_server
+
+    monkeypatch.setenv("STRATA_S3_ACCESS_KEY", S3_ACCESS_KEY)
+    monkeypatch.setenv("STRATA_S3_SECRET_KEY", S3_SECRET_KEY)
+    entity = pa.table({"user_id": pa.array([1], pa.int64()),
+                       "event_timestamp": pa.array([t(2)], pa.timestamp("us", tz="UTC"))})
+    with moto_server() as endpoint:
+        files = OfflineFiles(f"s3://down-{uuid.uuid4().hex[:8]}/p?endpoint={endpoint}")
+        _put_parquet(files.store, "src/a.parquet", pa.table({  # type: ignore[arg-type]
+            "user_id": pa.array([1], pa.int64()), "spend": [4.0],
+            "ts": pa.array([t(1)], pa.timestamp("us", tz="UTC"))}), tmp_path)
+        view = ViewSpec("v", ("user_id",), ("spend",), "ts", None, 0, files.resolve("src/*.parquet"))
+        got = historical_features(entity, [view], [("v", "spend")], filesystem=files.fs)
+        assert got.column("v__spend").to_pylist() == [4.0]
+    files._reachable_until = 0.0  # forget the last successful check (kept for a second)
+    for call in (lambda: files.resolve("src/*.parquet"), lambda: files.read_table("rows.parquet", "entity_uri"),
+                 lambda: files.write_parquet(entity, "out/train.parquet", "output_uri")):
+        with pytest.raises(Unavailable, match="offline store s3://down-.* unreachable"):
+            call()
+    # Within the second after a good check, a failed listing still raises (never "no file").
+    files._reachable_until = float("inf")
+    with pytest.raises(OSError):
+        files.fs.glob(view.source)
+    with pytest.raises(OSError):
+        files.fs.isfile(view.source.replace("*", "a"))
