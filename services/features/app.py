@@ -36,8 +36,9 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
     online_url = os.environ.get("STRATA_FEATURES_ONLINE_STORE", str((settings.home / "features-online.db").resolve()))
     store = open_online_store(online_url)
     # Offline sources, entity tables and training sets: keys in the artifact store (a local
-    # directory or S3), absolute paths, or s3:// URIs (files.py).
-    files = OfflineFiles(settings.artifact_store_url)
+    # directory or S3), s3:// URIs, or absolute paths under STRATA_FEATURES_OFFLINE_PATHS (files.py).
+    files = OfflineFiles(settings.artifact_store_url,
+                         [p for p in os.environ.get("STRATA_FEATURES_OFFLINE_PATHS", "").split(os.pathsep) if p])
     materializer = Materializer(db, definitions, store, files)
     server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(files))
     servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files))

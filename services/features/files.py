@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,17 @@ from services.features.offline import write_parquet
 S3 = "s3://"
 
 
+_GLOB = re.compile(r"[*?\[]")
+
+
 class OfflineFiles:
-    def __init__(self, artifact_store_url: str) -> None:
+    def __init__(self, artifact_store_url: str, local_paths: Sequence[str] = ()) -> None:
+        """`local_paths`: directories outside the artifact store that absolute paths may name
+        (STRATA_FEATURES_OFFLINE_PATHS); anything else on the service's disk is refused."""
         self.store: ArtifactStore = open_artifact_store(artifact_store_url)
         self.local_root: Path | None = self.store.root if isinstance(self.store, LocalArtifactStore) else None
+        roots = [*([self.local_root] if self.local_root is not None else []), *map(Path, local_paths)]
+        self._local_roots = [os.path.realpath(r) for r in roots]
         self.fs: Any = None  # fsspec filesystem for s3:// (DuckDB and pyarrow read through it)
         self._reachable_until = 0.0
         if self.local_root is None:
@@ -50,11 +59,23 @@ class OfflineFiles:
         if "://" in path:
             raise InvalidArgument(field, f"{path}: expected a key in the artifact store, an absolute path or s3://")
         if os.path.isabs(path):
-            return path
+            return self._allowed_local(path, field)
+        if not path or ".." in path.split("/") or path.startswith("~"):
+            raise InvalidArgument(field, f"{path!r}: a key in the artifact store must be relative, without '..'")
         if self.local_root is not None:
-            return str(self.local_root / path)
+            return self._allowed_local(str(self.local_root / path), field)
         self._ensure_reachable()
         return self._root_uri + path
+
+    def _allowed_local(self, path: str, field: str) -> str:
+        """`path` when it lies under the artifact store or an allowed directory (symbolic links
+        resolved up to the first glob character), else INVALID_ARGUMENT: a caller must not make
+        the service read or write arbitrary files on its host."""
+        fixed = _GLOB.split(path, 1)[0]
+        real = os.path.realpath(fixed if fixed.endswith("/") or fixed == path else os.path.dirname(fixed))
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self._local_roots):
+            raise InvalidArgument(field, f"{path}: outside the artifact store and STRATA_FEATURES_OFFLINE_PATHS")
+        return path
 
     def _ensure_reachable(self) -> None:
         """UNAVAILABLE when the S3 endpoint does not answer, before anything reads a listing or

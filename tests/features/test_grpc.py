@@ -23,8 +23,10 @@ def addr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("features")
     port = free_port()
     with service_online_store(home, db=13) as online:
-        proc = start_service("features", home, port, {"STRATA_AUTH": "disabled",
-                                                     "STRATA_FEATURES_ONLINE_STORE": online})
+        proc = start_service("features", home, port, {
+            "STRATA_AUTH": "disabled", "STRATA_FEATURES_ONLINE_STORE": online,
+            # the tests' own files (sources, entity tables, training sets) live in their tmp_path
+            "STRATA_FEATURES_OFFLINE_PATHS": str(tmp_path_factory.getbasetemp())})
         try:
             yield f"127.0.0.1:{port}"
         finally:
@@ -216,3 +218,36 @@ def test_cli_training_set(addr: str, stub: features_pb2_grpc.FeatureServiceStub,
                  str(tmp_path / "rows.parquet"), "-o", str(out)]) == 0
     assert "2 rows" in capsys.readouterr().out
     assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, 41.0]
+
+
+@pytest.mark.parametrize("uri", ["/etc/strata-escape.parquet", "../../escape.parquet", "a/../../b.parquet"])
+def test_training_sets_are_not_written_outside_the_allowed_places(stub: features_pb2_grpc.FeatureServiceStub,
+                                                                  tmp_path: Path, uri: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    pq.write_table(pa.table({"user_id": pa.array([1], pa.int64()), "x": [1.0],
+                             "ts": pa.array([1_700_000_000_000_000], pa.timestamp("us", tz="UTC"))}),
+                   tmp_path / "x.parquet")
+    name = f"x_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["user"], features=[pb.Feature(name="x", dtype=F64)],
+        source=pb.DataSource(path=str(tmp_path / "x.parquet"), timestamp_field="ts"))))
+    entity = pa.table({"user_id": pa.array([1], pa.int64()),
+                       "event_timestamp": pa.array([1_800_000_000_000_000], pa.timestamp("us", tz="UTC"))})
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+            features=[f"{name}:x"], entity_arrow=_ipc(entity), output_uri=uri)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_uri" in err.value.details()
+    assert not os.path.exists("/etc/strata-escape.parquet")
+    # A source outside them is refused when it is read, naming the field.
+    outside = f"y_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=outside, entities=["user"], features=[pb.Feature(name="x", dtype=F64)],
+        source=pb.DataSource(path="/etc/*.parquet", timestamp_field="ts"))))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+            features=[f"{outside}:x"], entity_arrow=_ipc(entity))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "source.path: /etc/*.parquet: outside the artifact store" in err.value.details()
