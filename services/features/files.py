@@ -49,12 +49,19 @@ class OfflineFiles:
             self._root_uri = self.store.uri("x")[:-1]  # s3://bucket/prefix/
 
     def resolve(self, path: str, field: str = "path") -> str:
-        """A local path or an s3:// URI for `path` (relative = a key in the artifact store)."""
+        """A local path or an s3:// URI for `path` (relative = a key in the artifact store);
+        UNAVAILABLE when it is on S3 and S3 does not answer."""
+        where = self.locate(path, field)
+        if where.startswith(S3):
+            self._ensure_reachable()
+        return where
+
+    def locate(self, path: str, field: str = "path") -> str:
+        """`resolve` without touching the store: INVALID_ARGUMENT for a path the service may not use."""
         if path.startswith(S3):
             if self.fs is None:
                 raise InvalidArgument(field, f"{path}: s3:// paths need an S3 artifact store "
                                       "(STRATA_ARTIFACT_STORE=s3://bucket/prefix?endpoint=host:port)")
-            self._ensure_reachable()
             return path
         if "://" in path:
             raise InvalidArgument(field, f"{path}: expected a key in the artifact store, an absolute path or s3://")
@@ -64,7 +71,6 @@ class OfflineFiles:
             raise InvalidArgument(field, f"{path!r}: a key in the artifact store must be relative, without '..'")
         if self.local_root is not None:
             return self._allowed_local(str(self.local_root / path), field)
-        self._ensure_reachable()
         return self._root_uri + path
 
     def _allowed_local(self, path: str, field: str) -> str:

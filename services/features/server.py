@@ -34,6 +34,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
 
     async def ApplyFeatureView(self, request: pb.ApplyFeatureViewRequest, context) -> pb.ApplyFeatureViewResponse:  # noqa: ANN001, N802
         current_resource.set(f"featureViews/{request.feature_view.name}")
+        if request.feature_view.source.path:  # a source this service may not read is refused now, not at first use
+            self.historical.files.locate(request.feature_view.source.path, "feature_view.source.path")
         view, outcome = await asyncio.to_thread(self.definitions.apply_view, request.feature_view,
                                                 current_principal.get().subject)
         self.server.views.drop(view.name)

@@ -241,13 +241,14 @@ def test_training_sets_are_not_written_outside_the_allowed_places(stub: features
             features=[f"{name}:x"], entity_arrow=_ipc(entity), output_uri=uri)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_uri" in err.value.details()
     assert not os.path.exists("/etc/strata-escape.parquet")
-    # A source outside them is refused when it is read, naming the field.
+    # A view with a source outside them is refused when applied, naming the field.
     outside = f"y_{os.urandom(3).hex()}"
-    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
-        name=outside, entities=["user"], features=[pb.Feature(name="x", dtype=F64)],
-        source=pb.DataSource(path="/etc/*.parquet", timestamp_field="ts"))))
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-            features=[f"{outside}:x"], entity_arrow=_ipc(entity))))
+        stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+            name=outside, entities=["user"], features=[pb.Feature(name="x", dtype=F64)],
+            source=pb.DataSource(path="/etc/*.parquet", timestamp_field="ts"))))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "source.path: /etc/*.parquet: outside the artifact store" in err.value.details()
+    assert "feature_view.source.path: /etc/*.parquet: outside the artifact store" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetFeatureView(pb.GetFeatureViewRequest(name=outside))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was stored
