@@ -38,7 +38,9 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
     # Offline sources, entity tables and training sets: keys in the artifact store (a local
     # directory or S3), s3:// URIs, or absolute paths under STRATA_FEATURES_OFFLINE_PATHS (files.py).
     files = OfflineFiles(settings.artifact_store_url,
-                         [p for p in os.environ.get("STRATA_FEATURES_OFFLINE_PATHS", "").split(os.pathsep) if p])
+                         [p for p in os.environ.get("STRATA_FEATURES_OFFLINE_PATHS", "").split(os.pathsep) if p],
+                         cache_dir=settings.home / "cache" / "offline",
+                         cache_bytes=int(float(os.environ.get("STRATA_FEATURES_OFFLINE_CACHE_GB", "20")) * (1 << 30)))
     materializer = Materializer(db, definitions, store, files)
     server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(files))
     servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files))

@@ -2,9 +2,10 @@
 and pushed rows, on the artifact store (a local directory by default, or S3 / MinIO).
 
 A path in a request or a definition is either relative (a key in the artifact store), an
-absolute local path, or, with an S3 artifact store, an `s3://bucket/key` URI on the same
-endpoint. DuckDB reads S3 objects in place, range by range, through pyarrow's S3 client
-(registered as an fsspec filesystem for the `s3` protocol), so one query plan serves both.
+absolute local path under the store or an allowed directory, or, with an S3 artifact store, an
+`s3://bucket/key` URI on the same endpoint. DuckDB reads S3 sources from local copies kept in a
+bounded cache (one download per object version: key, ETag and size), so the query plans are the
+same as for local files.
 Writes (training sets, pushed rows) go through the artifact store, whole or not at all, and
 only inside it: a service writes nowhere it was not given.
 """
@@ -17,12 +18,13 @@ import re
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
 from services.common.artifacts import ArtifactStore, LocalArtifactStore, open_artifact_store
 from services.common.errors import InvalidArgument, NotFound, Unavailable
@@ -35,17 +37,21 @@ _GLOB = re.compile(r"[*?\[]")
 
 
 class OfflineFiles:
-    def __init__(self, artifact_store_url: str, local_paths: Sequence[str] = ()) -> None:
+    def __init__(self, artifact_store_url: str, local_paths: Sequence[str] = (), *,
+                 cache_dir: Path | None = None, cache_bytes: int = 20 << 30) -> None:
         """`local_paths`: directories outside the artifact store that absolute paths may name
-        (STRATA_FEATURES_OFFLINE_PATHS); anything else on the service's disk is refused."""
+        (STRATA_FEATURES_OFFLINE_PATHS); anything else on the service's disk is refused.
+        `cache_dir`, `cache_bytes`: local copies of S3 sources, least recently used evicted."""
+        self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "strata-offline-cache"
+        self.cache_bytes = cache_bytes
         self.store: ArtifactStore = open_artifact_store(artifact_store_url)
         self.local_root: Path | None = self.store.root if isinstance(self.store, LocalArtifactStore) else None
         roots = [*([self.local_root] if self.local_root is not None else []), *map(Path, local_paths)]
         self._local_roots = [os.path.realpath(r) for r in roots]
-        self.fs: Any = None  # fsspec filesystem for s3:// (DuckDB and pyarrow read through it)
+        self.fs: Any = None  # pyarrow's S3 filesystem, for entity tables read in one go
         self._reachable_until = 0.0
         if self.local_root is None:
-            self.fs = _s3_fsspec(self.store.arrow_filesystem())  # type: ignore[attr-defined]
+            self.fs = self.store.arrow_filesystem()  # type: ignore[attr-defined]
             self._root_uri = self.store.uri("x")[:-1]  # s3://bucket/prefix/
 
     def resolve(self, path: str, field: str = "path") -> str:
@@ -90,27 +96,77 @@ class OfflineFiles:
         if time.monotonic() < self._reachable_until:
             return
         try:
-            self.fs.fs.get_file_info(self._root_uri[len(S3):].rstrip("/"))
+            self.fs.get_file_info(self._root_uri[len(S3):].rstrip("/"))
         except OSError as e:
             raise Unavailable(f"offline store {self._root_uri} unreachable: {str(e).splitlines()[0]}") from None
         self._reachable_until = time.monotonic() + 1.0
 
-    def connect(self, **config: Any) -> duckdb.DuckDBPyConnection:
-        """A DuckDB connection that can read this store's paths."""
-        con = duckdb.connect(":memory:", config=config)
-        if self.fs is not None:
-            con.register_filesystem(self.fs)
-        return con
+    def source(self, path: str, field: str) -> str | list[str]:
+        """What DuckDB reads for a view's source: a local path or glob as it is, or, for S3, the
+        matching objects in key order as local copies (see `_cached`)."""
+        where = self.resolve(path, field)
+        if not where.startswith(S3):
+            return where
+        bucket, _, key = where.removeprefix(S3).partition("/")
+        fixed = _GLOB.split(key, 1)[0]
+        match = _glob_regex(key)
+        try:
+            objects = [o for o in self.store.list_objects(bucket, fixed[:fixed.rfind("/") + 1])  # type: ignore[attr-defined]
+                       if match.match(o[0])]
+        except Exception as e:  # noqa: BLE001 - minio raises S3Error, urllib3 errors, OSError
+            if getattr(e, "code", "") == "NoSuchBucket":
+                objects = []
+            else:
+                raise Unavailable(f"offline store: listing {where} failed: {str(e).splitlines()[0]}") from None
+        if not objects:
+            raise InvalidArgument(field, f"{path} matches no file")
+        with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
+            local = list(pool.map(lambda o: self._cached(bucket, *o), objects))
+        self._evict(keep=set(local))
+        return local
 
-    def exists(self, path: str) -> bool:
-        return self.fs.isfile(path) if path.startswith(S3) else os.path.isfile(path)
+    def _cached(self, bucket: str, key: str, etag: str, size: int) -> str:
+        """A local copy of an S3 object, downloaded once per version (bucket, key, ETag, size).
+        DuckDB then reads it at disk speed: reading in place through a Python filesystem costs a
+        request per small range (a 192 MB, 20-column file: 20 s in place against 0.5 s to copy)."""
+        stamp = f"{bucket}\0{key}\0{etag}\0{size}"
+        path = self.cache_dir / f"{hashlib.sha256(stamp.encode()).hexdigest()[:40]}.parquet"
+        if path.exists():
+            os.utime(path)  # recently used: evicted last
+            return str(path)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store.download(bucket, key, str(path))  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - as in source()
+            raise Unavailable(f"offline store: copying s3://{bucket}/{key} failed: {str(e).splitlines()[0]}") from None
+        return str(path)
+
+    def _evict(self, keep: set[str]) -> None:
+        """Least recently used copies go once the cache holds more than `cache_bytes`."""
+        files = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in self.cache_dir.glob("*.parquet")),
+                       key=lambda f: f[0])
+        total = sum(size for _, size, _ in files)
+        for _, size, p in files:
+            if total <= self.cache_bytes:
+                break
+            if str(p) not in keep:
+                p.unlink(missing_ok=True)
+                total -= size
 
     def read_table(self, uri: str, field: str) -> pa.Table:
         path = self.resolve(uri, field)
-        if not self.exists(path):
+        if path.startswith(S3):
+            try:
+                found = self.fs.get_file_info(path.removeprefix(S3)).type == FileType.File
+            except OSError as e:
+                raise Unavailable(f"offline store: reading {path} failed: {str(e).splitlines()[0]}") from None
+        else:
+            found = os.path.isfile(path)
+        if not found:
             raise NotFound(f"{field} {uri} not found")
         try:
-            return pq.read_table(path, filesystem=self.fs if path.startswith(S3) else None)
+            return pq.read_table(path.removeprefix(S3), filesystem=self.fs) if path.startswith(S3) \
+                else pq.read_table(path)
         except (OSError, pa.ArrowException) as e:
             raise InvalidArgument(field, f"{uri} is not readable Parquet: {e}") from None
 
@@ -158,27 +214,31 @@ class OfflineFiles:
         return uri[len(self._root_uri):]
 
 
-def _s3_fsspec(arrow_fs: Any) -> Any:
-    """pyarrow's S3 filesystem as the fsspec filesystem for `s3://` (what DuckDB looks up by
-    protocol). Unlike fsspec's defaults, a listing or an existence check that fails for any reason
-    other than "not found" raises instead of answering "nothing there"."""
-    from fsspec.implementations.arrow import ArrowFSWrapper
 
-    def _raise_unless_missing(e: BaseException) -> None:
-        if not isinstance(e, FileNotFoundError):
-            raise e
-
-    class S3(ArrowFSWrapper):
-        protocol = "s3"
-
-        def walk(self, path: str, maxdepth: int | None = None, topdown: bool = True, on_error: Any = "omit",
-                 **kwargs: Any) -> Any:
-            return super().walk(path, maxdepth, topdown, on_error=_raise_unless_missing, **kwargs)
-
-        def isfile(self, path: str) -> bool:
-            try:
-                return self.info(path)["type"] == "file"
-            except FileNotFoundError:
-                return False
-
-    return S3(arrow_fs)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob over object keys as DuckDB reads one over paths: `*` and `?` stay within one
+    `/`-separated part, `**` crosses them, `[...]` is a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):  # zero or more directories
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        c = pattern[i]
+        end = pattern.find("]", i + 1) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end > i:
+            out.append("[^" + pattern[i + 2:end] + "]" if pattern[i + 1] == "!" else pattern[i:end + 1])
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")

@@ -38,13 +38,12 @@ class HistoricalRetrieval:
                     name=view, entities=v.join_keys, features=tuple(f.name for f in v.spec.features),
                     timestamp_field=v.spec.source.timestamp_field,
                     created_timestamp_field=v.spec.source.created_timestamp_field or None,
-                    ttl_seconds=v.spec.ttl_seconds, source=self.files.resolve(v.spec.source.path, "source.path"))
+                    ttl_seconds=v.spec.ttl_seconds, source=self.files.source(v.spec.source.path, "source.path"))
                 versions[view] = v.spec.version
         entities = self._entity_table(request)
         try:
             result = historical_features(entities, list(specs.values()), refs,
-                                         timestamp_column=request.timestamp_column or "event_timestamp",
-                                         filesystem=self.files.fs)
+                                         timestamp_column=request.timestamp_column or "event_timestamp")
         except OfflineStoreError as e:
             raise InvalidArgument("features", str(e)) from None
         if request.output_uri:

@@ -95,7 +95,7 @@ class Materializer:
 
     def _latest_rows(self, view: ViewDef, start_us: int, end_us: int) -> pa.Table:
         spec = view.spec
-        src = self.files.resolve(spec.source.path, "source.path")
+        src = self.files.source(spec.source.path, "source.path")
         keys = ", ".join(_q(k) for k in view.join_keys)
         feats = ", ".join(_q(f.name) for f in spec.features)
         ts = _q(spec.source.timestamp_field)
@@ -105,7 +105,7 @@ class Materializer:
                f"WHERE epoch_us({ts}::TIMESTAMP) > ? AND epoch_us({ts}::TIMESTAMP) <= ? "
                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1")
         try:
-            with self.files.connect() as con:
+            with duckdb.connect() as con:
                 return con.sql(sql, params=[src, start_us, end_us]).to_arrow_table()
         except duckdb.Error as e:
             raise FailedPrecondition(f"featureViews/{spec.name}: reading source {spec.source.path} failed: "

@@ -31,7 +31,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import numpy as np
@@ -53,7 +52,7 @@ class ViewSpec:
     timestamp_field: str                 # event timestamp column in the source
     created_timestamp_field: str | None  # tie-breaker column (optional)
     ttl_seconds: int                     # 0 = unlimited
-    source: str                          # a Parquet path or glob (local, or s3:// with a filesystem)
+    source: str | Sequence[str]          # a local Parquet path or glob, or the files in order
 
 
 class OfflineStoreError(ValueError):
@@ -89,7 +88,7 @@ class _Source:
 
 
 def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.Schema, entity_ns: bool,
-             features: list[str], filesystem: Any) -> _Source:
+             features: list[str]) -> _Source:
     if view.ttl_seconds < 0:
         raise OfflineStoreError(f"feature view {view.name!r}: ttl_seconds must be >= 0, "
                                 f"got {view.ttl_seconds}")
@@ -98,14 +97,16 @@ def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.S
             raise OfflineStoreError(f"entity_rows lacks column {key!r}, "
                                     f"a join key of feature view {view.name!r}")
     try:
-        found = con.execute("SELECT file FROM glob(?) ORDER BY file", [view.source]).fetchall()
-        files = [r[0] for r in found]
+        if isinstance(view.source, str):
+            files = [r[0] for r in con.execute("SELECT file FROM glob(?) ORDER BY file", [view.source]).fetchall()]
+        else:
+            files = list(view.source)
     except duckdb.Error as e:
         raise OfflineStoreError(f"source of feature view {view.name!r} ({view.source}): {e}") from e
     if not files:
         raise OfflineStoreError(f"source of feature view {view.name!r} matches no file: {view.source}")
     try:  # the first file's schema is the source's (the types the result columns get)
-        schema = pq.read_schema(files[0], filesystem=filesystem if "://" in files[0] else None)
+        schema = pq.read_schema(files[0])
     except (OSError, pa.ArrowException) as e:
         raise OfflineStoreError(f"source of feature view {view.name!r} ({files[0]}) "
                                 f"is not readable Parquet: {e}") from e
@@ -167,10 +168,9 @@ def _entity_ord(s: _Source, ets: str) -> str:
 
 def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
                         features: Sequence[tuple[str, str]], *, timestamp_column: str = "event_timestamp",
-                        threads: int | None = None, filesystem: Any = None) -> pa.Table:
+                        threads: int | None = None) -> pa.Table:
     """`entity_rows` (in their order, all their columns) plus one column `<view>__<feature>` per requested
-    feature, each the value as of the row's timestamp (see the module docstring). `filesystem`: an
-    fsspec filesystem DuckDB reads non-local sources through (services/features/files.py)."""
+    feature, each the value as of the row's timestamp (see the module docstring)."""
     if not isinstance(entity_rows, pa.Table):
         raise OfflineStoreError(f"entity_rows must be a pyarrow.Table, got {type(entity_rows).__name__}")
     if timestamp_column not in entity_rows.column_names:
@@ -208,10 +208,8 @@ def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
         try:
             if threads is not None:
                 con.execute(f"SET threads = {int(threads)}")
-            if filesystem is not None:
-                con.register_filesystem(filesystem)
             entity_ns = ts_type.unit == "ns"
-            sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs, filesystem)
+            sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs)
                        for n, fs in wanted.items()]
             return _query(con, entity_rows, timestamp_column, sources, out_names)
         finally:

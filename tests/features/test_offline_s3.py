@@ -19,6 +19,7 @@ from strata.features.v1 import features_pb2 as pb
 from strata.features.v1 import features_pb2_grpc
 
 from services.common.artifacts import S3ArtifactStore
+from services.common.errors import InvalidArgument
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.features.conftest import F64, service_online_store
 from tests.features.conftest import ipc as _ipc
@@ -166,24 +167,42 @@ def test_training_sets_are_written_inside_the_store_only(stub: features_pb2_grpc
     assert bucket.list_keys() == before
 
 
-def test_missing_entity_table_and_empty_source_are_reported(stub: features_pb2_grpc.FeatureServiceStub) -> None:
-    name = _view(stub, f"sources/{uuid.uuid4().hex[:8]}/*.parquet")
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-            features=[f"{name}:spend"], entity_uri="nowhere/rows.parquet")))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nowhere/rows.parquet" in err.value.details()
+def test_missing_entity_table_and_empty_source_are_reported(stub: features_pb2_grpc.FeatureServiceStub,
+                                                           bucket: S3ArtifactStore, tmp_path: Path) -> None:
+    src = f"sources/{uuid.uuid4().hex[:8]}"
+    name = _view(stub, f"{src}/*.parquet")
     entity = pa.table({"user_id": pa.array([1], pa.int64()),
                        "event_timestamp": pa.array([t(2)], pa.timestamp("us", tz="UTC"))})
     with pytest.raises(grpc.RpcError) as err:
         list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
             features=[f"{name}:spend"], entity_arrow=_ipc(entity))))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "matches no file" in err.value.details()
+    _put_parquet(bucket, f"{src}/a.parquet", pa.table({
+        "user_id": pa.array([1], pa.int64()), "spend": [1.0],
+        "ts": pa.array([t(1)], pa.timestamp("us", tz="UTC"))}), tmp_path)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+            features=[f"{name}:spend"], entity_uri="nowhere/rows.parquet")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nowhere/rows.parquet" in err.value.details()
+
+
+def test_object_globs_match_as_duckdb_globs_paths() -> None:
+    from services.features.files import _glob_regex
+    keys = ["src/a.parquet", "src/b.csv", "src/x/c.parquet", "src/x/y/d.parquet", "srcz/e.parquet", "src/f1.parquet"]
+    def match(pattern: str) -> list[str]:
+        return [k for k in keys if _glob_regex(pattern).match(k)]
+    assert match("src/*.parquet") == ["src/a.parquet", "src/f1.parquet"]
+    assert match("src/**/*.parquet") == ["src/a.parquet", "src/x/c.parquet", "src/x/y/d.parquet", "src/f1.parquet"]
+    assert match("src/**.parquet") == ["src/a.parquet", "src/x/c.parquet", "src/x/y/d.parquet", "src/f1.parquet"]
+    assert match("src/?.parquet") == ["src/a.parquet"]
+    assert match("src/[!a]*.parquet") == ["src/f1.parquet"]
+    assert match("src/a.parquet") == ["src/a.parquet"]
 
 
 def test_an_unreachable_s3_endpoint_is_unavailable_not_missing(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """When S3 stops answering, listings and existence checks must not pass for "no such file"
-    (fsspec's defaults would say so): every path is UNAVAILABLE, naming the store."""
+    (a listing that fails must not read as an empty one): every path is UNAVAILABLE, naming the store."""
     from services.common.errors import Unavailable
     from services.features.files import OfflineFiles
     from services.features.offline import ViewSpec, historical_features
@@ -194,21 +213,47 @@ def test_an_unreachable_s3_endpoint_is_unavailable_not_missing(tmp_path: Path,
     entity = pa.table({"user_id": pa.array([1], pa.int64()),
                        "event_timestamp": pa.array([t(2)], pa.timestamp("us", tz="UTC"))})
     with moto_server() as endpoint:
-        files = OfflineFiles(f"s3://down-{uuid.uuid4().hex[:8]}/p?endpoint={endpoint}")
+        files = OfflineFiles(f"s3://down-{uuid.uuid4().hex[:8]}/p?endpoint={endpoint}", cache_dir=tmp_path / "cache")
         _put_parquet(files.store, "src/a.parquet", pa.table({  # type: ignore[arg-type]
             "user_id": pa.array([1], pa.int64()), "spend": [4.0],
             "ts": pa.array([t(1)], pa.timestamp("us", tz="UTC"))}), tmp_path)
-        view = ViewSpec("v", ("user_id",), ("spend",), "ts", None, 0, files.resolve("src/*.parquet"))
-        got = historical_features(entity, [view], [("v", "spend")], filesystem=files.fs)
+        view = ViewSpec("v", ("user_id",), ("spend",), "ts", None, 0, files.source("src/*.parquet", "source.path"))
+        got = historical_features(entity, [view], [("v", "spend")])
         assert got.column("v__spend").to_pylist() == [4.0]
     files._reachable_until = 0.0  # forget the last successful check (kept for a second)
-    for call in (lambda: files.resolve("src/*.parquet"), lambda: files.read_table("rows.parquet", "entity_uri"),
+    for call in (lambda: files.source("src/*.parquet", "source.path"),
+                 lambda: files.read_table("rows.parquet", "entity_uri"),
                  lambda: files.write_parquet(entity, "out/train.parquet", "output_uri")):
         with pytest.raises(Unavailable, match="offline store s3://down-.* unreachable"):
             call()
-    # Within the second after a good check, a failed listing still raises (never "no file").
+    # Within the second after a good check, a failed listing or read is still UNAVAILABLE (never "no file").
     files._reachable_until = float("inf")
-    with pytest.raises(OSError):
-        files.fs.glob(view.source)
-    with pytest.raises(OSError):
-        files.fs.isfile(view.source.replace("*", "a"))
+    for call in (lambda: files.source("src/*.parquet", "source.path"),
+                 lambda: files.read_table("src/a.parquet", "entity_uri")):
+        with pytest.raises(Unavailable, match="offline store: (listing|reading) s3://down-"):
+            call()
+
+
+def test_s3_sources_are_read_from_local_copies_refreshed_when_the_object_changes(
+        s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.features.files import OfflineFiles
+    monkeypatch.setenv("STRATA_S3_ACCESS_KEY", S3_ACCESS_KEY)
+    monkeypatch.setenv("STRATA_S3_SECRET_KEY", S3_SECRET_KEY)
+    files = OfflineFiles(f"s3://cache-{uuid.uuid4().hex[:8]}/p?endpoint={s3_endpoint}", cache_dir=tmp_path / "cache",
+                         cache_bytes=1)
+    ts = pa.timestamp("us", tz="UTC")
+    for name, value in (("b", 2.0), ("a", 1.0)):
+        _put_parquet(files.store, f"src/{name}.parquet", pa.table({  # type: ignore[arg-type]
+            "user_id": pa.array([1], pa.int64()), "spend": [value], "ts": pa.array([t(1)], ts)}), tmp_path)
+    (tmp_path / "v2").mkdir()
+    first = files.source("src/*.parquet", "source.path")
+    assert [pq.read_table(p).column("spend")[0].as_py() for p in first] == [1.0, 2.0]  # key order: a, b
+    assert files.source("src/*.parquet", "source.path") == first  # not downloaded again
+    _put_parquet(files.store, "src/a.parquet", pa.table({  # type: ignore[arg-type]
+        "user_id": pa.array([1], pa.int64()), "spend": [9.0], "ts": pa.array([t(1)], ts)}), tmp_path / "v2")
+    second = files.source("src/*.parquet", "source.path")
+    assert pq.read_table(second[0]).column("spend")[0].as_py() == 9.0 and second[1] == first[1]
+    # Over the (1-byte) budget, copies not in use are evicted; those in use stay.
+    assert sorted(str(p) for p in (tmp_path / "cache").glob("*.parquet")) == sorted(second)
+    with pytest.raises(InvalidArgument, match="source.path: src/none/\\*.parquet matches no file"):
+        files.source("src/none/*.parquet", "source.path")

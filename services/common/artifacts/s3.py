@@ -164,6 +164,17 @@ class S3ArtifactStore(ArtifactStore):
         # so the object appears whole or not at all.
         self._client.fput_object(self.bucket, self._name(key), path)
 
+    def list_objects(self, bucket: str, prefix: str) -> list[tuple[str, str, int]]:
+        """(key, etag, size) of every object under `prefix` of `bucket`, any bucket on this
+        endpoint (readers of data lakes); sorted by key."""
+        found = self._client.list_objects(bucket, prefix=prefix, recursive=True)
+        return sorted((o.object_name or "", o.etag or "", o.size or 0) for o in found if not o.is_dir)
+
+    def download(self, bucket: str, key: str, path: str) -> None:
+        """Object `key` of `bucket` to the local file `path` (minio writes a part file and
+        renames it: a failed download leaves no file at `path`)."""
+        self._client.fget_object(bucket, key, path)
+
     def arrow_filesystem(self):  # -> pyarrow.fs.S3FileSystem (imported only when asked for)
         """The same bucket endpoint and credentials as a pyarrow filesystem, for readers that
         scan Parquet in place (DuckDB, pyarrow) instead of streaming whole objects."""
