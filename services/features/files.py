@@ -141,15 +141,29 @@ class OfflineFiles:
             raise Unavailable(f"offline store: copying s3://{bucket}/{key} failed: {str(e).splitlines()[0]}") from None
         return str(path)
 
-    def _evict(self, keep: set[str]) -> None:
-        """Least recently used copies go once the cache holds more than `cache_bytes`."""
-        files = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in self.cache_dir.glob("*.parquet")),
-                       key=lambda f: f[0])
+    def _evict(self, keep: set[str], in_use_seconds: float = 600.0) -> None:
+        """Least recently used copies go once the cache holds more than `cache_bytes`; a copy
+        used in the last `in_use_seconds` stays (another call, or the other serving process,
+        may be about to read it), and so do those of this call. Part files of downloads that
+        died go after an hour."""
+        now = time.time()
+        files = []
+        for p in self.cache_dir.iterdir():
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # evicted or renamed by another process meanwhile
+                continue
+            if p.suffix == ".part":
+                if now - st.st_mtime > 3600:
+                    p.unlink(missing_ok=True)
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        files.sort(key=lambda f: f[0])
         total = sum(size for _, size, _ in files)
-        for _, size, p in files:
+        for used, size, p in files:
             if total <= self.cache_bytes:
                 break
-            if str(p) not in keep:
+            if str(p) not in keep and now - used > in_use_seconds:
                 p.unlink(missing_ok=True)
                 total -= size
 

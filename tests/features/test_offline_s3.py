@@ -253,7 +253,9 @@ def test_s3_sources_are_read_from_local_copies_refreshed_when_the_object_changes
         "user_id": pa.array([1], pa.int64()), "spend": [9.0], "ts": pa.array([t(1)], ts)}), tmp_path / "v2")
     second = files.source("src/*.parquet", "source.path")
     assert pq.read_table(second[0]).column("spend")[0].as_py() == 9.0 and second[1] == first[1]
-    # Over the (1-byte) budget, copies not in use are evicted; those in use stay.
+    # Over the (1-byte) budget, copies not used for ten minutes are evicted; those of the call stay.
+    assert len(list((tmp_path / "cache").glob("*.parquet"))) == 3  # the old copy of a.parquet is recent
+    files._evict(keep=set(second), in_use_seconds=0)
     assert sorted(str(p) for p in (tmp_path / "cache").glob("*.parquet")) == sorted(second)
     with pytest.raises(InvalidArgument, match="source.path: src/none/\\*.parquet matches no file"):
         files.source("src/none/*.parquet", "source.path")

@@ -13,6 +13,7 @@ compose_object: it needs every source but the last to be >= 5 MiB, which staged 
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -171,9 +172,10 @@ class S3ArtifactStore(ArtifactStore):
         return sorted((o.object_name or "", o.etag or "", o.size or 0) for o in found if not o.is_dir)
 
     def download(self, bucket: str, key: str, path: str) -> None:
-        """Object `key` of `bucket` to the local file `path` (minio writes a part file and
-        renames it: a failed download leaves no file at `path`)."""
-        self._client.fget_object(bucket, key, path)
+        """Object `key` of `bucket` to the local file `path`, written to a part file of its own and
+        renamed: a failed download leaves no file at `path`, and concurrent downloads of the same
+        object (minio's default part name is per object) cannot write into one file."""
+        self._client.fget_object(bucket, key, path, tmp_file_path=f"{path}.{uuid.uuid4().hex}.part")
 
     def arrow_filesystem(self):  # -> pyarrow.fs.S3FileSystem (imported only when asked for)
         """The same bucket endpoint and credentials as a pyarrow filesystem, for readers that
