@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ class ViewCache:
         self.max_age = max_age
         self._clock = clock
         self._views: dict[str, _Cached] = {}
-        self._refreshing: set[str] = set()
+        self._refreshing: set[str] = set()  # views being re-read (by any thread)
+        self._claims = threading.Lock()
 
     def get(self, name: str) -> _Cached:
         c = self._views.get(name)
@@ -89,11 +91,35 @@ class ViewCache:
         c = self._views.get(name)
         if c is None:
             raise _Stale(name)
-        if not self._young(c) and name not in self._refreshing:
-            self._refreshing.add(name)
+        if not self._young(c) and self._claim(name):
             done = asyncio.get_running_loop().run_in_executor(None, self._refresh, name)
-            done.add_done_callback(lambda _: self._refreshing.discard(name))
+            done.add_done_callback(lambda _: self._release(name))
         return c
+
+    def current(self, name: str) -> _Cached:
+        """For reads in worker threads (SQLite): as `fresh`, but a missing entry is read now and
+        the one re-read of a stale entry runs in the thread that claimed it."""
+        c = self._views.get(name)
+        if c is None:
+            return self.get(name)
+        if self._young(c) or not self._claim(name):
+            return c
+        try:
+            self._refresh(name)
+        finally:
+            self._release(name)
+        return self._views.get(name) or self.get(name)  # dropped (deleted): get says NOT_FOUND
+
+    def _claim(self, name: str) -> bool:
+        with self._claims:
+            if name in self._refreshing:
+                return False
+            self._refreshing.add(name)
+            return True
+
+    def _release(self, name: str) -> None:
+        with self._claims:
+            self._refreshing.discard(name)
 
     def _refresh(self, name: str) -> None:
         try:
@@ -160,7 +186,7 @@ class FeatureServer:
     # -- reads -----------------------------------------------------------------------------------
     def get_online(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """Blocking: for worker threads and stores without async reads."""
-        plan = self._plan(request, self.views.get)
+        plan = self._plan(request, self.views.current)
         return self._build(request, plan, self.store.read_many(self._reads(plan)))
 
     async def get_online_async(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:

@@ -199,3 +199,31 @@ def test_mget_frame_is_the_resp_encoding() -> None:
             assert store._mget("v", 3, keys) == want, keys
     finally:
         store.close()
+
+
+def test_blocking_reads_reread_a_stale_definition_once(server: FeatureServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker-thread path (SQLite): while one thread re-reads a stale definition, the others
+    answer from the cached one instead of queueing on the definitions database."""
+    import threading
+    request = pb.GetOnlineFeaturesRequest(features=["merchant_risk:chargeback_rate"], entities={
+        "merchant_id": pb.EntityColumn(string_values=["m1"])})
+    server.get_online(request)  # cached
+    server.views.max_age = 0.0
+    definitions = server.views.definitions
+    real, reads, entered, release = definitions.get_view, [], threading.Event(), threading.Event()
+
+    def slow(name: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+        reads.append(name)
+        entered.set()
+        release.wait(5)
+        return real(name, *args, **kw)
+    monkeypatch.setattr(definitions, "get_view", slow)
+    first = threading.Thread(target=server.get_online, args=(request,))
+    first.start()
+    assert entered.wait(5)
+    for _ in range(5):  # answered at once from the cache, no second re-read
+        assert server.get_online(request).view_versions["merchant_risk"] == 1
+    assert reads == ["merchant_risk"]
+    release.set()
+    first.join(5)
+    assert not first.is_alive()
