@@ -19,7 +19,7 @@ from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
-from services.features.offline_append import make_appender
+from services.features.offline_append import Compactor, make_appender
 from services.features.online import open_online_store
 from services.features.server import FeatureServicer
 from services.features.serving import FeatureServer, ViewCache
@@ -42,7 +42,8 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
                          cache_dir=settings.home / "cache" / "offline",
                          cache_bytes=int(float(os.environ.get("STRATA_FEATURES_OFFLINE_CACHE_GB", "20")) * (1 << 30)))
     materializer = Materializer(db, definitions, store, files)
-    server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(files))
+    compactor = Compactor(files, threshold=int(os.environ.get("STRATA_FEATURES_COMPACT_AFTER", "64")))
+    server = FeatureServer(ViewCache(definitions), store, offline_append=make_appender(files, compactor))
     servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files))
     return Service(
         settings=settings,

@@ -222,6 +222,32 @@ class OfflineFiles:
             return
         self.write_parquet(table, directory + name, "source.path")
 
+    def listing(self, directory: str, prefix: str) -> list[str]:
+        """The Parquet files directly in `directory` (from append_dir) whose names start with
+        `prefix`, by name."""
+        if not directory.startswith(S3):
+            return sorted(str(p) for p in Path(directory).glob(f"{prefix}*.parquet"))
+        key = self._key(directory, "source.path")
+        return [self._root_uri + k for k in self.store.list_keys(key + prefix)
+                if "/" not in k[len(key):] and k.endswith(".parquet")]
+
+    def read_file(self, path: str) -> pa.Table:
+        """One whole Parquet file, local or on S3."""
+        if path.startswith(S3):
+            return pq.read_table(path.removeprefix(S3), filesystem=self.fs)
+        return pq.read_table(path)
+
+    def read_schema(self, path: str) -> pa.Schema:
+        if path.startswith(S3):
+            return pq.read_schema(path.removeprefix(S3), filesystem=self.fs)
+        return pq.read_schema(path)
+
+    def delete(self, path: str) -> None:
+        if path.startswith(S3):
+            self.store.delete(self._key(path, "source.path"))
+        else:
+            Path(path).unlink(missing_ok=True)
+
     def _key(self, uri: str, field: str) -> str:
         if not uri.startswith(self._root_uri):
             raise InvalidArgument(field, f"{uri}: writes go to the artifact store ({self._root_uri}) only")

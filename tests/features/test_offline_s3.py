@@ -126,8 +126,11 @@ def test_materialize_from_s3_then_read_online(stub: features_pb2_grpc.FeatureSer
     assert list(resp.features[0].double_values) == [float(n), float(2 * n - 1)]  # the later row of each user
 
 
-def test_pushed_rows_are_appended_to_the_s3_source(stub: features_pb2_grpc.FeatureServiceStub,
-                                                   bucket: S3ArtifactStore) -> None:
+def test_pushed_rows_are_appended_to_the_s3_source_and_compacted(
+        stub: features_pb2_grpc.FeatureServiceStub, bucket: S3ArtifactStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRATA_S3_ACCESS_KEY", S3_ACCESS_KEY)
+    monkeypatch.setenv("STRATA_S3_SECRET_KEY", S3_SECRET_KEY)
     src = f"sources/{uuid.uuid4().hex[:8]}"
     name = _view(stub, f"{src}/*.parquet")
     stamp = 1_767_225_600_000_000
@@ -137,11 +140,20 @@ def test_pushed_rows_are_appended_to_the_s3_source(stub: features_pb2_grpc.Featu
                                    statuses=[pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NULL_VALUE])]))
     keys = bucket.list_keys(f"{src}/")
     assert len(keys) == 1 and keys[0].startswith(f"{src}/push-") and keys[0].endswith(".parquet")
+    from services.features.files import OfflineFiles
+    from services.features.offline_append import Compactor
+    store = OfflineFiles(f"s3://{bucket.bucket}/{PREFIX}?endpoint={bucket.endpoint}", cache_dir=tmp_path / "cache")
+    stub.PushFeatures(pb.PushFeaturesRequest(
+        view=name, entities={"user_id": pb.EntityColumn(int64_values=[2])}, event_timestamps_us=[stamp],
+        features=[pb.FeatureValues(name="spend", double_values=[7.0])]))  # a later push wins the tie
+    assert Compactor(store).compact(store.resolve(f"{src}/")) == 2
+    keys = bucket.list_keys(f"{src}/")
+    assert len(keys) == 1 and keys[0].endswith(".c.parquet")
     entity = pa.table({"user_id": pa.array([1, 2], pa.int64()),
                        "event_timestamp": pa.array([stamp + 1, stamp + 1], pa.timestamp("us", tz="UTC"))})
     got = _frame(list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
         features=[f"{name}:spend"], entity_arrow=_ipc(entity)))))
-    assert got.column(f"{name}__spend").to_pylist() == [3.0, None]  # training sees what serving saw
+    assert got.column(f"{name}__spend").to_pylist() == [3.0, 7.0]  # training sees what serving saw
 
 
 @pytest.mark.parametrize("uri, code, message", [
