@@ -85,10 +85,12 @@ def run_workers(name: str, workers: int, migrations: Path | None) -> int:
         start_http_server(settings.metrics_port, registry=registry)
     prefix = f"STRATA_{name.upper()}_"
     balancer = reuseport.Balancer.create(workers)
+    cpus = _cpus_to_pin(workers)
     children = [Child(f"{name}-worker-{i}", [sys.executable, "-m", f"services.{name}"], None, env={
         prefix + "ROLE": "worker", prefix + "WORKER_ID": f"{socket.gethostname()}-w{i}",
         prefix + "METRICS_PORT": "0", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         **(balancer.env() if balancer else {}), reuseport.SLOT_ENV: str(i),
+        **({CPU_ENV: str(cpus[i])} if cpus else {}),
     }, pass_fds=balancer.fds if balancer else ()) for i in range(workers)]
     sup = Supervisor(children)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,9 +109,25 @@ def run_workers(name: str, workers: int, migrations: Path | None) -> int:
     return 0 if ok else 1
 
 
+CPU_ENV = "STRATA_WORKER_CPU"  # the CPU a serving process is pinned to, from its parent
+
+
+def _cpus_to_pin(workers: int) -> list[int]:
+    """One CPU per serving process when there are exactly as many processes as CPUs this
+    service may use (STRATA_PIN_WORKERS=auto, the default; `off` never pins). Measured on two
+    cores, features 100 x 20 at 8x1: CPU per call lower in 4 of 6 paired runs (median -9 %),
+    p99 lower in 5 of 6: each process keeps its caches instead of migrating between cores."""
+    if os.environ.get("STRATA_PIN_WORKERS", "auto") == "off" or not hasattr(os, "sched_getaffinity"):
+        return []
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if workers == len(cpus) > 1 else []
+
+
 def main(name: str, build: Callable[[], Service], migrations: Path | None = None) -> None:
     if is_worker(name):
         _die_with_parent()
+        if CPU_ENV in os.environ:  # before any thread starts: threads inherit the affinity
+            os.sched_setaffinity(0, {int(os.environ[CPU_ENV])})
         run(build)
     elif worker_count(name) <= 1:
         run(build)

@@ -42,6 +42,10 @@ def test_serving_processes_take_connections_in_turn(tmp_path: Path) -> None:
     try:
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(children) == 2
+        # As many workers as CPUs: one CPU each; otherwise left to the scheduler.
+        cpus = os.sched_getaffinity(0)
+        affinity = sorted(sorted(os.sched_getaffinity(c)) for c in children)
+        assert affinity == ([[c] for c in sorted(cpus)] if len(cpus) == 2 else [sorted(cpus)] * 2)
         # The service is SERVING once one process is; the other may still be starting.
         deadline = time.monotonic() + 20
         while min(_sockets_per_process(children, port, "0A")) == 0 and time.monotonic() < deadline:
