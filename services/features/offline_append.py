@@ -40,9 +40,9 @@ class Compactor:
     order, named after the run's last file plus `.c` (`push-<t>-<id>.c.parquet` sorts just before
     `push-<t>-<id>.parquet`, after every earlier file and before every later push). The merged file
     is written whole first, then the originals are deleted: a reader in between, or a crash, sees
-    some rows twice, and duplicates never change a point-in-time result. On local disk one process
-    compacts a directory at a time (an flock); on S3 two processes may both compact the same run,
-    which again only duplicates rows."""
+    some rows twice, and duplicates never change a point-in-time result. One process per host
+    compacts a directory at a time (an flock); feature services on several hosts writing to one
+    S3 prefix may both merge the same run, which again only duplicates rows."""
 
     def __init__(self, files: OfflineFiles, threshold: int = 64) -> None:
         self.files = files
@@ -107,13 +107,11 @@ class Compactor:
 
     @contextlib.contextmanager
     def _exclusive(self, directory: str) -> Iterator[bool]:
-        """One compaction of a local directory at a time across this host's serving processes
-        (they share STRATA_HOME, where the lock files live)."""
-        if directory.startswith("s3://"):
-            yield True
-            return
+        """One compaction of a directory at a time across this host's serving processes (they
+        share STRATA_HOME, where the lock files live); hosts do not coordinate."""
         self.files.cache_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:24]
+        where = directory if directory.startswith("s3://") else os.path.realpath(directory)
+        digest = hashlib.sha256(where.encode()).hexdigest()[:24]
         with open(self.files.cache_dir / f"compact-{digest}.lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -111,3 +111,14 @@ def test_the_threshold_starts_a_compaction_in_the_background(env) -> None:  # no
         time.sleep(0.02)
     assert [p.name.endswith(".c.parquet") for p in directory.glob("*.parquet")] == [True]
     assert _answers(directory, [1], [T0 + 5]) == [2.0]
+
+
+def test_one_compaction_of_a_directory_at_a_time(env) -> None:  # noqa: ANN001
+    server, files, compactor, _, directory = env
+    _push(server, [1], [1.0], [T0])
+    _push(server, [1], [2.0], [T0])
+    other = Compactor(files)  # as another serving process would have, sharing the lock files
+    with other._exclusive(str(directory) + "/") as mine:
+        assert mine
+        assert compactor.compact(str(directory) + "/") == 0  # busy: skipped, nothing lost
+    assert compactor.compact(str(directory) + "/") == 2
