@@ -3,7 +3,6 @@ S3 endpoint and small ONNX models."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.processes import free_port, stop_process
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 S3_ACCESS_KEY = "testing"
@@ -64,9 +65,7 @@ def moto_server() -> Iterator[str]:
     """An S3 server for as long as the block runs; yields host:port. No MinIO server package
     exists in the package registries we can use, so this is moto's standalone S3-compatible
     server; minio and pyarrow speak the same S3 API to it as they would to MinIO or AWS."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -83,12 +82,7 @@ def moto_server() -> Iterator[str]:
                 time.sleep(0.1)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,6 @@ from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.features.offline import write_parquet
 
 S3 = "s3://"
-
-
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -179,8 +177,7 @@ class OfflineFiles:
         if not found:
             raise NotFound(f"{field} {uri} not found")
         try:
-            return pq.read_table(path.removeprefix(S3), filesystem=self.fs) if path.startswith(S3) \
-                else pq.read_table(path)
+            return self.read_file(path)
         except (OSError, pa.ArrowException) as e:
             raise InvalidArgument(field, f"{uri} is not readable Parquet: {e}") from None
 
@@ -192,14 +189,11 @@ class OfflineFiles:
         if not path.startswith(S3):
             return write_parquet(table, Path(path))
         key = self._key(path, field)
-        with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
-            pq.write_table(table, tmp.name)
-            digest = hashlib.sha256()
-            with open(tmp.name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            self.store.put_file(key, tmp.name)
-        return digest.hexdigest()
+        with tempfile.TemporaryDirectory(prefix="strata-upload-") as tmp:
+            local = Path(tmp) / "table.parquet"
+            digest = write_parquet(table, local)
+            self.store.put_file(key, str(local))
+        return digest
 
     def append_dir(self, source: str) -> str | None:
         """Where rows pushed to a view go: the source's directory (a local directory or a
@@ -215,11 +209,6 @@ class OfflineFiles:
 
     def add_file(self, directory: str, name: str, table: pa.Table) -> None:
         """A new Parquet file `name` in `directory` (from append_dir), visible only when complete."""
-        if not directory.startswith(S3):
-            final = Path(directory) / name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            write_parquet(table, final)
-            return
         self.write_parquet(table, directory + name, "source.path")
 
     def listing(self, directory: str, prefix: str) -> list[str]:
@@ -252,7 +241,6 @@ class OfflineFiles:
         if not uri.startswith(self._root_uri):
             raise InvalidArgument(field, f"{uri}: writes go to the artifact store ({self._root_uri}) only")
         return uri[len(self._root_uri):]
-
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:

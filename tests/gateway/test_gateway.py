@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,17 +21,12 @@ from strata.registry.v1 import registry_pb2
 
 from gateway.config import render_envoy_config, template_regex
 from gateway.envoy import start_envoy, validate_config, wait_ready, write_config
+from tests.processes import free_port, stop_process
 
 DESCRIPTOR = Path(__file__).resolve().parents[2] / "gateway" / "strata.pb"
 SECRET = "gateway-test-secret-0123456789abcdef"  # >= 32 bytes: PyJWT warns about shorter HMAC keys
 REGISTRY = "/strata.registry.v1.RegistryService"
 CHUNK_BYTES = 8 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def token(roles: list[str], *, secret: str = SECRET, expires_in: int = 300) -> str:
@@ -144,12 +137,7 @@ def run_gateway(tmp: Path, **render: Any) -> Iterator[str]:
         print(log.read_text())  # shown by pytest on failure
         raise
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
 
 
 @pytest.fixture(scope="module")

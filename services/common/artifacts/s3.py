@@ -178,8 +178,8 @@ class S3ArtifactStore(ArtifactStore):
         self._client.fget_object(bucket, key, path, tmp_file_path=f"{path}.{uuid.uuid4().hex}.part")
 
     def arrow_filesystem(self):  # -> pyarrow.fs.S3FileSystem (imported only when asked for)
-        """The same bucket endpoint and credentials as a pyarrow filesystem, for readers that
-        scan Parquet in place (DuckDB, pyarrow) instead of streaming whole objects."""
+        """The same endpoint and credentials as a pyarrow filesystem, for readers that open
+        Parquet files with pyarrow (footers, whole tables) instead of streaming bytes."""
         from pyarrow import fs
 
         return fs.S3FileSystem(**self._arrow_options)
