@@ -96,7 +96,7 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                 (True, True): grpc.stream_stream_rpc_method_handler}[
                     (handler.request_streaming, handler.response_streaming)]
         wrapped = kind(behavior, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+                       response_serializer=_allow_encoded(handler.response_serializer))
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -252,6 +252,17 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
 
 
 _NOBODY = Principal("unauthenticated", frozenset())
+
+
+def _allow_encoded(serializer: Callable | None) -> Callable | None:
+    """A handler may answer with its response already serialized (bytes, e.g. the raw online
+    feature read): it goes out as it is; messages are serialized as usual."""
+    if serializer is None:
+        return None
+
+    def serialize(message):  # noqa: ANN001, ANN202
+        return message if message.__class__ is bytes else serializer(message)
+    return serialize
 
 
 @dataclass

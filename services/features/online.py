@@ -114,6 +114,20 @@ class RowCodec:
                     pos += 4 + length
         return Decoded(found, event_us, nulls_t, fixed_t, strs)
 
+    def all_fixed(self, blobs: Sequence[bytes | None]) -> tuple[bytes, bytes, int, bool] | None:
+        """The common case of a raw read, in a few numpy calls: every key found and no string
+        features. Returns (fixed words feature-major as little-endian bytes, event times as
+        little-endian int64 bytes, the oldest event time, whether any value is null), or None
+        when the general `decode` is needed."""
+        if self.strings or not blobs or None in blobs:
+            return None
+        buf = b"".join(blobs)
+        rec = np.frombuffer(buf, dtype=self.dtype)
+        ts = rec["ts"]
+        fixed = np.ndarray((len(self.fixed), len(blobs)), "<u8", buffer=buf, offset=self._fixed_offset,
+                           strides=(8, self.dtype.itemsize)).tobytes()
+        return fixed, ts.astype("<i8").tobytes(), int(ts.min()), bool(rec["nulls"].any())
+
     def values(self, decoded: Decoded, name: str) -> np.ndarray | list[str]:
         """One feature's column, typed: float64, int64 or bool array, or a list of str."""
         j = self.fixed_index.get(name)

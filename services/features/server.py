@@ -63,9 +63,10 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     async def GetOnlineFeatures(self, request: pb.GetOnlineFeaturesRequest, context) -> pb.GetOnlineFeaturesResponse:  # noqa: ANN001, N802
         # Redis: read on the event loop, pipelined with the other calls in flight. SQLite: the
         # whole read in a worker thread (blocking file I/O must not stall the loop).
+        # Raw answers come back already serialized (see wire.py); the server sends bytes as they are.
         if self.server.store.async_reads:
-            return await self.server.get_online_async(request)
-        return await asyncio.to_thread(self.server.get_online, request)
+            return await self.server.get_online_async(request, encoded=True)
+        return await asyncio.to_thread(self.server.get_online, request, True)
 
     async def PushFeatures(self, request: pb.PushFeaturesRequest, context) -> pb.PushFeaturesResponse:  # noqa: ANN001, N802
         current_resource.set(f"featureViews/{request.view}")

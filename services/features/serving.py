@@ -16,14 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound
+from services.features import wire
 from services.features.definitions import Definitions, ViewDef
-from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
+from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
 
 _DT = types_pb2.DataType
 log = logging.getLogger("strata.features")
@@ -32,6 +34,9 @@ KEY_SEP = "\x1f"
 PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(pb.FEATURE_STATUS_PRESENT), int(pb.FEATURE_STATUS_NOT_FOUND),
                                            int(pb.FEATURE_STATUS_EXPIRED), int(pb.FEATURE_STATUS_NULL_VALUE))
 _BOOL = int(_DT.DATA_TYPE_BOOL)
+_PRESENT_BYTE = bytes([PRESENT])
+_FEATURES_TAG = wire.tag(1, wire.LEN)         # GetOnlineFeaturesResponse.features
+_STRING_TAG = wire.tag(5, wire.LEN)           # FeatureValues.string_values
 
 
 @dataclass
@@ -40,9 +45,19 @@ class _Cached:
     codec: RowCodec
     loaded: float
     types: dict[str, int] = field(init=False)  # feature name -> DataType
+    # Feature name -> the encoded FeatureValues.name field ("{view}:{feature}"), for raw answers.
+    name_fields: dict[str, bytes] = field(init=False)
+    version_entry: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        self.types = {f.name: f.dtype for f in self.view.spec.features}
+        spec = self.view.spec
+        self.types = {f.name: f.dtype for f in spec.features}
+        self.name_fields = {f.name: wire.string_field(1, f"{spec.name}:{f.name}") for f in spec.features}
+        self.version_entry = wire.string_int_entry(2, spec.name, spec.version)  # view_versions[name] = version
+
+
+def _string_value(data: bytes) -> tuple[bytes, bytes, bytes]:
+    return _STRING_TAG, wire.varint(len(data)), data
 
 
 class _Stale(Exception):
@@ -184,12 +199,15 @@ class FeatureServer:
         self.offline_append = offline_append
 
     # -- reads -----------------------------------------------------------------------------------
-    def get_online(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
-        """Blocking: for worker threads and stores without async reads."""
+    def get_online(self, request: pb.GetOnlineFeaturesRequest,
+                   encoded: bool = False) -> pb.GetOnlineFeaturesResponse | bytes:
+        """Blocking: for worker threads and stores without async reads. With `encoded`, a raw
+        request's answer comes back as the serialized response (what the servicer sends)."""
         plan = self._plan(request, self.views.current)
-        return self._build(request, plan, self.store.read_many(self._reads(plan)))
+        return self._answer(request, plan, self.store.read_many(self._reads(plan)), encoded)
 
-    async def get_online_async(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
+    async def get_online_async(self, request: pb.GetOnlineFeaturesRequest,
+                               encoded: bool = False) -> pb.GetOnlineFeaturesResponse | bytes:
         """On the event loop: the store read is awaited (pipelined with the other calls in
         flight), the decode runs inline. Only a view not cached yet sends the planning (a
         database read) to a worker thread; cached ones are re-read in the background."""
@@ -197,7 +215,7 @@ class FeatureServer:
             plan = self._plan(request, self.views.fresh)
         except _Stale:
             plan = await asyncio.to_thread(self._plan, request, self.views.get)
-        return self._build(request, plan, await self.store.read_many_async(self._reads(plan)))
+        return self._answer(request, plan, await self.store.read_many_async(self._reads(plan)), encoded)
 
     def _plan(self, request: pb.GetOnlineFeaturesRequest, lookup: Callable[[str], _Cached]) -> list[_Step]:
         if not request.features:
@@ -221,58 +239,107 @@ class FeatureServer:
         # Every view's rows in one round trip to the store.
         return [(s.cached.view.spec.name, s.cached.view.spec.version, s.keys) for s in plan]
 
-    def _build(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step],
-               blobs: list[list[bytes | None]]) -> pb.GetOnlineFeaturesResponse:
+    def _answer(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step], blobs: list[list[bytes | None]],
+                encoded: bool) -> pb.GetOnlineFeaturesResponse | bytes:
+        if not request.raw:
+            return self._build_typed(request, plan, blobs)
+        data = self._encode_raw(request, plan, blobs)
+        return data if encoded else pb.GetOnlineFeaturesResponse.FromString(data)
+
+    @staticmethod
+    def _statuses(spec: pb.FeatureView, decoded: Decoded, now_us: int) -> np.ndarray | None:
+        """FeatureStatus of every feature of the view and row, (features, rows) uint8, or None
+        when all are PRESENT (the usual case, answered without building the array)."""
+        expired = (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000) if spec.ttl_seconds else None
+        if decoded.found.all() and (expired is None or not expired.any()) and not decoded.nulls.any():
+            return None
+        base = np.full(len(decoded.found), PRESENT, np.uint8)
+        if expired is not None:
+            base[expired] = EXPIRED
+        base[~decoded.found] = NOT_FOUND
+        return np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
+
+    def _encode_raw(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step],
+                    blobs: list[list[bytes | None]]) -> bytes:
+        """The serialized GetOnlineFeaturesResponse of a raw request, written straight from the
+        row bytes (wire.py says why): what the protobuf serializer writes (fields in number
+        order, empty ones left out). A feature's name is the reference it was asked by, always
+        "{view}:{feature}", so its encoded field is cached with the view."""
+        now_us = int(self._clock() * 1e6)
+        columns: list[tuple] = [()] * len(request.features)  # the parts of each FeatureValues, by position
+        versions = []
+        for step, view_blobs in zip(plan, blobs, strict=True):
+            cached = step.cached
+            spec, codec = cached.view.spec, cached.codec
+            versions.append(cached.version_entry)
+            rows = len(step.keys)
+            statuses: np.ndarray | None = None  # None: every value PRESENT
+            strings: dict[str, list[str]] = {}
+            fast = codec.all_fixed(view_blobs)
+            if fast is not None and not fast[3] and not (spec.ttl_seconds and
+                                                         fast[2] < now_us - spec.ttl_seconds * 1_000_000):
+                fixed, events = fast[0], fast[1]
+            else:
+                decoded = codec.decode(view_blobs)
+                statuses = self._statuses(spec, decoded, now_us)
+                fixed, events, strings = decoded.fixed.tobytes(), decoded.event_us.astype("<i8").tobytes(), \
+                    decoded.strings
+            fixed_raw, word = memoryview(fixed), 8 * rows  # a fixed feature's column is a slice
+            status_raw = None if statuses is None else memoryview(statuses.tobytes())
+            # Heads and the status/event parts are the same for every feature of the view.
+            values_head, status_head, event_head = wire.head(8, word), wire.head(9, rows), wire.head(10, word)
+            tail = (status_head, _PRESENT_BYTE * rows, event_head, events) if rows else ()
+            tail_len = len(status_head) + rows + len(event_head) + word if rows else 0
+            fixed_len = len(values_head) + word + tail_len if rows else 0
+            for i, feature in step.wanted:
+                name = cached.name_fields[feature]
+                j = codec.fixed_index.get(feature)
+                if rows and j is not None and cached.types[feature] != _BOOL and status_raw is None:  # the usual case
+                    columns[i] = (_FEATURES_TAG, wire.varint(len(name) + fixed_len), name, values_head,
+                                  fixed_raw[j * word:(j + 1) * word], *tail)
+                    continue
+                if j is None:  # STRING: repeated string_values = 5, one field per row
+                    values = [part for text in strings.get(feature, ()) for part in _string_value(text.encode())]
+                elif not rows:
+                    values = []
+                elif cached.types[feature] == _BOOL:  # raw_values as one uint8 per row
+                    values = [wire.head(8, rows), np.frombuffer(fixed_raw, "<u8", rows, j * word).astype(np.uint8)
+                              .tobytes()]
+                else:
+                    values = [values_head, fixed_raw[j * word:(j + 1) * word]]
+                if status_raw is not None and rows:
+                    k = codec.null_index[feature]
+                    values += (status_head, status_raw[k * rows:(k + 1) * rows], event_head, events)
+                else:
+                    values += tail
+                columns[i] = (_FEATURES_TAG, wire.varint(len(name) + sum(map(len, values))), name, *values)
+        return b"".join(chain.from_iterable(columns)) + b"".join(versions)
+
+    def _build_typed(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step],
+                     blobs: list[list[bytes | None]]) -> pb.GetOnlineFeaturesResponse:
         names = list(request.features)
         columns: list[dict] = [{}] * len(names)  # FeatureValues fields per requested position
         resp = pb.GetOnlineFeaturesResponse()
         now_us = int(self._clock() * 1e6)
-        raw = request.raw
         for step, view_blobs in zip(plan, blobs, strict=True):
             cached = step.cached
             spec, codec, types = cached.view.spec, cached.codec, cached.types
             decoded = codec.decode(view_blobs)
-            rows = len(step.keys)
             resp.view_versions[spec.name] = spec.version
-            # Statuses of every feature of the view at once: (features, keys), one row per feature.
-            expired = (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000) if spec.ttl_seconds else None
-            if decoded.found.all() and (expired is None or not expired.any()) and not decoded.nulls.any():
-                statuses = np.full(decoded.nulls.shape, PRESENT, np.uint8)  # the usual case: all present
-            else:
-                base = np.full(rows, PRESENT, np.uint8)
-                if expired is not None:
-                    base[expired] = EXPIRED
-                base[~decoded.found] = NOT_FOUND
-                statuses = np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
-            if raw:
-                event_raw = decoded.event_us.astype("<i8").tobytes()
-                # Each block's bytes once; a feature's column is a slice (cheaper than a numpy call each).
-                status_raw, fixed_raw, word = statuses.tobytes(), decoded.fixed.tobytes(), 8 * rows
-            else:
-                # Lists, not numpy arrays: protobuf converts a list in C, an array element by element.
-                event_us = decoded.event_us.tolist()
+            statuses = self._statuses(spec, decoded, now_us)
+            if statuses is None:
+                statuses = np.full(decoded.nulls.shape, PRESENT, np.uint8)
+            # Lists, not numpy arrays: protobuf converts a list in C, an array element by element.
+            event_us = decoded.event_us.tolist()
             for i, feature in step.wanted:
-                k = codec.null_index[feature]
                 dtype = types[feature]
-                if raw:
-                    j = codec.fixed_index.get(feature)
-                    col = {"name": names[i], "raw_statuses": status_raw[k * rows:(k + 1) * rows],
-                           "raw_event_timestamps_us": event_raw}
-                    if j is None:
-                        col["string_values"] = decoded.strings[feature]
-                    elif dtype == _BOOL:
-                        col["raw_values"] = decoded.fixed[j].astype(np.uint8).tobytes()
-                    else:  # stored as little-endian 8-byte words: already the wire form of raw_values
-                        col["raw_values"] = fixed_raw[j * word:(j + 1) * word]
-                    columns[i] = col
-                    continue
-                status = statuses[k]
                 values = codec.values(decoded, feature)
                 if isinstance(values, np.ndarray):
                     values = values.tolist()
                 kind = ("double_values" if dtype in FLOATS else "int64_values" if dtype in INTS
                         else "bool_values" if dtype == _BOOL else "string_values")
-                columns[i] = {"name": names[i], kind: values, "statuses": status.tolist(), "event_timestamps_us": event_us}
+                columns[i] = {"name": names[i], kind: values, "statuses": statuses[codec.null_index[feature]].tolist(),
+                              "event_timestamps_us": event_us}
         add = resp.features.add
         for col in columns:
             add(**col)  # built in place: extend() would copy each message

@@ -12,7 +12,7 @@ from services.common.errors import InvalidArgument, NotFound
 from services.features.definitions import Definitions
 from services.features.online import OnlineStore
 from services.features.serving import FeatureServer, ViewCache
-from tests.features.conftest import F64, apply_basics, user_view
+from tests.features.conftest import BOOL, F64, I64, STR, apply_basics, user_view
 
 NOW = 1_800_000_000.0  # the fake clock: seconds since the epoch
 US = 1_000_000
@@ -176,6 +176,65 @@ def test_raw_columns_match_the_typed_ones(server: FeatureServer) -> None:
         assert list(np.frombuffer(r.raw_statuses, np.uint8)) == list(t.statuses)
         assert list(np.frombuffer(r.raw_event_timestamps_us, "<i8")) == list(t.event_timestamps_us)
     assert list(typed[0].statuses) == [NULL, P, MISSING]
+
+
+def _raw_from_typed(typed: pb.GetOnlineFeaturesResponse, dtypes: dict[str, int]) -> pb.GetOnlineFeaturesResponse:
+    """What the raw answer must be, built from the typed one with the generated classes."""
+    import numpy as np
+    out = pb.GetOnlineFeaturesResponse(view_versions=typed.view_versions)
+    for c in typed.features:
+        col = out.features.add(name=c.name, string_values=c.string_values, raw_statuses=bytes(c.statuses),
+                               raw_event_timestamps_us=np.asarray(c.event_timestamps_us, "<i8").tobytes())
+        dtype = dtypes[c.name]
+        if dtype == F64:
+            col.raw_values = np.asarray(c.double_values, "<f8").tobytes()
+        elif dtype == BOOL:
+            col.raw_values = np.asarray(c.bool_values, np.uint8).tobytes()
+        elif dtype != STR:
+            col.raw_values = np.asarray(c.int64_values, "<i8").tobytes()
+    return out
+
+
+def test_raw_answers_are_the_typed_ones_in_raw_form(server: FeatureServer) -> None:
+    """The raw answer is written as bytes by hand (serving.py, wire.py): for random reads over
+    every feature type -- rows found or not, null, expired, fresh; the all-present fast path and
+    the general one; repeated and reordered features; no rows at all -- it parses to exactly the
+    typed answer in raw form."""
+    import numpy as np
+    server.views.definitions.apply_view(pb.FeatureView(name="numeric", entities=["user"], ttl_seconds=3600, features=[
+        pb.Feature(name="x", dtype=F64), pb.Feature(name="n", dtype=I64), pb.Feature(name="b", dtype=BOOL)]), "t")
+    push_users(server, list(range(1, 21)), [float(i) for i in range(1, 21)], null_spend=[3, 7])
+    push_users(server, list(range(21, 31)), [1.0] * 10, ts=NOW - 7200)  # older than user_stats' ttl
+    for ids, ts, nulls in ((range(1, 31), NOW - 30, []), (range(31, 36), NOW - 7200, []), (range(36, 41), NOW - 9, [1])):
+        ids = list(ids)
+        server.push(pb.PushFeaturesRequest(view="numeric", entities={"user_id": pb.EntityColumn(int64_values=ids)},
+                                           event_timestamps_us=[int(ts * US)] * len(ids), features=[
+            pb.FeatureValues(name="x", double_values=[i * 0.5 for i in ids],
+                             statuses=[NULL if r in nulls else P for r in range(len(ids))]),
+            pb.FeatureValues(name="n", int64_values=[-i * 2**40 for i in ids]),
+            pb.FeatureValues(name="b", bool_values=[i % 3 == 0 for i in ids])]))
+    merchants = [f"m{i}" for i in range(1, 41)]
+    server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
+        "merchant_id": pb.EntityColumn(string_values=merchants[:30])}, event_timestamps_us=[int(NOW * US)] * 30,
+        features=[pb.FeatureValues(name="chargeback_rate", double_values=[i / 7 for i in range(30)])]))
+    dtypes = {"user_stats:spend_7d": F64, "user_stats:orders_7d": I64, "user_stats:segment": STR,
+              "user_stats:active": BOOL, "numeric:x": F64, "numeric:n": I64, "numeric:b": BOOL,
+              "merchant_risk:chargeback_rate": F64}
+    refs = list(dtypes)
+    rng = np.random.default_rng(11)
+    cases = [(list(range(1, 31)), ["numeric:x", "numeric:n", "numeric:b", "merchant_risk:chargeback_rate"]),  # all present
+             (list(range(1, 21)), refs), ([], refs[:3]), ([45], ["numeric:b", "numeric:b"])]
+    for _ in range(30):
+        cases.append(([int(i) for i in rng.choice(45, int(rng.integers(1, 12)), replace=False) + 1],
+                      [refs[i] for i in rng.choice(len(refs), int(rng.integers(1, 9)))]))
+    for ids, features in cases:
+        entities = {"user_id": pb.EntityColumn(int64_values=ids),
+                    "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in ids])}
+        typed = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities))
+        request = pb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True)
+        raw = get_online(server, request)
+        assert raw == _raw_from_typed(typed, dtypes), (ids, features)
+        assert len(server.get_online(request, encoded=True)) == raw.ByteSize()  # no empty fields written
 
 
 def test_non_ascii_entity_keys(server: FeatureServer) -> None:
