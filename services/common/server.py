@@ -71,10 +71,9 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         self._policies = policies
         self._auth = authenticator
         self._audit = audit_log
-        self._in_flight = telemetry.RPC_IN_FLIGHT.labels(service)
+        self.metrics = telemetry.RpcMetrics(service)
         self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler]] = {}
-        self._requests: dict[tuple[str, grpc.StatusCode], object] = {}
-        self._latency: dict[str, object] = {}
+        self._ranks: dict[frozenset[str], int] = {}  # a principal's roles -> their best rank
         self._rid_prefix = uuid.uuid4().hex[:12]
         self._rid_counter = itertools.count(1)
 
@@ -129,7 +128,12 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
             return
         principal = self._auth.authenticate(md.get("authorization"))
         current_principal.set(principal)
-        if rank_of(principal.roles) < policy.min_role:
+        rank = self._ranks.get(principal.roles)
+        if rank is None:
+            rank = self._ranks[principal.roles] = rank_of(principal.roles)
+            if len(self._ranks) > 1024:  # role sets are few; never let them grow without bound
+                self._ranks.clear()
+        if rank < policy.min_role:
             raise PermissionDenied(
                 f"{method.rsplit('/', 1)[-1]} needs role {ROLE_NAMES[policy.min_role]}; "
                 f"{principal.subject} has {sorted(principal.roles) or 'none'}")
@@ -155,17 +159,13 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
 
     def _observe(self, method: str, policy: MethodPolicy | None, start: float,
                  code: grpc.StatusCode) -> None:
-        self._in_flight.dec()
         elapsed = time.perf_counter() - start
         short = method.rsplit("/", 1)[-1]
-        counter = self._requests.get((short, code))
-        if counter is None:
-            counter = self._requests[(short, code)] = telemetry.RPC_REQUESTS.labels(self._service, short, code.name)
-        counter.inc()  # type: ignore[attr-defined]
-        latency = self._latency.get(short)
-        if latency is None:
-            latency = self._latency[short] = telemetry.RPC_LATENCY.labels(self._service, short)
-        latency.observe(elapsed)  # type: ignore[attr-defined]
+        metrics = self.metrics
+        metrics.in_flight -= 1
+        metrics.record(short, code.name, elapsed)
+        if code is not grpc.StatusCode.OK:
+            metrics.flush()  # failures show at once; successes within a flush interval
         level = logging.INFO if ((policy is not None and policy.mutates) or code != grpc.StatusCode.OK) \
             else logging.DEBUG
         if access_log.isEnabledFor(level):
@@ -201,7 +201,7 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                     context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Around a streaming call: span, request id, auth, error mapping, metrics, log, audit."""
         start = time.perf_counter()
-        self._in_flight.inc()
+        self.metrics.in_flight += 1
         md = dict(context.invocation_metadata() or ())
         with self._span(method, md) as span:
             try:
@@ -223,7 +223,7 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                 async with self._call(method, policy, context):
                     return await inner(request, context)
             start = time.perf_counter()
-            self._in_flight.inc()
+            self.metrics.in_flight += 1
             try:
                 self._begin(method, policy, dict(context.invocation_metadata() or ()))
                 response = await inner(request, context)
@@ -351,17 +351,29 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
+    flusher = asyncio.ensure_future(_flush_metrics(interceptor.metrics))
     if started is not None:
         started.set()
     await stop.wait()
     log.info("shutting down: finishing in-flight calls", extra={"fields": {"grace_s": s.grace_seconds}})
     await health_servicer.enter_graceful_shutdown()
     await server.stop(s.grace_seconds)
+    flusher.cancel()
+    interceptor.metrics.flush()
     for hook in svc.on_stop:
         res = hook()
         if inspect.isawaitable(res):
             await res
     log.info("stopped")
+
+
+async def _flush_metrics(metrics: telemetry.RpcMetrics) -> None:
+    while True:
+        await asyncio.sleep(metrics.FLUSH_SECONDS)
+        try:
+            metrics.flush()
+        except Exception:  # metrics must never take the server down
+            log.exception("flushing RPC metrics failed")
 
 
 def _tune_for_latency() -> None:

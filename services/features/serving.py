@@ -197,6 +197,8 @@ class FeatureServer:
         self._clock = clock
         # Pushed rows also go to the view's offline source, so training later sees what serving saw.
         self.offline_append = offline_append
+        # Feature list -> its references grouped by view: (position, feature) in request order.
+        self._groups: dict[tuple[str, ...], dict[str, list[tuple[int, str]]]] = {}
 
     # -- reads -----------------------------------------------------------------------------------
     def get_online(self, request: pb.GetOnlineFeaturesRequest,
@@ -220,10 +222,15 @@ class FeatureServer:
     def _plan(self, request: pb.GetOnlineFeaturesRequest, lookup: Callable[[str], _Cached]) -> list[_Step]:
         if not request.features:
             raise InvalidArgument("features", "no features requested")
-        refs = parse_refs(list(request.features))
-        by_view: dict[str, list[tuple[int, str]]] = {}
-        for i, (view, feature) in enumerate(refs):
-            by_view.setdefault(view, []).append((i, feature))
+        refs = tuple(request.features)
+        by_view = self._groups.get(refs)
+        if by_view is None:
+            by_view = {}
+            for i, (view, feature) in enumerate(parse_refs(list(refs))):
+                by_view.setdefault(view, []).append((i, feature))
+            if len(self._groups) >= 4096:  # clients ask for a few lists of features, over and over
+                self._groups.clear()
+            self._groups[refs] = by_view
         plan = []
         for view_name, wanted in by_view.items():
             cached = lookup(view_name)
