@@ -27,7 +27,7 @@ from google.protobuf import any_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import start_http_server
@@ -55,7 +55,7 @@ def _status_details(err: StrataError) -> tuple[tuple[str, bytes], ...]:
     return (("grpc-status-details-bin", st.SerializeToString()),)
 
 
-class StrataInterceptor(grpc.aio.ServerInterceptor):
+class StrataInterceptor:
     """Everything cross-cutting about a call, in one wrapper (one layer instead of five).
 
     It sits on every call of the inference hot path, so it is written for speed: the wrapped
@@ -77,14 +77,9 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
         self._rid_prefix = uuid.uuid4().hex[:12]
         self._rid_counter = itertools.count(1)
 
-    async def intercept_service(self, continuation, details):  # noqa: ANN001 - grpc types
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method: str = details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of the method at `method` ("/pkg.Service/Method") with the per-call steps
+        around it; done once per method when services register (see `_Registrar`)."""
         policy = self._policies.get(method)  # None: health, reflection (public, not audited)
         wrap = self._wrap_unary if not handler.response_streaming else self._wrap_stream
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
@@ -94,8 +89,15 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[
                     (handler.request_streaming, handler.response_streaming)]
-        wrapped = kind(behavior, request_deserializer=handler.request_deserializer,
-                       response_serializer=_allow_encoded(handler.response_serializer))
+        return kind(behavior, request_deserializer=handler.request_deserializer,
+                    response_serializer=_allow_encoded(handler.response_serializer))
+
+    def wrap_cached(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """As `wrap`, for handlers found per call (generic handlers): wrapped once per method."""
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -254,6 +256,34 @@ class StrataInterceptor(grpc.aio.ServerInterceptor):
 _NOBODY = Principal("unauthenticated", frozenset())
 
 
+class _Registrar:
+    """What services register their servicers with, in place of the server: every method
+    handler is wrapped once, here, with the interceptor's per-call steps. Installed as a grpc
+    interceptor instead, the same steps cost a chain of coroutines per call
+    (intercept_service -> continuation -> handler lookup); measured in docs/performance.md."""
+
+    def __init__(self, server: grpc.aio.Server, interceptor: StrataInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._interceptor.wrap(f"/{service}/{name}", h) for name, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._interceptor) for h in handlers))
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: StrataInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else self._interceptor.wrap_cached(handler_call_details.method, handler)
+
+
 def _allow_encoded(serializer: Callable | None) -> Callable | None:
     """A handler may answer with its response already serialized (bytes, e.g. the raw online
     feature read): it goes out as it is; messages are serialized as usual."""
@@ -314,14 +344,17 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
     policies = {**policies_for(svc.descriptors), **svc.extra_policies}
     interceptor = StrataInterceptor(s.service, policies, authenticator, svc.audit_log,
                                     tracing=s.tracing != "none")
-    server = grpc.aio.server(interceptors=[interceptor], options=server_options(s, svc.reuse_port))
-    svc.register(server)
+    server = grpc.aio.server(options=server_options(s, svc.reuse_port))
+    registrar = _Registrar(server, interceptor)
+    svc.register(registrar)
 
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     names = [d.full_name for d in svc.descriptors] + svc.extra_services
-    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME], server)
+    # reflection.enable_server_reflection picks the servicer by the server's type; the registrar
+    # is not a grpc.aio.Server, so the asyncio servicer is added by hand.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]), registrar)
     address = f"{s.host}:{s.port}"
     creds = _credentials(s)
     try:
