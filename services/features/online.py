@@ -229,7 +229,7 @@ def _resp(*args: bytes) -> bytes:
 
 
 class RedisOnlineStore:
-    """Keys `sf:{view}:v{version}:{entity key}`; reads are one MGET (one round trip) per view."""
+    """Keys `sf:{view}:v{version}:{entity key}`; a read is one MGET (one round trip) for all its views."""
 
     def __init__(self, url: str, prefix: str = "sf") -> None:
         import redis
@@ -251,51 +251,56 @@ class RedisOnlineStore:
             self._set_if_newer(keys=[self._key(view, version, k) for k in keys[start:start + 1000]],
                                args=list(blobs[start:start + 1000]))
 
-    def _mget(self, view: str, version: int, keys: Sequence[str]) -> bytes:
-        # The RESP frame of one MGET, built here in one pass: redis-py's generic argument
-        # packing costs ~4 us per key in Python, more than the round trip for 100 keys.
-        prefix = f"{self.prefix}:{view}:v{version}:"
-        head = b"*%d\r\n$4\r\nMGET" % (len(keys) + 1)
-        # "\r\n$<len>\r\n<prefix>" before each key, one per key length, interleaved with the keys
-        # and joined by C loops (map, slice assignment, join): no Python bytecode per key.
-        plen = len(prefix)
-        lengths = set(map(len, keys))
-        heads = {n: f"\r\n${plen + n}\r\n{prefix}" for n in lengths}
-        parts: list[str] = [""] * (2 * len(keys))
-        parts[0::2] = map(heads.__getitem__, map(len, keys))
-        parts[1::2] = keys
-        body = "".join(parts)
+    def _mget(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> bytes | None:
+        """The RESP frame of one MGET for the keys of all `reads` (every view of a request: one
+        command, one reply), built here in one pass: redis-py's generic argument packing costs
+        ~4 us per key in Python, more than the round trip for 100 keys. None when no keys."""
+        total = sum(len(keys) for _, _, keys in reads)
+        if not total:
+            return None
+        bodies = []
+        for view, version, keys in reads:
+            # "\r\n$<len>\r\n<prefix>" before each key, one per key length, interleaved with the
+            # keys and joined by C loops (map, slice assignment, join): no Python bytecode per key.
+            prefix = f"{self.prefix}:{view}:v{version}:"
+            plen = len(prefix)
+            heads = {n: f"\r\n${plen + n}\r\n{prefix}" for n in set(map(len, keys))}
+            parts: list[str] = [""] * (2 * len(keys))
+            parts[0::2] = map(heads.__getitem__, map(len, keys))
+            parts[1::2] = keys
+            bodies.append("".join(parts))
+        body = "".join(bodies)
         if body.isascii():  # then character counts are byte counts; one encode for the whole frame
-            return head + body.encode() + b"\r\n"
-        return _resp(b"MGET", *[(prefix + k).encode() for k in keys])
+            return b"*%d\r\n$4\r\nMGET" % (total + 1) + body.encode() + b"\r\n"
+        return _resp(b"MGET", *[f"{self.prefix}:{v}:v{ver}:{k}".encode() for v, ver, keys in reads for k in keys])
 
     def read(self, view: str, version: int, keys: Sequence[str]) -> list[bytes | None]:
         return self.read_many([(view, version, keys)])[0]
 
     def read_many(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
-        """Several MGETs pipelined: one round trip for all the views of a request."""
-        frames = self._frames(reads)
-        if not frames:
+        """The keys of all the views of a request in one MGET: one round trip."""
+        frame = self._mget(reads)
+        if frame is None:
             return [[] for _ in reads]
         conn = self.client.connection_pool.get_connection()
         try:
-            conn.send_packed_command([b"".join(frames)])
-            replies = [conn.read_response() for _ in frames]
+            conn.send_packed_command([frame])
+            reply = conn.read_response()
         except BaseException:
             conn.disconnect()
             raise
         finally:
             self.client.connection_pool.release(conn)
-        return self._spread(reads, replies)
-
-    def _frames(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[bytes]:
-        return [self._mget(v, ver, keys) for v, ver, keys in reads if keys]
+        return self._spread(reads, reply)
 
     @staticmethod
-    def _spread(reads: Sequence[tuple[str, int, Sequence[str]]], replies: list) -> list[list[bytes | None]]:
-        """One reply per read that had keys, in order; reads without keys get []."""
-        it = iter(replies)
-        return [next(it) if keys else [] for _, _, keys in reads]
+    def _spread(reads: Sequence[tuple[str, int, Sequence[str]]], reply: list) -> list[list[bytes | None]]:
+        """The one MGET reply cut back into one list per read, in order."""
+        out, start = [], 0
+        for _, _, keys in reads:
+            out.append(reply[start:start + len(keys)])
+            start += len(keys)
+        return out
 
     async def _open_pipe(self) -> RespPipe:
         loop = asyncio.get_running_loop()
@@ -339,25 +344,23 @@ class RedisOnlineStore:
         return pipe
 
     async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
-        """`read_many` on the event loop: the MGETs of all views in one write, pipelined with
-        every other call in flight on this loop's connection. Reads are idempotent, so a call
+        """`read_many` on the event loop: the one MGET pipelined with every other call in flight
+        on this loop's connection. Reads are idempotent, so a call
         that finds the connection broken reconnects and retries once."""
-        frames = self._frames(reads)
-        if not frames:
+        frame = self._mget(reads)
+        if frame is None:
             return [[] for _ in reads]
-        payload = b"".join(frames)
         for attempt in (1, 2):
             try:
                 pipe = await self._get_pipe()
-                replies = await pipe.call(payload, len(frames))
+                (reply,) = await pipe.call(frame, 1)
                 break
             except (OSError, asyncio.TimeoutError) as e:  # ConnectionError is an OSError
                 if attempt == 2:
                     raise Unavailable(f"online store (redis) unreachable: {e}") from e
-        for r in replies:
-            if isinstance(r, Exception):
-                raise RuntimeError(f"redis MGET failed: {r}")
-        return self._spread(reads, replies)
+        if isinstance(reply, Exception):
+            raise RuntimeError(f"redis MGET failed: {reply}")
+        return self._spread(reads, reply)
 
     def close(self) -> None:
         if self._pipe is not None:

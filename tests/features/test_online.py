@@ -249,13 +249,19 @@ def test_non_ascii_entity_keys(server: FeatureServer) -> None:
 
 def test_mget_frame_is_the_resp_encoding() -> None:
     """The hand-built MGET frame (interleaved per key length) equals the generic RESP encoding,
-    for keys of mixed lengths, one key, and non-ASCII keys (the fallback)."""
+    for keys of mixed lengths, one key, non-ASCII keys (the fallback), and several views in one
+    command (a view without keys adds nothing); no keys at all is no command."""
     from services.features.online import RedisOnlineStore, _resp
     store = RedisOnlineStore("redis://127.0.0.1:6379/0", prefix="sf")  # builds frames; connects lazily
     try:
         for keys in (["7", "12", "123", "7", "99999", "1\x1f2"], ["only"], ["café", "a", "日本"]):
             want = _resp(b"MGET", *[f"sf:v:v3:{k}".encode() for k in keys])
-            assert store._mget("v", 3, keys) == want, keys
+            assert store._mget([("v", 3, keys)]) == want, keys
+        reads = [("user", 2, ["1", "22"]), ("empty", 1, []), ("merchant", 7, ["m-3", "日"])]
+        want = _resp(b"MGET", b"sf:user:v2:1", b"sf:user:v2:22", b"sf:merchant:v7:m-3", "sf:merchant:v7:日".encode())
+        assert store._mget(reads) == want
+        assert store._mget([("user", 2, ["1"])[:2] + ([],)]) is None
+        assert store._spread(reads, ["a", "b", "c", "d"]) == [["a", "b"], [], ["c", "d"]]
     finally:
         store.close()
 
