@@ -1,8 +1,9 @@
 """The one server bootstrap every service uses.
 
-`run(build)` starts a grpc.aio server with: the Strata interceptor (request id, tracing,
-authentication, role check from the method's declared AccessPolicy, domain error -> status
-mapping, metrics, access log, audit record for mutating calls), gRPC health checking, server
+`run(build)` starts a grpc.aio server with: the Strata interceptor, wrapped around each method
+handler at registration (request id, tracing, authentication, role check from the method's
+declared AccessPolicy, domain error -> status mapping, metrics, access log, audit record for
+mutating calls), gRPC health checking, server
 reflection, message size limits, optional TLS/mTLS, a Prometheus endpoint, and a graceful
 shutdown on SIGTERM/SIGINT that stops taking calls and lets in-flight ones finish.
 """
@@ -58,10 +59,11 @@ def _status_details(err: StrataError) -> tuple[tuple[str, bytes], ...]:
 class StrataInterceptor:
     """Everything cross-cutting about a call, in one wrapper (one layer instead of five).
 
-    It sits on every call of the inference hot path, so it is written for speed: the wrapped
-    handler is built once per method and cached, metric children are looked up once, request
-    ids come from a per-process prefix and a counter (no syscall), and a call that mutates
-    nothing finishes without another await."""
+    It sits on every call of the inference and online-feature hot paths, so it is written for
+    speed: each handler is wrapped once, when services register (`_Registrar`; not a grpc
+    interceptor, which runs a chain of coroutines per call), metrics are tallied and added to
+    Prometheus in bulk (`telemetry.RpcMetrics`), request ids come from a per-process prefix and
+    a counter (no syscall), and a call that mutates nothing finishes without another await."""
 
     def __init__(self, service: str, policies: dict[str, MethodPolicy],
                  authenticator: Authenticator | None, audit_log: AuditLog | None, tracing: bool = False) -> None:
