@@ -64,3 +64,37 @@ def test_serving_processes_take_connections_in_turn(tmp_path: Path) -> None:
             time.sleep(0.3)  # closed connections leave before the next round counts
     finally:
         stop_process(proc)
+
+
+def _policies(pid: int) -> dict[int, int]:
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out[int(task.name)] = os.sched_getscheduler(int(task.name))
+    return out
+
+
+def test_helper_threads_run_as_batch_beside_the_event_loop(tmp_path: Path) -> None:
+    """In a serving process every thread but the event loop's (grpc's pool and poller, worker
+    threads) is SCHED_BATCH, so none of them preempts the interpreter when it wakes; the loop's
+    thread stays a normal one. STRATA_BATCH_HELPER_THREADS=off leaves them all normal."""
+    for setting, helper_policy in (("on", os.SCHED_BATCH), ("off", os.SCHED_OTHER)):
+        port = free_port()
+        proc = start_service("features", tmp_path / setting, port,
+                             {"STRATA_FEATURES_WORKERS": "1", "STRATA_AUTH": "disabled",
+                              "STRATA_BATCH_HELPER_THREADS": setting})
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            deadline = time.monotonic() + 5
+            while True:
+                policies = _policies(proc.pid)
+                helpers = {p for tid, p in policies.items() if tid != proc.pid}
+                if helpers == {helper_policy} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert len(policies) > 3  # grpc's threads are there
+            assert policies[proc.pid] == os.SCHED_OTHER
+            assert helpers == {helper_policy}, policies
+        finally:
+            stop_process(proc)
