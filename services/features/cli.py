@@ -50,6 +50,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     ts.add_argument("features", nargs="+", metavar="VIEW:FEATURE")
     ts.add_argument("--entities", type=Path, required=True, help="Parquet: join keys + event_timestamp")
     ts.add_argument("--timestamp-column", default="event_timestamp")
+    ts.add_argument("--filter-by-created-timestamp", action="store_true",
+                    help="a value counts only once created (no backfills seen by earlier rows)")
     ts.add_argument("-o", "--output", type=Path, required=True)
 
 
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                 w.write_table(entities)
             parts = stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
                 features=args.features, entity_arrow=sink.getvalue().to_pybytes(),
-                timestamp_column=args.timestamp_column))
+                timestamp_column=args.timestamp_column,
+                filter_by_created_timestamp=args.filter_by_created_timestamp))
             table = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
             from services.features.offline import write_parquet
             digest = write_parquet(table, args.output)

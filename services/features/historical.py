@@ -43,7 +43,8 @@ class HistoricalRetrieval:
         entities = self._entity_table(request)
         try:
             result = historical_features(entities, list(specs.values()), refs,
-                                         timestamp_column=request.timestamp_column or "event_timestamp")
+                                         timestamp_column=request.timestamp_column or "event_timestamp",
+                                         filter_by_created_timestamp=request.filter_by_created_timestamp)
         except OfflineStoreError as e:
             raise InvalidArgument("features", str(e)) from None
         if request.output_uri:

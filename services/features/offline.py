@@ -11,6 +11,13 @@ null features; a matched row's null feature stays null (no fall back to older ro
 null key or timestamp (entity or source) never match. Join keys must be of one kind on both sides
 (any integer width with any other, any string type with any other; else OfflineStoreError).
 
+With `filter_by_created_timestamp` (Feast's opt-in of the same name), a row also counts only if it was
+known at the entity row's time: its created timestamp is at or before `row_ts` too (a null created
+timestamp counts as known at its event time; views without a created column are unaffected). A
+backfill or late correction created after `row_ts` then never reaches the row, so a training set
+shows what the online store could have served at that moment, and re-running it after a backfill
+gives the same answer.
+
 Timestamps are compared as integers since the epoch in UTC (naive timestamps are taken as UTC), in
 microseconds, or in nanoseconds where either side has nanosecond precision, so that no sub-
 microsecond future value can leak through truncation.
@@ -20,6 +27,11 @@ read straight from Parquet. The inequality is on a struct (event time, created t
 40 | row number), the entity side being (time, +inf, +inf), so the join itself returns the winner of
 the tie-break order without a separate de-duplication pass. ttl then nulls a match that is too old
 (the ASOF match is the latest row <= the entity time, so every other candidate is older still).
+With the created-time cutoff a second inequality cannot go into the ASOF join, so the join is on the
+time a row became known, `known = max(ts, created)` (`known <= row_ts` is both conditions at once),
+and each source row carries the winner of the tie-break order among the rows of its key known at or
+before it (a running arg_max over a window ordered by `known`, peers included): the ASOF match, the
+latest known row, then carries the winner among everything known by `row_ts`.
 The feature columns are put back in row order and appended to the caller's table untouched.
 """
 
@@ -85,6 +97,7 @@ class _Source:
     schema: pa.Schema
     unit: str      # "us" or "ns": the precision this view is compared in
     features: list[str]
+    known_cutoff: bool = False  # match on max(event, created) <= row time (filter_by_created_timestamp)
 
 
 def _resolve(con: duckdb.DuckDBPyConnection, view: ViewSpec, entity_schema: pa.Schema, entity_ns: bool,
@@ -152,10 +165,28 @@ def _view_sql(i: int, s: _Source) -> str:
         c_unit = "ns" if s.schema.field(created).type.unit == "ns" else "us"  # exact, never overflows
         order.append(f"coalesce(epoch_{c_unit}({_q(created)}), {_MIN})")
     order.append(f"(file_index::BIGINT << {_ROW_BITS}) + file_row_number")  # file order, then row order
-    cols = [*(_q(k) for k in v.entities), *(f"{_q(f)} AS f{j}" for j, f in enumerate(s.features))]
-    return (f"v{i} AS (SELECT {', '.join(cols)}, {order[0]} AS ets, "
-            f"struct_pack({', '.join(f'o{j} := {o}' for j, o in enumerate(order))}) AS ord "
-            f"FROM read_parquet($files{i}) WHERE {_q(v.timestamp_field)} IS NOT NULL)")
+    cols = [*(_q(k) for k in v.entities), *(f"{_q(f)} AS f{j}" for j, f in enumerate(s.features)),
+            f"{order[0]} AS ets", f"struct_pack({', '.join(f'o{j} := {o}' for j, o in enumerate(order))}) AS ord"]
+    if s.known_cutoff:
+        # Known from max(event, created), in this view's unit; a ns created time compared in us is
+        # rounded up (a row created 1 ns after the entity time must not count). DuckDB's // and %
+        # truncate toward zero.
+        created = _q(v.created_timestamp_field or "")
+        if s.unit == "us" and s.schema.field(v.created_timestamp_field).type.unit == "ns":
+            c = f"epoch_ns({created})"
+            c = f"({c} // 1000 + ({c} % 1000 > 0)::BIGINT)"
+        else:
+            c = f"epoch_{s.unit}({created})"
+        cols.append(f"greatest({order[0]}, coalesce({c}, {order[0]})) AS known")
+    rows = f"SELECT {', '.join(cols)} FROM read_parquet($files{i}) WHERE {_q(v.timestamp_field)} IS NOT NULL"
+    if not s.known_cutoff:
+        return f"v{i} AS ({rows})"
+    keys = ", ".join(_q(k) for k in v.entities)
+    best = f"struct_pack(ets := ets, {', '.join(f'f{j} := f{j}' for j in range(len(s.features)))})"
+    unpack = ", ".join(["b.ets AS ets", *(f"b.f{j} AS f{j}" for j in range(len(s.features)))])
+    return (f"v{i} AS (SELECT {keys}, known, {unpack} FROM (SELECT {keys}, known, arg_max({best}, ord) OVER "
+            f"(PARTITION BY {keys} ORDER BY known RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS b "
+            f"FROM ({rows})))")
 
 
 def _entity_ord(s: _Source, ets: str) -> str:
@@ -168,7 +199,7 @@ def _entity_ord(s: _Source, ets: str) -> str:
 
 def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
                         features: Sequence[tuple[str, str]], *, timestamp_column: str = "event_timestamp",
-                        threads: int | None = None) -> pa.Table:
+                        threads: int | None = None, filter_by_created_timestamp: bool = False) -> pa.Table:
     """`entity_rows` (in their order, all their columns) plus one column `<view>__<feature>` per requested
     feature, each the value as of the row's timestamp (see the module docstring)."""
     if not isinstance(entity_rows, pa.Table):
@@ -211,6 +242,8 @@ def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
             entity_ns = ts_type.unit == "ns"
             sources = [_resolve(con, by_name[n], entity_rows.schema, entity_ns, fs)
                        for n, fs in wanted.items()]
+            for src in sources:
+                src.known_cutoff = filter_by_created_timestamp and bool(src.view.created_timestamp_field)
             return _query(con, entity_rows, timestamp_column, sources, out_names)
         finally:
             con.close()
@@ -235,8 +268,8 @@ def _query(con: duckdb.DuckDBPyConnection, entity_rows: pa.Table, timestamp_colu
         v, ets = s.view, f"e.{ts_cols[s.unit]}"
         ctes.append(_view_sql(i, s))
         params[f"files{i}"] = s.files
-        on = " AND ".join([*(f"e.{_q(k)} = v{i}.{_q(k)}" for k in v.entities),
-                           f"{_entity_ord(s, ets)} >= v{i}.ord"])
+        inequality = f"{ets} >= v{i}.known" if s.known_cutoff else f"{_entity_ord(s, ets)} >= v{i}.ord"
+        on = " AND ".join([*(f"e.{_q(k)} = v{i}.{_q(k)}" for k in v.entities), inequality])
         joins.append(f"ASOF LEFT JOIN v{i} ON {on}")
         ttl = v.ttl_seconds * _PER_SECOND[s.unit]
         for j, f in enumerate(s.features):

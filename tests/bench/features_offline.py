@@ -1,7 +1,7 @@
 """Benchmark of the offline store's point-in-time retrieval (services/features/offline.py).
 
     .venv/bin/python -m tests.bench.features_offline [--entity-rows 1000000] [--source-rows 10000000]
-        [--out DIR] [--threads N]
+        [--out DIR] [--threads N] [--filter-by-created-timestamp]
 
 Generates two feature views as Parquet (half the source rows each, in files of <= 1M rows so that
 generation itself stays small in memory): `user_stats` keyed by user_id (int64, 100k users, 10
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--source-rows", type=int, default=10_000_000, help="in all, split over the two views")
     ap.add_argument("--out", type=Path, help="data directory (kept); default: a temporary one, removed")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--filter-by-created-timestamp", action="store_true",
+                    help="the created-time cutoff too (a running arg_max per key before the ASOF join)")
     args = ap.parse_args()
 
     root = args.out or Path(tempfile.mkdtemp(prefix="strata-offline-bench-"))
@@ -88,7 +90,8 @@ def main() -> None:
         ]
         wanted = [(v.name, f) for v in views for f in v.features]
         t0 = time.perf_counter()
-        result = historical_features(entities, views, wanted, threads=args.threads)
+        result = historical_features(entities, views, wanted, threads=args.threads,
+                                     filter_by_created_timestamp=args.filter_by_created_timestamp)
         seconds = time.perf_counter() - t0
         matched = {v.name: 1 - result.column(f"{v.name}__{v.features[-1]}").null_count / max(n, 1)
                    for v in views}
@@ -102,6 +105,7 @@ def main() -> None:
             "peak_rss_mb_before_retrieval": round(rss_before, 1),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
+            "filter_by_created_timestamp": args.filter_by_created_timestamp,
             "generate_seconds": round(generate_s, 1),
             "matched_fraction": {k: round(v, 4) for k, v in matched.items()},
         }, indent=2))

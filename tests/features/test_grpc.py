@@ -205,19 +205,26 @@ def test_cli_training_set(addr: str, stub: features_pb2_grpc.FeatureServiceStub,
     stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
                                                             value_type=pb.VALUE_TYPE_INT64)))
     t = 1_767_225_600_000_000
+    us = pa.timestamp("us", tz="UTC")
     pq.write_table(pa.table({"user_id": pa.array([7], pa.int64()), "age": pa.array([41.0]),
-                             "ts": pa.array([t], pa.timestamp("us", tz="UTC"))}), tmp_path / "ages.parquet")
+                             "ts": pa.array([t], us), "created": pa.array([t + 10], us)}),
+                   tmp_path / "ages.parquet")
     name = f"ages_{os.urandom(3).hex()}"
     stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
         name=name, entities=["user"], features=[pb.Feature(name="age", dtype=F64)],
-        source=pb.DataSource(path=str(tmp_path / "ages.parquet"), timestamp_field="ts"))))
-    pq.write_table(pa.table({"user_id": pa.array([7, 7], pa.int64()), "event_timestamp": pa.array(
-        [t - 1, t + 1], pa.timestamp("us", tz="UTC"))}), tmp_path / "rows.parquet")
+        source=pb.DataSource(path=str(tmp_path / "ages.parquet"), timestamp_field="ts",
+                             created_timestamp_field="created"))))
+    pq.write_table(pa.table({"user_id": pa.array([7, 7, 7], pa.int64()), "event_timestamp": pa.array(
+        [t - 1, t + 1, t + 10], us)}), tmp_path / "rows.parquet")
     out = tmp_path / "train.parquet"
-    assert main(["--features-addr", addr, "features", "training-set", f"{name}:age", "--entities",
-                 str(tmp_path / "rows.parquet"), "-o", str(out)]) == 0
-    assert "2 rows" in capsys.readouterr().out
-    assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, 41.0]
+    args = ["--features-addr", addr, "features", "training-set", f"{name}:age", "--entities",
+            str(tmp_path / "rows.parquet"), "-o", str(out)]
+    assert main(args) == 0
+    assert "3 rows" in capsys.readouterr().out
+    assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, 41.0, 41.0]
+    # the value was written (created) 10 us after its event: rows before that do not see it
+    assert main([*args, "--filter-by-created-timestamp"]) == 0
+    assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, None, 41.0]
 
 
 @pytest.mark.parametrize("uri", ["/etc/strata-escape.parquet", "../../escape.parquet", "a/../../b.parquet"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -95,6 +96,38 @@ def test_same_event_and_created_time_position_decides(tmp_path: Path) -> None:
     # without a created timestamp the position alone decides
     got = get(entities([1, 3], [T(10)] * 2), [view(str(d / "*.parquet"))])
     assert got.column("u__x").to_pylist() == [10.0, 32.0]
+
+
+def test_created_timestamp_cutoff_hides_backfills_and_late_rows(tmp_path: Path) -> None:
+    """filter_by_created_timestamp: a row counts only once created (a null created time: at its event),
+    so a backfill written later never reaches earlier training rows; off, only the event time counts."""
+    src = source(tmp_path / "s.parquet", user_id=[1, 1, 1, 2], ts=pa.array([T(10), T(20), T(60), T(5)], US),
+                 created=pa.array([T(11), T(50), None, T(40)], US), x=[1.0, 2.0, 3.0, 4.0])
+    times = [T(5), T(10), T(11), T(25), T(49), T(50), T(60)]
+    rows = entities([1] * 7 + [2, 2], times + [T(39), T(40)])
+    v = view(src, created="created")
+    assert get(rows, [v]).column("u__x").to_pylist() == [None, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 4.0]
+    assert get(rows, [v], filter_by_created_timestamp=True).column("u__x").to_pylist() == \
+        [None, None, 1.0, 1.0, 1.0, 2.0, 3.0, None, 4.0]
+    # ttl applies to the known winner: at 25 s the newest known value (10 s) is 15 s old, and the
+    # newer row (20 s, created at 50 s) is not used in its place
+    short = view(src, created="created", ttl=10)
+    assert get(rows, [short], filter_by_created_timestamp=True).column("u__x").to_pylist() == \
+        [None, None, 1.0, None, None, None, 3.0, None, None]
+    # a view without a created column is unaffected
+    plain = view(src)
+    assert get(rows, [plain], filter_by_created_timestamp=True).equals(get(rows, [plain]))
+
+
+def test_created_timestamp_cutoff_below_a_microsecond(tmp_path: Path) -> None:
+    """A nanosecond created time against microsecond entity times is rounded up, never down."""
+    ns = pa.timestamp("ns", tz="UTC")
+    t20 = pa.scalar(T(20), US).cast(ns).value
+    src = source(tmp_path / "s.parquet", user_id=[1], ts=pa.array([T(10)], US),
+                 created=pa.array([t20 + 1], ns), x=[1.0])
+    got = get(entities([1, 1], [T(20), T(20.000001)]), [view(src, created="created")],
+              filter_by_created_timestamp=True)
+    assert got.column("u__x").to_pylist() == [None, 1.0]
 
 
 def test_several_views_with_different_entities_in_one_request(tmp_path: Path) -> None:
@@ -271,7 +304,7 @@ source_row = st.fixed_dictionaries({
     "user_id": st.sampled_from([0, 1, 1, 1, None]),
     "merchant_id": st.sampled_from(["a", "b"]),
     "ts": st.sampled_from([0, 1, 2, 2, 3, 3, None]),
-    "created": st.sampled_from([None, 0, 1, 1]),
+    "created": st.sampled_from([None, 0, 1, 1, 2, 4]),  # 2, 4: often created after the event
     "x_null": st.booleans(),
     "file": st.sampled_from([0, 1, 2]),  # which of three files the row is written to
 })
@@ -283,8 +316,9 @@ entity_row = st.fixed_dictionaries({
 
 
 def reference(src: list[dict], rows: list[dict], keys: tuple[str, ...], ttl: int, created: bool,
-              feature: str) -> list[object]:
-    """Per entity row: loop over every source row, keep the candidates, take the max by the tie order."""
+              feature: str, cutoff: bool = False) -> list[object]:
+    """Per entity row: loop over every source row, keep the candidates, take the max by the tie order.
+    With `cutoff`, a candidate must also have been created by the row's time (null: at its event)."""
     out = []
     for e in rows:
         best, best_rank = None, None
@@ -293,6 +327,8 @@ def reference(src: list[dict], rows: list[dict], keys: tuple[str, ...], ttl: int
                 continue
             if s["ts"] is None or not (s["ts"] <= e["ts"] and (ttl == 0 or s["ts"] >= e["ts"] - ttl)):
                 continue
+            if cutoff and created and (s["ts"] if s["created"] is None else s["created"]) > e["ts"]:
+                continue
             c = s["created"] if created else None
             rank = (s["ts"], c is not None, c or 0, s["file"], i)  # i: the row's order inside its file
             if best_rank is None or rank > best_rank:
@@ -300,13 +336,14 @@ def reference(src: list[dict], rows: list[dict], keys: tuple[str, ...], ttl: int
         out.append(None if best is None else best[feature])
     return out
 
+# STRATA_HYPOTHESIS_EXAMPLES=1500 for a deeper run than CI's (about a minute).
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=int(os.environ.get("STRATA_HYPOTHESIS_EXAMPLES", "60")), deadline=None)
 @given(src=st.lists(source_row, min_size=10, max_size=30), rows=st.lists(entity_row, min_size=5, max_size=30),
        src_type=st.sampled_from(UNITS), ent_type=st.sampled_from(UNITS), ttl_u=st.sampled_from([0, 1, 2]),
-       ttl_p=st.sampled_from([0, 3]))
+       ttl_p=st.sampled_from([0, 3]), cutoff=st.booleans())
 def test_matches_reference(src: list[dict], rows: list[dict], src_type: pa.DataType, ent_type: pa.DataType,
-                           ttl_u: int, ttl_p: int) -> None:
+                           ttl_u: int, ttl_p: int, cutoff: bool) -> None:
     for i, s in enumerate(src):  # values name their row, so a wrong match shows which row won
         s["x"] = None if s["x_null"] else float(i)
         s["n"] = i * 10
@@ -332,11 +369,12 @@ def test_matches_reference(src: list[dict], rows: list[dict], src_type: pa.DataT
         table = pa.table({"user_id": pa.array([r["user_id"] for r in rows], pa.int64()),
                           "merchant_id": pa.array([r["merchant_id"] for r in rows], pa.string()),
                           "event_timestamp": ts([r["ts"] for r in rows], ent_type)})
-        got = historical_features(table, views, [("u", "x"), ("p", "x"), ("u", "n")], threads=2)
+        got = historical_features(table, views, [("u", "x"), ("p", "x"), ("u", "n")], threads=2,
+                                  filter_by_created_timestamp=cutoff)
 
     assert got.column_names == ["user_id", "merchant_id", "event_timestamp", "u__x", "p__x", "u__n"]
     assert got.select(table.column_names).equals(table)
-    assert got.column("u__x").to_pylist() == reference(src, rows, ("user_id",), ttl_u, True, "x")
-    assert got.column("u__n").to_pylist() == reference(src, rows, ("user_id",), ttl_u, True, "n")
+    assert got.column("u__x").to_pylist() == reference(src, rows, ("user_id",), ttl_u, True, "x", cutoff)
+    assert got.column("u__n").to_pylist() == reference(src, rows, ("user_id",), ttl_u, True, "n", cutoff)
     assert got.column("p__x").to_pylist() == reference(src, rows, ("user_id", "merchant_id"), ttl_p,
-                                                       False, "x")
+                                                       False, "x", cutoff)

@@ -1184,6 +1184,7 @@ class GetHistoricalFeaturesRequest(_message.Message):
     ENTITY_URI_FIELD_NUMBER: _builtins.int
     TIMESTAMP_COLUMN_FIELD_NUMBER: _builtins.int
     OUTPUT_URI_FIELD_NUMBER: _builtins.int
+    FILTER_BY_CREATED_TIMESTAMP_FIELD_NUMBER: _builtins.int
     entity_arrow: _builtins.bytes
     """The entity table as an Arrow IPC stream: join key columns plus the
     timestamp column.
@@ -1195,6 +1196,12 @@ class GetHistoricalFeaturesRequest(_message.Message):
     output_uri: _builtins.str
     """When set, the result is written here as Parquet (a local path or an
     artifact-store key) instead of being streamed.
+    """
+    filter_by_created_timestamp: _builtins.bool
+    """Also require a value to have been created at or before the row's
+    timestamp (views with a created timestamp column; a null created time
+    counts as its event time): backfills and late corrections never reach
+    earlier rows, as with Feast's filter_by_created_timestamp.
     """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1208,10 +1215,11 @@ class GetHistoricalFeaturesRequest(_message.Message):
         entity_uri: _builtins.str = ...,
         timestamp_column: _builtins.str = ...,
         output_uri: _builtins.str = ...,
+        filter_by_created_timestamp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "features", b"features", "output_uri", b"output_uri", "timestamp_column", b"timestamp_column"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "features", b"features", "filter_by_created_timestamp", b"filter_by_created_timestamp", "output_uri", b"output_uri", "timestamp_column", b"timestamp_column"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
