@@ -18,6 +18,7 @@ connection pool, no GIL hand-off per call (docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import Unavailable
+
+log = logging.getLogger("strata.features")
 
 _DT = types_pb2.DataType
 FLOATS = {_DT.DATA_TYPE_FLOAT32, _DT.DATA_TYPE_FLOAT64}
@@ -342,6 +345,15 @@ class RedisOnlineStore:
                 self._pipe.close()
             self._pipe = pipe
         return pipe
+
+    async def warm(self) -> None:
+        """Open this loop's connection before the first call; a Redis not up yet is not an error
+        here (the first read connects, or says UNAVAILABLE)."""
+        if self.async_reads:
+            try:
+                await self._get_pipe()
+            except (OSError, asyncio.TimeoutError) as e:
+                log.warning("online store (redis) not reachable at start: %s", e)
 
     async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
         """`read_many` on the event loop: the one MGET pipelined with every other call in flight

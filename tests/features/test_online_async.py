@@ -19,7 +19,7 @@ from services.features.app import MIGRATIONS
 from services.features.definitions import Definitions
 from services.features.online import RedisOnlineStore
 from services.features.serving import FeatureServer, ViewCache
-from tests.features.conftest import F64, apply_basics
+from tests.features.conftest import F64, apply_basics, user_view
 from tests.processes import free_port
 
 NOW = 1_800_000_000.0
@@ -168,5 +168,37 @@ def test_unreachable_redis_is_unavailable(tmp_path) -> None:  # noqa: ANN001
     try:
         with pytest.raises(Unavailable, match="online store"):
             asyncio.run(store.read_many_async([("v", 1, ["a"])]))
+    finally:
+        store.close()
+
+
+def test_warm_up_caches_definitions_and_opens_the_connection(server: FeatureServer) -> None:
+    """Before a process serves: current definitions cached (no first read waits for the database)
+    and the loop's Redis connection open; a limit stops early, the rest load on first use."""
+    from services.features.serving import _Stale
+    server.views.definitions.apply_view(user_view(), "t")
+    views = ViewCache(server.views.definitions)
+    assert views.warm(limit=1) == 1
+    with pytest.raises(_Stale):
+        views.fresh("user_stats")  # names in order: merchant_risk first
+    assert views.warm() == 2
+    assert views.fresh("user_stats").view.spec.name == "user_stats"
+    assert views.fresh("merchant_risk").view.spec.version == 1
+
+    async def main() -> None:
+        await server.store.warm()
+        assert server.store._pipe is not None and not server.store._pipe.lost
+        # warming again reuses it
+        pipe = server.store._pipe
+        await server.store.warm()
+        assert server.store._pipe is pipe
+    _run(server, main)
+
+
+def test_warm_up_with_redis_down_is_not_an_error(tmp_path) -> None:  # noqa: ANN001
+    store = RedisOnlineStore(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        asyncio.run(store.warm())  # logged; the first read says UNAVAILABLE
+        assert store._pipe is None
     finally:
         store.close()
