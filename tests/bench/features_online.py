@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", default="", help="run only the cases whose label contains this (e.g. '100 entities', 'c=8x1')")
     ap.add_argument("--repeat", type=int, default=1, help="run each case this many times")
+    ap.add_argument("--gateway", action="store_true",
+                    help="also through the real Envoy gateway: gRPC passed through, and REST/JSON (typed)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="strata-fbench-"))
     token = mint_token(SECRET, "bench", ["developer"])
@@ -96,12 +99,66 @@ def main() -> None:
                     results[key] = h2load(url, body, token, connections=conns, streams=streams,
                                           seconds=args.seconds, workdir=work, rows=1)
                     print(key, results[key], flush=True)
+        if args.gateway:
+            results.update(_through_gateway(work, port, token, small, big, args))
     finally:
         stop_process(proc)
         shutil.rmtree(work, ignore_errors=True)
         _drop_keys(list(views.values()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def _through_gateway(work: Path, port: int, token: str, small: pb.GetOnlineFeaturesRequest,
+                     big: pb.GetOnlineFeaturesRequest, args: argparse.Namespace) -> dict:
+    """The same reads through the real Envoy gateway (JWT checked at the edge and in the service):
+    gRPC passed through (raw), and REST/JSON transcoded (typed values, as a REST client reads
+    them). `server_cpu_us_per_request` is then Envoy's CPU (the process holding the client's
+    connections)."""
+    from google.protobuf import json_format
+
+    from gateway.config import render_envoy_config
+    from gateway.envoy import start_envoy, wait_ready, write_config
+    from tests.processes import ROOT
+    gw_port, admin_port = free_port(), free_port()
+    config = render_envoy_config(
+        upstreams={"features": f"127.0.0.1:{port}"}, descriptor_path=ROOT / "gateway" / "strata.pb",
+        jwt_secret=SECRET, listen_host="127.0.0.1", listen_port=gw_port, admin_port=admin_port,
+        rate_limit_per_second=1_000_000)
+    envoy = start_envoy(write_config(config, work / "gateway"), work / "envoy.log")
+    out = {}
+    try:
+        wait_ready(admin_port, 20, process=envoy)
+        cases = []
+        for label, msg in (("1 entity x 10 features", small), ("100 entities x 20 features (2 views)", big)):
+            body = work / f"gw-{len(cases)}.bin"
+            body.write_bytes(frame(msg))
+            url = f"http://127.0.0.1:{gw_port}{PATH}"
+            check_grpc_ok(url, body, token)
+            cases.append((f"gateway grpc {label}", url, body, "application/grpc"))
+            typed = pb.GetOnlineFeaturesRequest()
+            typed.CopyFrom(msg)
+            typed.raw = False
+            body = work / f"gw-{len(cases)}.json"
+            body.write_text(json_format.MessageToJson(typed))
+            url = f"http://127.0.0.1:{gw_port}/v1/features:getOnline"
+            probe = subprocess.run(["curl", "-sS", "-H", f"authorization: Bearer {token}", "--data-binary",
+                                    f"@{body}", url], capture_output=True, text=True, check=True).stdout
+            if '"FEATURE_STATUS_PRESENT"' not in probe:
+                raise SystemExit(f"REST read through Envoy failed: {probe[:500]}")
+            cases.append((f"gateway rest {label}", url, body, "application/json"))
+        for name, url, body, content_type in cases:
+            for conns, streams in ((1, 1), (1, 8), (8, 1)):
+                for run in range(args.repeat):
+                    key = f"{name} c={conns}x{streams}" + (f" run {run + 1}" if args.repeat > 1 else "")
+                    if args.only not in key:
+                        continue
+                    out[key] = h2load(url, body, token, connections=conns, streams=streams,
+                                      seconds=args.seconds, workdir=work, rows=1, content_type=content_type)
+                    print(key, out[key], flush=True)
+    finally:
+        stop_process(envoy)
+    return out
 
 
 def _drop_keys(views: list[str]) -> None:
