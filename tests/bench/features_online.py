@@ -91,14 +91,7 @@ def main() -> None:
             body = work / "req.bin"
             body.write_bytes(frame(msg))
             check_grpc_ok(url, body, token)
-            for conns, streams in ((1, 1), (1, 8), (8, 1)):
-                for run in range(args.repeat):
-                    key = f"{label} c={conns}x{streams}" + (f" run {run + 1}" if args.repeat > 1 else "")
-                    if args.only not in key:
-                        continue
-                    results[key] = h2load(url, body, token, connections=conns, streams=streams,
-                                          seconds=args.seconds, workdir=work, rows=1)
-                    print(key, results[key], flush=True)
+            results.update(_load(label, url, body, token, work, args))
         if args.gateway:
             results.update(_through_gateway(work, port, token, small, big, args))
     finally:
@@ -107,6 +100,21 @@ def main() -> None:
         _drop_keys(list(views.values()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def _load(label: str, url: str, body: Path, token: str, work: Path, args: argparse.Namespace,
+          content_type: str = "application/grpc") -> dict:
+    """h2load at 1x1, 1x8 and 8x1 (connections x streams), `--repeat` times each, `--only` honoured."""
+    out = {}
+    for conns, streams in ((1, 1), (1, 8), (8, 1)):
+        for run in range(args.repeat):
+            key = f"{label} c={conns}x{streams}" + (f" run {run + 1}" if args.repeat > 1 else "")
+            if args.only not in key:
+                continue
+            out[key] = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
+                              workdir=work, rows=1, content_type=content_type)
+            print(key, out[key], flush=True)
+    return out
 
 
 def _through_gateway(work: Path, port: int, token: str, small: pb.GetOnlineFeaturesRequest,
@@ -148,14 +156,7 @@ def _through_gateway(work: Path, port: int, token: str, small: pb.GetOnlineFeatu
                 raise SystemExit(f"REST read through Envoy failed: {probe[:500]}")
             cases.append((f"gateway rest {label}", url, body, "application/json"))
         for name, url, body, content_type in cases:
-            for conns, streams in ((1, 1), (1, 8), (8, 1)):
-                for run in range(args.repeat):
-                    key = f"{name} c={conns}x{streams}" + (f" run {run + 1}" if args.repeat > 1 else "")
-                    if args.only not in key:
-                        continue
-                    out[key] = h2load(url, body, token, connections=conns, streams=streams,
-                                      seconds=args.seconds, workdir=work, rows=1, content_type=content_type)
-                    print(key, out[key], flush=True)
+            out.update(_load(name, url, body, token, work, args, content_type))
     finally:
         stop_process(envoy)
     return out
