@@ -48,7 +48,7 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
     compactor = Compactor(files, threshold=int(os.environ.get("STRATA_FEATURES_COMPACT_AFTER", "64")))
     views = ViewCache(definitions)
     server = FeatureServer(views, store, offline_append=make_appender(files, compactor))
-    servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files))
+    servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files), files)
     return Service(
         settings=settings,
         descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],

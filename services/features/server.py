@@ -12,6 +12,7 @@ from services.common.audit import current_resource
 from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
 from services.features.definitions import Definitions
+from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
 from services.features.serving import FeatureServer
@@ -19,11 +20,12 @@ from services.features.serving import FeatureServer
 
 class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     def __init__(self, definitions: Definitions, server: FeatureServer, materializer: Materializer,
-                 historical: HistoricalRetrieval) -> None:
+                 historical: HistoricalRetrieval, files: OfflineFiles) -> None:
         self.definitions = definitions
         self.server = server
         self.materializer = materializer
         self.historical = historical
+        self.files = files  # where view sources may live (checked at apply)
 
     async def ApplyEntity(self, request: pb.ApplyEntityRequest, context) -> pb.ApplyEntityResponse:  # noqa: ANN001, N802
         current_resource.set(f"entities/{request.entity.name}")
@@ -35,7 +37,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     async def ApplyFeatureView(self, request: pb.ApplyFeatureViewRequest, context) -> pb.ApplyFeatureViewResponse:  # noqa: ANN001, N802
         current_resource.set(f"featureViews/{request.feature_view.name}")
         if request.feature_view.source.path:  # a source this service may not read is refused now, not at first use
-            self.historical.files.locate(request.feature_view.source.path, "feature_view.source.path")
+            self.files.locate(request.feature_view.source.path, "feature_view.source.path")
         view, outcome = await asyncio.to_thread(self.definitions.apply_view, request.feature_view,
                                                 current_principal.get().subject)
         self.server.views.drop(view.name)
