@@ -3,14 +3,16 @@
     strata features apply definitions.yaml        entities and feature views from YAML
     strata features list [--query Q] [--entity E]
     strata features materialize VIEW [--start ISO] [--end ISO]   with a progress bar
-    strata features get VIEW:FEATURE ... --entity user_id=1,2,3
+    strata features get VIEW:FEATURE ... --entity user_id=1,2,3   (or --feature-set NAME)
     strata features stats VIEW
     strata features training-set --entities rows.parquet VIEW:FEATURE ... -o train.parquet
+                                                            (or --feature-set NAME)
 
 The feature service's address comes from --features-addr or STRATA_FEATURES_ADDR (default
 127.0.0.1:50052). YAML: `entities: [{name, join_key, value_type: INT64|STRING}]` and
 `feature_views: [{name, entities, ttl_seconds, source: {path, timestamp_field}, features:
-[{name, dtype: FLOAT64|INT64|..., validation: {min, max, allowed_values, max_null_rate}}]}]`.
+[{name, dtype: FLOAT64|INT64|..., validation: {min, max, allowed_values, max_null_rate}}]}]` and
+`feature_sets: [{name, features: [VIEW:FEATURE, ...], owner, description}]` (what a model reads).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     mat.add_argument("--start", default="", help="ISO time (exclusive); default: where the last run ended")
     mat.add_argument("--end", default="", help="ISO time (inclusive); default: now")
     get = fs.add_parser("get")
-    get.add_argument("features", nargs="+", metavar="VIEW:FEATURE")
+    get.add_argument("features", nargs="*", metavar="VIEW:FEATURE")
+    get.add_argument("--feature-set", default="", help="the features of this feature set instead")
     get.add_argument("--entity", action="append", required=True, metavar="JOIN_KEY=V1,V2,...")
     fs.add_parser("stats").add_argument("view")
     ts = fs.add_parser("training-set", help="point-in-time training set to a local Parquet file")
-    ts.add_argument("features", nargs="+", metavar="VIEW:FEATURE")
+    ts.add_argument("features", nargs="*", metavar="VIEW:FEATURE")
+    ts.add_argument("--feature-set", default="", help="the features of this feature set instead")
     ts.add_argument("--entities", type=Path, required=True, help="Parquet: join keys + event_timestamp")
     ts.add_argument("--timestamp-column", default="event_timestamp")
     ts.add_argument("--filter-by-created-timestamp", action="store_true",
@@ -90,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
             for v in spec.get("feature_views", []):
                 r = stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_view(v)))
                 print(f"feature view {r.feature_view.name}: {r.outcome} (version {r.feature_view.version})")
+            for fs in spec.get("feature_sets", []):
+                r = stub.ApplyFeatureSet(pb.ApplyFeatureSetRequest(feature_set=json_format.ParseDict(fs, pb.FeatureSet())))
+                print(f"feature set {r.feature_set.name}: {r.outcome} ({len(r.feature_set.features)} features)")
         elif args.action == "list":
             for v in stub.ListFeatureViews(pb.ListFeatureViewsRequest(query=args.query, entity=args.entity,
                                                                       page_size=500)).feature_views:
@@ -116,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                 entities[key] = (pb.EntityColumn(int64_values=[int(v) for v in parts])
                                  if all(v.lstrip("-").isdigit() for v in parts)
                                  else pb.EntityColumn(string_values=parts))
-            r = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=args.features, entities=entities))
+            r = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=args.features, entities=entities,
+                                                                   feature_set=args.feature_set))
             print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
         elif args.action == "training-set":
             import pyarrow as pa
@@ -127,12 +135,12 @@ def run(args: argparse.Namespace) -> int:
                 w.write_table(entities)
             parts = stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
                 features=args.features, entity_arrow=sink.getvalue().to_pybytes(),
-                timestamp_column=args.timestamp_column,
+                timestamp_column=args.timestamp_column, feature_set=args.feature_set,
                 filter_by_created_timestamp=args.filter_by_created_timestamp))
             table = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
             from services.features.offline import write_parquet
             digest = write_parquet(table, args.output)
-            print(f"{args.output}: {table.num_rows:,} rows, {len(args.features)} features, sha256 {digest}")
+            print(f"{args.output}: {table.num_rows:,} rows, {table.num_columns - entities.num_columns} features, sha256 {digest}")
         elif args.action == "stats":
             r = stub.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view=args.view))
             print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))

@@ -49,6 +49,17 @@ def _ts(spec, field: str, when: datetime) -> None:  # noqa: ANN001
     getattr(spec, field).FromDatetime(when)
 
 
+def parse_refs(refs: list[str], field: str = "features") -> list[tuple[str, str]]:
+    """Feature references "view:feature" as (view, feature); INVALID_ARGUMENT names the bad one."""
+    out = []
+    for i, ref in enumerate(refs):
+        view, sep, feature = ref.partition(":")
+        if not sep or not view or not feature:
+            raise InvalidArgument(f"{field}[{i}]", f"'{ref}' is not a feature reference (view:feature)")
+        out.append((view, feature))
+    return out
+
+
 def schema_hash(v: pb.FeatureView) -> str:
     """What makes a new version: entities, features with types, ttl, source."""
     schema = pb.FeatureView(entities=v.entities, ttl_seconds=v.ttl_seconds, source=v.source,
@@ -214,6 +225,70 @@ class Definitions:
         if not rows:
             raise NotFound(f"featureViews/{name} not found")
         return [pb.FeatureView.FromString(r) for r in rows]
+
+    # -- feature sets --------------------------------------------------------------------------
+    def apply_feature_set(self, fs: pb.FeatureSet) -> tuple[pb.FeatureSet, str]:
+        """Create or update a set; every reference must name a current view and one of its
+        features. Returns the stored set and CREATED, UPDATED or UNCHANGED."""
+        if not NAME_RE.match(fs.name):
+            raise InvalidArgument("feature_set.name", f"'{fs.name}' is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
+        if not fs.features:
+            raise InvalidArgument("feature_set.features", "at least one feature reference is required")
+        refs = parse_refs(list(fs.features), "feature_set.features")
+        seen: set[str] = set()
+        for i, ref in enumerate(fs.features):
+            if ref in seen:
+                raise InvalidArgument(f"feature_set.features[{i}]", f"'{ref}' is listed twice")
+            seen.add(ref)
+        spec = pb.FeatureSet()
+        spec.CopyFrom(fs)
+        spec.ClearField("create_time")
+        spec.ClearField("update_time")
+        now = _now()
+        with self.db.session() as c:
+            features: dict[str, set[str]] = {}
+            for i, (view, feature) in enumerate(refs):
+                if view not in features:
+                    row = c.execute(select(t.feature_views.c.spec).select_from(t.feature_view_heads.join(
+                        t.feature_views, and_(t.feature_views.c.name == t.feature_view_heads.c.name,
+                                              t.feature_views.c.version == t.feature_view_heads.c.version)))
+                        .where(t.feature_view_heads.c.name == view)).scalar_one_or_none()
+                    if row is None:
+                        raise NotFound(f"featureViews/{view} not found (feature_set.features[{i}])")
+                    features[view] = {f.name for f in pb.FeatureView.FromString(row).features}
+                if feature not in features[view]:
+                    raise InvalidArgument(f"feature_set.features[{i}]", f"view '{view}' has no feature '{feature}'")
+            row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == fs.name)).scalar_one_or_none()
+            if row is None:
+                _ts(spec, "create_time", now)
+                _ts(spec, "update_time", now)
+                c.execute(insert(t.feature_sets).values(name=fs.name, spec=spec.SerializeToString(),
+                                                        create_time=now, update_time=now))
+                return spec, "CREATED"
+            old = pb.FeatureSet.FromString(row)
+            same = pb.FeatureSet()
+            same.CopyFrom(old)
+            same.ClearField("create_time")
+            same.ClearField("update_time")
+            if same == spec:
+                return old, "UNCHANGED"
+            spec.create_time.CopyFrom(old.create_time)
+            _ts(spec, "update_time", now)
+            c.execute(update(t.feature_sets).where(t.feature_sets.c.name == fs.name)
+                      .values(spec=spec.SerializeToString(), update_time=now))
+        return spec, "UPDATED"
+
+    def get_feature_set(self, name: str) -> pb.FeatureSet:
+        with self.db.read() as c:
+            row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == name)).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"featureSets/{name} not found")
+        return pb.FeatureSet.FromString(row)
+
+    def feature_sets(self) -> list[pb.FeatureSet]:
+        with self.db.read() as c:
+            rows = c.execute(select(t.feature_sets.c.spec).order_by(t.feature_sets.c.name)).scalars().all()
+        return [pb.FeatureSet.FromString(r) for r in rows]
 
     def search(self, *, query: str = "", tag: str = "", owner: str = "", entity: str = "", page_size: int = 50,
                after: str = "") -> list[pb.FeatureView]:

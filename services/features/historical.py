@@ -11,10 +11,9 @@ import pyarrow as pa
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.features.definitions import Definitions
+from services.features.definitions import Definitions, parse_refs
 from services.features.files import OfflineFiles
 from services.features.offline import OfflineStoreError, ViewSpec, historical_features
-from services.features.serving import parse_refs
 
 BATCH_ROWS = 65_536
 
@@ -25,9 +24,15 @@ class HistoricalRetrieval:
         self.files = files
 
     def run(self, request: pb.GetHistoricalFeaturesRequest) -> Iterator[pb.GetHistoricalFeaturesResponse]:
-        if not request.features:
+        if request.feature_set:
+            if request.features:
+                raise InvalidArgument("feature_set", "give features or feature_set, not both")
+            features = list(self.definitions.get_feature_set(request.feature_set).features)
+        else:
+            features = list(request.features)
+        if not features:
             raise InvalidArgument("features", "no features requested")
-        refs = parse_refs(list(request.features))
+        refs = parse_refs(features)
         specs, versions = {}, {}
         for view, _ in refs:
             if view not in specs:

@@ -43,6 +43,19 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         self.server.views.drop(view.name)
         return pb.ApplyFeatureViewResponse(feature_view=view, outcome=outcome)
 
+    async def ApplyFeatureSet(self, request: pb.ApplyFeatureSetRequest, context) -> pb.ApplyFeatureSetResponse:  # noqa: ANN001, N802
+        current_resource.set(f"featureSets/{request.feature_set.name}")
+        fs, outcome = await asyncio.to_thread(self.definitions.apply_feature_set, request.feature_set)
+        self.server.sets.drop(fs.name)
+        return pb.ApplyFeatureSetResponse(feature_set=fs, outcome=outcome)
+
+    async def GetFeatureSet(self, request: pb.GetFeatureSetRequest, context) -> pb.GetFeatureSetResponse:  # noqa: ANN001, N802
+        return pb.GetFeatureSetResponse(feature_set=await asyncio.to_thread(self.definitions.get_feature_set,
+                                                                            request.name))
+
+    async def ListFeatureSets(self, request: pb.ListFeatureSetsRequest, context) -> pb.ListFeatureSetsResponse:  # noqa: ANN001, N802
+        return pb.ListFeatureSetsResponse(feature_sets=await asyncio.to_thread(self.definitions.feature_sets))
+
     async def GetFeatureView(self, request: pb.GetFeatureViewRequest, context) -> pb.GetFeatureViewResponse:  # noqa: ANN001, N802
         view = await asyncio.to_thread(self.definitions.get_view, request.name, request.version)
         return pb.GetFeatureViewResponse(feature_view=view.spec)

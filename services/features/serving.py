@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -24,7 +24,7 @@ from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound
 from services.features import wire
-from services.features.definitions import Definitions, ViewDef
+from services.features.definitions import Definitions, ViewDef, parse_refs
 from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
 
 _DT = types_pb2.DataType
@@ -170,6 +170,58 @@ class ViewCache:
         return loaded
 
 
+class FeatureSetCache:
+    """Feature set name -> its references, for reads by set. As ViewCache: re-read at most every
+    `max_age` seconds, on the event loop in the background while the cached list keeps serving."""
+
+    def __init__(self, definitions: Definitions, max_age: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.definitions = definitions
+        self.max_age = max_age
+        self._clock = clock
+        self._sets: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._refreshing: set[str] = set()  # touched on the event loop only
+
+    def refs(self, name: str) -> tuple[str, ...]:
+        """Blocking (worker threads): the cached list, or read now when missing or old."""
+        hit = self._sets.get(name)
+        if hit is None or self._clock() - hit[1] > self.max_age:
+            hit = self._load(name)
+        return hit[0]
+
+    async def refs_async(self, name: str) -> tuple[str, ...]:
+        hit = self._sets.get(name)
+        if hit is None:
+            return (await asyncio.to_thread(self._load, name))[0]
+        if self._clock() - hit[1] > self.max_age and name not in self._refreshing:
+            self._refreshing.add(name)
+            done = asyncio.get_running_loop().run_in_executor(None, self._refresh, name)
+            done.add_done_callback(lambda _: self._refreshing.discard(name))
+        return hit[0]
+
+    def _load(self, name: str) -> tuple[tuple[str, ...], float]:
+        hit = self._sets[name] = (tuple(self.definitions.get_feature_set(name).features), self._clock())
+        return hit
+
+    def _refresh(self, name: str) -> None:
+        try:
+            self._load(name)
+        except NotFound:
+            self._sets.pop(name, None)  # deleted: the next call reports NOT_FOUND
+        except Exception:  # keep serving the cached list; the next call tries again
+            log.warning("re-reading feature set %s failed", name, exc_info=True)
+
+    def drop(self, name: str) -> None:
+        self._sets.pop(name, None)
+
+
+def with_feature_set(request: pb.GetOnlineFeaturesRequest, refs: Sequence[str]) -> pb.GetOnlineFeaturesRequest:
+    """The request with the set's references as its features."""
+    if request.features:
+        raise InvalidArgument("feature_set", "give features or feature_set, not both")
+    return pb.GetOnlineFeaturesRequest(features=refs, entities=request.entities, raw=request.raw)
+
+
 def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str = "entities") -> list[str]:
     """One string key per row: the join key values, typed as the entities declare."""
     cols, rows = [], -1
@@ -197,21 +249,12 @@ def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str =
     return [KEY_SEP.join(parts) for parts in zip(*cols, strict=True)]
 
 
-def parse_refs(refs: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for i, ref in enumerate(refs):
-        view, sep, feature = ref.partition(":")
-        if not sep or not view or not feature:
-            raise InvalidArgument(f"features[{i}]", f"'{ref}' is not a feature reference (view:feature)")
-        out.append((view, feature))
-    return out
-
-
 class FeatureServer:
     def __init__(self, views: ViewCache, store: OnlineStore, clock: Callable[[], float] = time.time,
                  offline_append: Callable[[ViewDef, dict[str, pb.EntityColumn], np.ndarray, dict, dict], None]
                  | None = None) -> None:
         self.views = views
+        self.sets = FeatureSetCache(views.definitions)
         self.store = store
         self._clock = clock
         # Pushed rows also go to the view's offline source, so training later sees what serving saw.
@@ -224,6 +267,8 @@ class FeatureServer:
                    encoded: bool = False) -> pb.GetOnlineFeaturesResponse | bytes:
         """Blocking: for worker threads and stores without async reads. With `encoded`, a raw
         request's answer comes back as the serialized response (what the servicer sends)."""
+        if request.feature_set:
+            request = with_feature_set(request, self.sets.refs(request.feature_set))
         plan = self._plan(request, self.views.current)
         return self._answer(request, plan, self.store.read_many(self._reads(plan)), encoded)
 
@@ -232,6 +277,8 @@ class FeatureServer:
         """On the event loop: the store read is awaited (pipelined with the other calls in
         flight), the decode runs inline. Only a view not cached yet sends the planning (a
         database read) to a worker thread; cached ones are re-read in the background."""
+        if request.feature_set:
+            request = with_feature_set(request, await self.sets.refs_async(request.feature_set))
         try:
             plan = self._plan(request, self.views.fresh)
         except _Stale:

@@ -77,4 +77,12 @@ feature_statistics = Table(
     _ts("compute_time"),
 )
 
+# Named lists of feature references (a serialized FeatureSet): what a model reads.
+feature_sets = Table(
+    "feature_sets", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("spec", LargeBinary, nullable=False),
+    _ts("create_time"), _ts("update_time"),
+)
+
 audit_events = audit_table(metadata)

@@ -75,3 +75,17 @@ def test_define_push_and_read_over_rest(rest: str) -> None:
     assert requests.post(f"{rest}/v1/features:getOnline", json={}).status_code == 401
     r = requests.post(f"{rest}/v1/entities", headers=viewer, json={"entity": {"name": "x", "value_type": 1}})
     assert r.status_code == 403
+    # A feature set: applied by a developer, read by name (viewers may not apply one).
+    r = requests.post(f"{rest}/v1/featureSets", headers=dev, json={"feature_set": {
+        "name": "eta_model", "features": ["driver_hourly:trips", "driver_hourly:rating"]}})
+    assert r.status_code == 200 and r.json()["outcome"] == "CREATED", r.text
+    assert requests.get(f"{rest}/v1/featureSets/eta_model", headers=viewer).json()["feature_set"]["features"] == [
+        "driver_hourly:trips", "driver_hourly:rating"]
+    r = requests.post(f"{rest}/v1/features:getOnline", headers=viewer, json={
+        "feature_set": "eta_model", "entities": {"driver_id": {"int64_values": [1001]}}})
+    assert [(c["name"], c["statuses"]) for c in r.json()["features"]] == [
+        ("driver_hourly:trips", ["FEATURE_STATUS_PRESENT"]), ("driver_hourly:rating", ["FEATURE_STATUS_PRESENT"])]
+    assert requests.get(f"{rest}/v1/featureSets/nope", headers=viewer).status_code == 404
+    r = requests.post(f"{rest}/v1/featureSets", headers=viewer, json={"feature_set": {
+        "name": "x", "features": ["driver_hourly:trips"]}})
+    assert r.status_code == 403

@@ -75,3 +75,38 @@ def test_unknown_entity_and_view(definitions: Definitions) -> None:
     apply_basics(definitions)
     with pytest.raises(InvalidArgument, match="cannot change"):
         definitions.apply_entity(pb.Entity(name="user", join_key="uid", value_type=pb.VALUE_TYPE_INT64))
+
+
+def test_feature_sets_apply_get_list_and_refuse_bad_references(definitions: Definitions) -> None:
+    apply_basics(definitions)
+    definitions.apply_view(user_view(), "a")
+    fs = pb.FeatureSet(name="fraud_v1", features=["user_stats:spend_7d", "user_stats:segment"], owner="risk")
+    got, outcome = definitions.apply_feature_set(fs)
+    assert outcome == "CREATED" and list(got.features) == list(fs.features) and got.create_time.seconds > 0
+    assert definitions.apply_feature_set(fs)[1] == "UNCHANGED"
+    fs.features.append("user_stats:orders_7d")
+    got, outcome = definitions.apply_feature_set(fs)
+    assert outcome == "UPDATED" and got.update_time.ToNanoseconds() >= got.create_time.ToNanoseconds()
+    assert list(definitions.get_feature_set("fraud_v1").features) == list(fs.features)
+    definitions.apply_feature_set(pb.FeatureSet(name="churn_v1", features=["user_stats:active"]))
+    assert [s.name for s in definitions.feature_sets()] == ["churn_v1", "fraud_v1"]
+    with pytest.raises(NotFound, match="featureSets/nope"):
+        definitions.get_feature_set("nope")
+    bad = [
+        (pb.FeatureSet(name="Bad Name", features=["user_stats:active"]), InvalidArgument, "feature_set.name"),
+        (pb.FeatureSet(name="empty"), InvalidArgument, "feature_set.features"),
+        (pb.FeatureSet(name="x", features=["user_stats:active", "nocolon"]), InvalidArgument,
+         r"feature_set.features\[1\]"),
+        (pb.FeatureSet(name="x", features=["user_stats:active", "user_stats:active"]), InvalidArgument,
+         r"feature_set.features\[1\].*twice"),
+        (pb.FeatureSet(name="x", features=["user_stats:active", "ghost:f"]), NotFound,
+         r"featureViews/ghost.*features\[1\]"),
+        (pb.FeatureSet(name="fraud_v1", features=["user_stats:nope"]), InvalidArgument,
+         r"feature_set.features\[0\].*no feature 'nope'"),
+    ]
+    for spec, error, message in bad:
+        with pytest.raises(error, match=message):
+            definitions.apply_feature_set(spec)
+    # nothing of a refused apply was written
+    assert [s.name for s in definitions.feature_sets()] == ["churn_v1", "fraud_v1"]
+    assert list(definitions.get_feature_set("fraud_v1").features) == list(fs.features)

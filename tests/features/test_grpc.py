@@ -225,6 +225,14 @@ def test_cli_training_set(addr: str, stub: features_pb2_grpc.FeatureServiceStub,
     # the value was written (created) 10 us after its event: rows before that do not see it
     assert main([*args, "--filter-by-created-timestamp"]) == 0
     assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, None, 41.0]
+    # the same through a feature set applied from YAML
+    (tmp_path / "sets.yaml").write_text(f"feature_sets:\n  - name: {name}_model\n    features: ['{name}:age']\n")
+    assert main(["--features-addr", addr, "features", "apply", str(tmp_path / "sets.yaml")]) == 0
+    assert f"feature set {name}_model: CREATED (1 features)" in capsys.readouterr().out
+    assert main(["--features-addr", addr, "features", "training-set", "--feature-set", f"{name}_model",
+                 "--entities", str(tmp_path / "rows.parquet"), "-o", str(out)]) == 0
+    assert "3 rows, 1 features" in capsys.readouterr().out
+    assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, 41.0, 41.0]
 
 
 @pytest.mark.parametrize("uri", ["/etc/strata-escape.parquet", "../../escape.parquet", "a/../../b.parquet"])
@@ -259,3 +267,49 @@ def test_training_sets_are_not_written_outside_the_allowed_places(stub: features
     with pytest.raises(grpc.RpcError) as err:
         stub.GetFeatureView(pb.GetFeatureViewRequest(name=outside))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was stored
+
+
+def test_feature_sets_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, tmp_path: Path) -> None:
+    """A model's features by name: applied once, then read online and as a training set by that name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    t = 1_767_225_600_000_000
+    pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()), "score": pa.array([0.5, 0.7]),
+                             "ts": pa.array([t, t], pa.timestamp("us", tz="UTC"))}), tmp_path / "s.parquet")
+    view = f"scores_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=view, entities=["user"], features=[pb.Feature(name="score", dtype=F64)],
+        source=pb.DataSource(path=str(tmp_path / "s.parquet"), timestamp_field="ts"))))
+    name = f"model_{os.urandom(3).hex()}"
+    r = stub.ApplyFeatureSet(pb.ApplyFeatureSetRequest(feature_set=pb.FeatureSet(name=name, features=[f"{view}:score"])))
+    assert r.outcome == "CREATED"
+    assert [s.name for s in stub.ListFeatureSets(pb.ListFeatureSetsRequest()).feature_sets].count(name) == 1
+    assert list(stub.GetFeatureSet(pb.GetFeatureSetRequest(name=name)).feature_set.features) == [f"{view}:score"]
+    stub.PushFeatures(pb.PushFeaturesRequest(view=view, entities={"user_id": pb.EntityColumn(int64_values=[1])},
+                                             event_timestamps_us=[t],
+                                             features=[pb.FeatureValues(name="score", double_values=[0.9])]))
+    entities = {"user_id": pb.EntityColumn(int64_values=[1, 2])}
+    got = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(feature_set=name, entities=entities))
+    assert [c.name for c in got.features] == [f"{view}:score"]
+    assert list(got.features[0].statuses) == [pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NOT_FOUND]
+    rows = pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                     "event_timestamp": pa.array([t + 1, t + 1], pa.timestamp("us", tz="UTC"))})
+    parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(feature_set=name, entity_arrow=_ipc(rows))))
+    table = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
+    assert table.column(f"{view}__score").to_pylist() == [0.5, 0.7]
+    for call, request, code in [
+        (stub.GetOnlineFeatures, pb.GetOnlineFeaturesRequest(feature_set="nope", entities=entities),
+         grpc.StatusCode.NOT_FOUND),
+        (stub.GetOnlineFeatures, pb.GetOnlineFeaturesRequest(feature_set=name, features=[f"{view}:score"],
+                                                             entities=entities), grpc.StatusCode.INVALID_ARGUMENT),
+        (stub.ApplyFeatureSet, pb.ApplyFeatureSetRequest(feature_set=pb.FeatureSet(name=name, features=[f"{view}:x"])),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request)
+        assert err.value.code() == code
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(feature_set="nope", entity_arrow=_ipc(rows))))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -292,3 +292,19 @@ def test_blocking_reads_reread_a_stale_definition_once(server: FeatureServer, mo
     release.set()
     first.join(5)
     assert not first.is_alive()
+
+
+def test_reads_by_feature_set_equal_reads_by_reference(server: FeatureServer) -> None:
+    ids = [1, 2, 3]
+    push_users(server, ids, [1.0, 2.0, 3.0])
+    refs = ["user_stats:segment", "user_stats:spend_7d"]
+    server.views.definitions.apply_feature_set(pb.FeatureSet(name="model_a", features=refs))
+    entities = {"user_id": pb.EntityColumn(int64_values=ids + [99])}
+    for raw in (False, True):
+        by_set = get_online(server, pb.GetOnlineFeaturesRequest(feature_set="model_a", entities=entities, raw=raw))
+        by_refs = get_online(server, pb.GetOnlineFeaturesRequest(features=refs, entities=entities, raw=raw))
+        assert by_set == by_refs and [c.name for c in by_set.features] == refs
+    with pytest.raises(InvalidArgument, match="feature_set.*not both"):
+        get_online(server, pb.GetOnlineFeaturesRequest(feature_set="model_a", features=refs, entities=entities))
+    with pytest.raises(NotFound, match="featureSets/nope"):
+        get_online(server, pb.GetOnlineFeaturesRequest(feature_set="nope", entities=entities))

@@ -78,6 +78,219 @@ FEATURE_STATUS_NULL_VALUE: FeatureStatus.ValueType  # 4
 Global___FeatureStatus: _TypeAlias = FeatureStatus  # noqa: Y015
 
 @_typing.final
+class FeatureSet(_message.Message):
+    """FeatureSet names the features a model reads, in its order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name ([a-z0-9][a-z0-9_]{0,62})."""
+    description: _builtins.str
+    """Free text."""
+    owner: _builtins.str
+    """Owner (team or person)."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Feature references "{view}:{feature}" (current view versions)."""
+
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was first applied."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        description: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "features", b"features", "name", b"name", "owner", b"owner", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureSet: _TypeAlias = FeatureSet  # noqa: Y015
+
+@_typing.final
+class ApplyFeatureSetRequest(_message.Message):
+    """ApplyFeatureSetRequest carries the definition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def feature_set(self) -> Global___FeatureSet:
+        """The set."""
+
+    def __init__(
+        self,
+        *,
+        feature_set: Global___FeatureSet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyFeatureSetRequest: _TypeAlias = ApplyFeatureSetRequest  # noqa: Y015
+
+@_typing.final
+class ApplyFeatureSetResponse(_message.Message):
+    """ApplyFeatureSetResponse says what happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    outcome: _builtins.str
+    """CREATED, UPDATED or UNCHANGED."""
+    @_builtins.property
+    def feature_set(self) -> Global___FeatureSet:
+        """The set after the call."""
+
+    def __init__(
+        self,
+        *,
+        feature_set: Global___FeatureSet | None = ...,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyFeatureSetResponse: _TypeAlias = ApplyFeatureSetResponse  # noqa: Y015
+
+@_typing.final
+class GetFeatureSetRequest(_message.Message):
+    """GetFeatureSetRequest names the set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Set name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureSetRequest: _TypeAlias = GetFeatureSetRequest  # noqa: Y015
+
+@_typing.final
+class GetFeatureSetResponse(_message.Message):
+    """GetFeatureSetResponse carries the set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def feature_set(self) -> Global___FeatureSet:
+        """The set."""
+
+    def __init__(
+        self,
+        *,
+        feature_set: Global___FeatureSet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureSetResponse: _TypeAlias = GetFeatureSetResponse  # noqa: Y015
+
+@_typing.final
+class ListFeatureSetsRequest(_message.Message):
+    """ListFeatureSetsRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeatureSetsRequest: _TypeAlias = ListFeatureSetsRequest  # noqa: Y015
+
+@_typing.final
+class ListFeatureSetsResponse(_message.Message):
+    """ListFeatureSetsResponse lists feature sets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_SETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def feature_sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureSet]:
+        """Sets by name."""
+
+    def __init__(
+        self,
+        *,
+        feature_sets: _abc.Iterable[Global___FeatureSet] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_sets", b"feature_sets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeatureSetsResponse: _TypeAlias = ListFeatureSetsResponse  # noqa: Y015
+
+@_typing.final
 class Entity(_message.Message):
     """Entity is what features describe (a user, a merchant), with its join key."""
 
@@ -728,11 +941,16 @@ class GetOnlineFeaturesRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     ENTITIES_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
     raw: _builtins.bool
     """Answer numeric and bool columns as raw little-endian arrays (raw_values,
     raw_statuses, raw_event_timestamps_us) instead of typed lists: far cheaper
     to build and to read for gRPC clients (numpy.frombuffer). STRING features
     still come as string_values.
+    """
+    feature_set: _builtins.str
+    """Or the name of a feature set: its features, in its order (features must
+    then be empty).
     """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -748,10 +966,11 @@ class GetOnlineFeaturesRequest(_message.Message):
         features: _abc.Iterable[_builtins.str] | None = ...,
         entities: _abc.Mapping[_builtins.str, Global___EntityColumn] | None = ...,
         raw: _builtins.bool = ...,
+        feature_set: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "features", b"features", "raw", b"raw"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "feature_set", b"feature_set", "features", b"features", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1185,6 +1404,7 @@ class GetHistoricalFeaturesRequest(_message.Message):
     TIMESTAMP_COLUMN_FIELD_NUMBER: _builtins.int
     OUTPUT_URI_FIELD_NUMBER: _builtins.int
     FILTER_BY_CREATED_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
     entity_arrow: _builtins.bytes
     """The entity table as an Arrow IPC stream: join key columns plus the
     timestamp column.
@@ -1203,6 +1423,8 @@ class GetHistoricalFeaturesRequest(_message.Message):
     counts as its event time): backfills and late corrections never reach
     earlier rows, as with Feast's filter_by_created_timestamp.
     """
+    feature_set: _builtins.str
+    """Or the name of a feature set instead of features."""
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature references "{view}:{feature}" (current view versions)."""
@@ -1216,10 +1438,11 @@ class GetHistoricalFeaturesRequest(_message.Message):
         timestamp_column: _builtins.str = ...,
         output_uri: _builtins.str = ...,
         filter_by_created_timestamp: _builtins.bool = ...,
+        feature_set: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "features", b"features", "filter_by_created_timestamp", b"filter_by_created_timestamp", "output_uri", b"output_uri", "timestamp_column", b"timestamp_column"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "feature_set", b"feature_set", "features", b"features", "filter_by_created_timestamp", b"filter_by_created_timestamp", "output_uri", b"output_uri", "timestamp_column", b"timestamp_column"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,6 +96,21 @@ class FeatureServiceStub:
                 request_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.SerializeToString,
                 response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.FromString,
                 _registered_method=True)
+        self.ApplyFeatureSet = channel.unary_unary(
+                '/strata.features.v1.FeatureService/ApplyFeatureSet',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetResponse.FromString,
+                _registered_method=True)
+        self.GetFeatureSet = channel.unary_unary(
+                '/strata.features.v1.FeatureService/GetFeatureSet',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureSetRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureSetResponse.FromString,
+                _registered_method=True)
+        self.ListFeatureSets = channel.unary_unary(
+                '/strata.features.v1.FeatureService/ListFeatureSets',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.ListFeatureSetsRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.ListFeatureSetsResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -201,6 +216,30 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyFeatureSet(self, request, context):
+        """Creates or updates a feature set: a named list of feature references that
+        a model reads (Feast's FeatureService). Every reference must name an
+        existing view and feature. Online and historical reads take the set's
+        name instead of the list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeatureSet(self, request, context):
+        """Gets a feature set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFeatureSets(self, request, context):
+        """Lists feature sets, ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +297,21 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetHistoricalFeatures,
                     request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.FromString,
                     response_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.SerializeToString,
+            ),
+            'ApplyFeatureSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyFeatureSet,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetResponse.SerializeToString,
+            ),
+            'GetFeatureSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureSet,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureSetRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetFeatureSetResponse.SerializeToString,
+            ),
+            'ListFeatureSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeatureSets,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.ListFeatureSetsRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.ListFeatureSetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +618,87 @@ class FeatureService:
             '/strata.features.v1.FeatureService/GetHistoricalFeatures',
             strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.SerializeToString,
             strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyFeatureSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/ApplyFeatureSet',
+            strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/GetFeatureSet',
+            strata_dot_features_dot_v1_dot_features__pb2.GetFeatureSetRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.GetFeatureSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeatureSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/ListFeatureSets',
+            strata_dot_features_dot_v1_dot_features__pb2.ListFeatureSetsRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.ListFeatureSetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,16 @@ class FeatureServiceStub:
     result as Arrow IPC, or writes it as Parquet to output_uri and answers the
     dataset's id and sha256 for lineage.
     """
+    ApplyFeatureSet: _grpc.UnaryUnaryMultiCallable[_features_pb2.ApplyFeatureSetRequest, _features_pb2.ApplyFeatureSetResponse]
+    """Creates or updates a feature set: a named list of feature references that
+    a model reads (Feast's FeatureService). Every reference must name an
+    existing view and feature. Online and historical reads take the set's
+    name instead of the list.
+    """
+    GetFeatureSet: _grpc.UnaryUnaryMultiCallable[_features_pb2.GetFeatureSetRequest, _features_pb2.GetFeatureSetResponse]
+    """Gets a feature set."""
+    ListFeatureSets: _grpc.UnaryUnaryMultiCallable[_features_pb2.ListFeatureSetsRequest, _features_pb2.ListFeatureSetsResponse]
+    """Lists feature sets, ordered by name."""
 
 @_typing.type_check_only
 class FeatureServiceAsyncStub(FeatureServiceStub):
@@ -141,6 +151,16 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     result as Arrow IPC, or writes it as Parquet to output_uri and answers the
     dataset's id and sha256 for lineage.
     """
+    ApplyFeatureSet: _aio.UnaryUnaryMultiCallable[_features_pb2.ApplyFeatureSetRequest, _features_pb2.ApplyFeatureSetResponse]  # type: ignore[assignment]
+    """Creates or updates a feature set: a named list of feature references that
+    a model reads (Feast's FeatureService). Every reference must name an
+    existing view and feature. Online and historical reads take the set's
+    name instead of the list.
+    """
+    GetFeatureSet: _aio.UnaryUnaryMultiCallable[_features_pb2.GetFeatureSetRequest, _features_pb2.GetFeatureSetResponse]  # type: ignore[assignment]
+    """Gets a feature set."""
+    ListFeatureSets: _aio.UnaryUnaryMultiCallable[_features_pb2.ListFeatureSetsRequest, _features_pb2.ListFeatureSetsResponse]  # type: ignore[assignment]
+    """Lists feature sets, ordered by name."""
 
 class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
     """FeatureService keeps feature definitions (entities, versioned feature views)
@@ -261,5 +281,33 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         result as Arrow IPC, or writes it as Parquet to output_uri and answers the
         dataset's id and sha256 for lineage.
         """
+
+    @_abc_1.abstractmethod
+    def ApplyFeatureSet(
+        self,
+        request: _features_pb2.ApplyFeatureSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_features_pb2.ApplyFeatureSetResponse, _abc.Awaitable[_features_pb2.ApplyFeatureSetResponse]]:
+        """Creates or updates a feature set: a named list of feature references that
+        a model reads (Feast's FeatureService). Every reference must name an
+        existing view and feature. Online and historical reads take the set's
+        name instead of the list.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFeatureSet(
+        self,
+        request: _features_pb2.GetFeatureSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_features_pb2.GetFeatureSetResponse, _abc.Awaitable[_features_pb2.GetFeatureSetResponse]]:
+        """Gets a feature set."""
+
+    @_abc_1.abstractmethod
+    def ListFeatureSets(
+        self,
+        request: _features_pb2.ListFeatureSetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_features_pb2.ListFeatureSetsResponse, _abc.Awaitable[_features_pb2.ListFeatureSetsResponse]]:
+        """Lists feature sets, ordered by name."""
 
 def add_FeatureServiceServicer_to_server(servicer: FeatureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
