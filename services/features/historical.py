@@ -56,7 +56,7 @@ class HistoricalRetrieval:
             digest = self.files.write_parquet(result, request.output_uri, "output_uri")
             yield pb.GetHistoricalFeaturesResponse(dataset=pb.Dataset(
                 dataset_id=f"ds-{digest[:16]}", uri=request.output_uri, sha256=digest, rows=result.num_rows,
-                features=[f"{v}:{f}@v{versions[v]}" for v, f in refs]))
+                features=[f"{v}:{f}@v{versions[v]}" for v, f in refs], feature_set=request.feature_set))
             return
         for batch in result.to_batches(max_chunksize=BATCH_ROWS) or [pa.RecordBatch.from_pylist([], result.schema)]:
             sink = pa.BufferOutputStream()

@@ -299,6 +299,9 @@ def test_feature_sets_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, tmp_
     parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(feature_set=name, entity_arrow=_ipc(rows))))
     table = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
     assert table.column(f"{view}__score").to_pylist() == [0.5, 0.7]
+    ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
+        feature_set=name, entity_arrow=_ipc(rows), output_uri=str(tmp_path / "train.parquet"))))[0].dataset
+    assert (ds.feature_set, list(ds.features)) == (name, [f"{view}:score@v1"])  # lineage names the set
     for call, request, code in [
         (stub.GetOnlineFeatures, pb.GetOnlineFeaturesRequest(feature_set="nope", entities=entities),
          grpc.StatusCode.NOT_FOUND),

@@ -1459,6 +1459,7 @@ class Dataset(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """Content-derived id ("ds-" + the first 16 hex digits of the sha256)."""
     uri: _builtins.str
@@ -1467,6 +1468,8 @@ class Dataset(_message.Message):
     """sha256 of the Parquet file."""
     rows: _builtins.int
     """Rows."""
+    feature_set: _builtins.str
+    """The feature set it was built from, when the request named one."""
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature references it holds, with the view versions used ("view:feature@v2")."""
@@ -1479,10 +1482,11 @@ class Dataset(_message.Message):
         sha256: _builtins.str = ...,
         rows: _builtins.int = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
+        feature_set: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "features", b"features", "rows", b"rows", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "feature_set", b"feature_set", "features", b"features", "rows", b"rows", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
