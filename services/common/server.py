@@ -435,7 +435,7 @@ def batch_helper_threads(loop_tid: int) -> int:
     20 % of the process's samples went to context switches). A SCHED_BATCH thread never preempts
     on wake-up: it runs when the loop waits (between calls, on every Redis round trip) or at the
     next scheduler tick, and keeps its fair share. Measured on two cores, three pairs each:
-    features 100 x 20 CPU per call -15 % at 8x1 and 1x8, p99 at 1x8 5.0-6.0 -> 3.9-4.2 ms;
+    features 100 x 20 CPU per call -11 to -19 % at 8x1 and 1x8, p99 at 1x8 5.0-6.0 -> 3.9-4.2 ms;
     inference b1 8x1 362 -> 306-319 us per request (docs/performance.md)."""
     changed = 0
     try:
