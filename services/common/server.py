@@ -427,9 +427,8 @@ def _tune_for_latency() -> None:
 BATCH_HELPERS_ENV = "STRATA_BATCH_HELPER_THREADS"
 
 
-def batch_helper_threads(loop_tid: int) -> int:
-    """Every thread of this process but the event loop's runs as SCHED_BATCH; returns how many
-    were changed. grpc's threads (its event-engine I/O pool, the completion-queue poller), store
+def batch_helper_threads(loop_tid: int) -> None:
+    """Every thread of this process but the event loop's runs as SCHED_BATCH. grpc's threads (its event-engine I/O pool, the completion-queue poller), store
     reads in worker threads and ONNX Runtime's pool wake several times per call; as normal
     threads on the serving process's core each wake-up preempts the interpreter mid-call (about
     20 % of the process's samples went to context switches). A SCHED_BATCH thread never preempts
@@ -437,21 +436,18 @@ def batch_helper_threads(loop_tid: int) -> int:
     next scheduler tick, and keeps its fair share. Measured on two cores, three pairs each:
     features 100 x 20 CPU per call -11 to -19 % at 8x1 and 1x8, p99 at 1x8 5.0-6.0 -> 3.9-4.2 ms;
     inference b1 8x1 362 -> 306-319 us per request (docs/performance.md)."""
-    changed = 0
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:  # not Linux
-        return 0
+        return
     for tid in tids:
         if tid == loop_tid:
             continue
         try:
             if os.sched_getscheduler(tid) == os.SCHED_OTHER:
                 os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-                changed += 1
         except OSError:  # the thread ended meanwhile
             pass
-    return changed
 
 
 async def _keep_helper_threads_batched() -> None:

@@ -60,6 +60,21 @@ def parse_refs(refs: list[str], field: str = "features") -> list[tuple[str, str]
     return out
 
 
+def one_feature_list(request: pb.GetOnlineFeaturesRequest | pb.GetHistoricalFeaturesRequest) -> None:
+    """A read names its features or a feature set, not both (INVALID_ARGUMENT naming feature_set)."""
+    if request.feature_set and request.features:
+        raise InvalidArgument("feature_set", "give features or feature_set, not both")
+
+
+def _set_definition(fs: pb.FeatureSet) -> pb.FeatureSet:
+    """A copy of the set without its timestamps: what an apply compares."""
+    out = pb.FeatureSet()
+    out.CopyFrom(fs)
+    out.ClearField("create_time")
+    out.ClearField("update_time")
+    return out
+
+
 def schema_hash(v: pb.FeatureView) -> str:
     """What makes a new version: entities, features with types, ttl, source."""
     schema = pb.FeatureView(entities=v.entities, ttl_seconds=v.ttl_seconds, source=v.source,
@@ -240,24 +255,18 @@ class Definitions:
             if ref in seen:
                 raise InvalidArgument(f"feature_set.features[{i}]", f"'{ref}' is listed twice")
             seen.add(ref)
-        spec = pb.FeatureSet()
-        spec.CopyFrom(fs)
-        spec.ClearField("create_time")
-        spec.ClearField("update_time")
+        spec = _set_definition(fs)
+        features: dict[str, set[str]] = {}  # view -> its features (current version)
+        for i, (view, feature) in enumerate(refs):
+            if view not in features:
+                try:
+                    features[view] = {f.name for f in self.get_view(view).spec.features}
+                except NotFound as e:
+                    raise NotFound(f"{e} (feature_set.features[{i}])") from None
+            if feature not in features[view]:
+                raise InvalidArgument(f"feature_set.features[{i}]", f"view '{view}' has no feature '{feature}'")
         now = _now()
         with self.db.session() as c:
-            features: dict[str, set[str]] = {}
-            for i, (view, feature) in enumerate(refs):
-                if view not in features:
-                    row = c.execute(select(t.feature_views.c.spec).select_from(t.feature_view_heads.join(
-                        t.feature_views, and_(t.feature_views.c.name == t.feature_view_heads.c.name,
-                                              t.feature_views.c.version == t.feature_view_heads.c.version)))
-                        .where(t.feature_view_heads.c.name == view)).scalar_one_or_none()
-                    if row is None:
-                        raise NotFound(f"featureViews/{view} not found (feature_set.features[{i}])")
-                    features[view] = {f.name for f in pb.FeatureView.FromString(row).features}
-                if feature not in features[view]:
-                    raise InvalidArgument(f"feature_set.features[{i}]", f"view '{view}' has no feature '{feature}'")
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == fs.name)).scalar_one_or_none()
             if row is None:
                 _ts(spec, "create_time", now)
@@ -266,11 +275,7 @@ class Definitions:
                                                         create_time=now, update_time=now))
                 return spec, "CREATED"
             old = pb.FeatureSet.FromString(row)
-            same = pb.FeatureSet()
-            same.CopyFrom(old)
-            same.ClearField("create_time")
-            same.ClearField("update_time")
-            if same == spec:
+            if _set_definition(old) == spec:
                 return old, "UNCHANGED"
             spec.create_time.CopyFrom(old.create_time)
             _ts(spec, "update_time", now)

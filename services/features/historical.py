@@ -11,7 +11,7 @@ import pyarrow as pa
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.features.definitions import Definitions, parse_refs
+from services.features.definitions import Definitions, one_feature_list, parse_refs
 from services.features.files import OfflineFiles
 from services.features.offline import OfflineStoreError, ViewSpec, historical_features
 
@@ -24,9 +24,8 @@ class HistoricalRetrieval:
         self.files = files
 
     def run(self, request: pb.GetHistoricalFeaturesRequest) -> Iterator[pb.GetHistoricalFeaturesResponse]:
+        one_feature_list(request)
         if request.feature_set:
-            if request.features:
-                raise InvalidArgument("feature_set", "give features or feature_set, not both")
             features = list(self.definitions.get_feature_set(request.feature_set).features)
         else:
             features = list(request.features)

@@ -171,12 +171,12 @@ def _view_sql(i: int, s: _Source) -> str:
         # Known from max(event, created), in this view's unit; a ns created time compared in us is
         # rounded up (a row created 1 ns after the entity time must not count). DuckDB's // and %
         # truncate toward zero.
-        created = _q(v.created_timestamp_field or "")
-        if s.unit == "us" and s.schema.field(v.created_timestamp_field).type.unit == "ns":
-            c = f"epoch_ns({created})"
+        created = v.created_timestamp_field
+        if s.unit == "us" and s.schema.field(created).type.unit == "ns":
+            c = f"epoch_ns({_q(created)})"
             c = f"({c} // 1000 + ({c} % 1000 > 0)::BIGINT)"
         else:
-            c = f"epoch_{s.unit}({created})"
+            c = f"epoch_{s.unit}({_q(created)})"
         cols.append(f"greatest({order[0]}, coalesce({c}, {order[0]})) AS known")
     rows = f"SELECT {', '.join(cols)} FROM read_parquet($files{i}) WHERE {_q(v.timestamp_field)} IS NOT NULL"
     if not s.known_cutoff:

@@ -153,6 +153,8 @@ class OnlineStore(Protocol):
     def read(self, view: str, version: int, keys: Sequence[str]) -> list[bytes | None]: ...
     def read_many(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]: ...
     async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]: ...
+    #: Before the first read (the serving process's warm-up): open what the reads will need.
+    async def warm(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -438,6 +440,9 @@ class SqliteOnlineStore:
 
     async def read_many_async(self, reads: Sequence[tuple[str, int, Sequence[str]]]) -> list[list[bytes | None]]:
         return await asyncio.to_thread(self.read_many, reads)
+
+    async def warm(self) -> None:
+        """Nothing to open ahead: each worker thread opens its own connection on first use."""
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)

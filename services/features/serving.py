@@ -24,7 +24,7 @@ from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound
 from services.features import wire
-from services.features.definitions import Definitions, ViewDef, parse_refs
+from services.features.definitions import Definitions, ViewDef, one_feature_list, parse_refs
 from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
 
 _DT = types_pb2.DataType
@@ -217,8 +217,7 @@ class FeatureSetCache:
 
 def with_feature_set(request: pb.GetOnlineFeaturesRequest, refs: Sequence[str]) -> pb.GetOnlineFeaturesRequest:
     """The request with the set's references as its features."""
-    if request.features:
-        raise InvalidArgument("feature_set", "give features or feature_set, not both")
+    one_feature_list(request)
     return pb.GetOnlineFeaturesRequest(features=refs, entities=request.entities, raw=request.raw)
 
 
