@@ -22,8 +22,9 @@ $(BUF):
 setup: .venv/.installed $(BUF)
 
 # Run the platform locally on embedded defaults (SQLite, local artifacts, Envoy on :8080) with the demo.
+# Extra `strata up` arguments go in ARGS, e.g. make up ARGS="--gateway-port 8081 --no-auth".
 up: .venv/.installed
-	.venv/bin/strata up --demo
+	.venv/bin/strata up --demo $(ARGS)
 
 # The demo against an already running platform.
 demo: .venv/.installed

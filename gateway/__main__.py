@@ -4,7 +4,9 @@ foreground (as a container entry point or a sidecar).
     python -m gateway --upstream registry=127.0.0.1:50051 [--port 8080] [--admin-port 9901]
 
 The HS256 secret comes from STRATA_JWT_SECRET, or a JWKS file from --jwks-file (RS256 in
-production); STRATA_AUTH=disabled renders the gateway without JWT and RBAC.
+production); STRATA_AUTH=disabled renders the gateway without JWT and RBAC. With the STRATA_TLS_*
+client settings (STRATA_TLS_CA_FILE, STRATA_TLS_CLIENT_CERT_FILE/KEY_FILE) Envoy speaks TLS/mTLS
+to the upstreams.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from gateway.config import render_envoy_config
 from gateway.envoy import envoy_binary, validate_config, write_config
+from services.common.client import ClientTLS
 
 DESCRIPTOR = Path(__file__).resolve().parent / "strata.pb"
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         upstreams=upstreams, descriptor_path=DESCRIPTOR, auth_enabled=auth,
         jwt_secret=None if args.jwks_file else secret,
         jwks_json=args.jwks_file.read_text() if args.jwks_file else None,
-        listen_port=args.port, admin_port=args.admin_port)
+        listen_port=args.port, admin_port=args.admin_port, upstream_tls=ClientTLS.from_settings())
     path = write_config(config, args.config_dir)
     validate_config(path)
     if args.render_only:

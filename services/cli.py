@@ -1,6 +1,7 @@
 """`strata`: the command line for everyday registry work and for running the platform locally.
 
-    strata up [--demo]                          run the platform (registry + Envoy) in the foreground
+    strata up [--demo] [--host H] [--gateway-port P] [--no-auth]   run the platform in the foreground
+    strata demo                                 the demo against a running platform
     strata register NAME model.onnx --create-model --metric auc=0.93
     strata models list | models show NAME | versions list NAME | versions show NAME VERSION
     strata alias set NAME ALIAS VERSION | alias delete NAME ALIAS
@@ -10,8 +11,10 @@
     strata deploy | traffic set | rollback | endpoints ... | predict   (see services/inference/cli.py)
     strata features apply | list | materialize | get | stats          (see services/features/cli.py)
 
-The registry address comes from --addr or STRATA_REGISTRY_ADDR (default 127.0.0.1:50051), the
-bearer token from --token or STRATA_TOKEN. Errors print `error: CODE: message`, exit status 1.
+The registry address comes from --addr or STRATA_REGISTRY_ADDR (default 127.0.0.1 at
+STRATA_REGISTRY_PORT, 50051: the same settings as `strata up`), the bearer token from --token or
+STRATA_TOKEN, TLS from the STRATA_TLS_* settings (`source .strata/tokens.env` sets both for a
+platform started by `strata up`). Errors print `error: CODE: message`, exit status 1.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from strata.registry.v1 import registry_pb2 as pb
 
-from services.common.settings import peer_address
+from services.common.settings import admin_port, listen_port, peer_address
 from services.features import cli as features_cli
 from services.inference import cli as inference_cli
 from services.registry.client import RegistryClient
@@ -92,18 +95,24 @@ def _promotion_line(p: pb.Promotion) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="strata", description="Strata ML platform command line")
-    ap.add_argument("--addr", default=os.environ.get("STRATA_REGISTRY_ADDR", peer_address("registry")))
+    ap.add_argument("--addr", default=peer_address("registry"),
+                    help="registry host:port (STRATA_REGISTRY_ADDR, else 127.0.0.1:STRATA_REGISTRY_PORT)")
     ap.add_argument("--token", default=os.environ.get("STRATA_TOKEN"), help="bearer token (STRATA_TOKEN)")
-    ap.add_argument("--tls-ca", type=Path, help="CA bundle: use TLS to reach the registry")
+    ap.add_argument("--tls-ca", type=Path, help="use TLS with this CA bundle (default: the STRATA_TLS_* settings; "
+                                                "client certificate from STRATA_TLS_CLIENT_CERT_FILE/KEY_FILE)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    up = sub.add_parser("up", help="run the platform locally (registry + Envoy gateway), supervised")
+    up = sub.add_parser("up", help="run the platform locally (services + Envoy gateway), supervised")
     up.add_argument("--demo", action="store_true", help="run the demo once everything is up")
     up.add_argument("--home", type=Path, default=Path(os.environ.get("STRATA_HOME", ".strata")))
     up.add_argument("--no-auth", action="store_true", help="STRATA_AUTH=disabled (local development only)")
-    up.add_argument("--gateway-port", type=int, default=8080)
-    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin, loopback only")
+    up.add_argument("--host", default=None,
+                    help="address the services and the gateway listen on (default STRATA_HOST or 127.0.0.1; "
+                         "0.0.0.0 for every interface)")
+    up.add_argument("--gateway-port", type=int, default=listen_port("gateway"), help="(STRATA_GATEWAY_PORT)")
+    up.add_argument("--admin-port", type=int, default=admin_port(),
+                    help="Envoy admin, loopback only (STRATA_GATEWAY_ADMIN_PORT)")
     sub.add_parser("demo", help="run the demo against a running platform (strata up)").add_argument(
         "--home", type=Path, default=Path(os.environ.get("STRATA_HOME", ".strata")))
 
@@ -183,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcommand
     if args.cmd == "up":
         from services.launcher import run_platform
-        return run_platform(home=args.home, demo=args.demo, auth=not args.no_auth, gateway_port=args.gateway_port,
-                            admin_port=args.admin_port)
+        return run_platform(home=args.home, demo=args.demo, auth=not args.no_auth, host=args.host,
+                            gateway_port=args.gateway_port, admin_port=args.admin_port)
     if args.cmd == "demo":
         from services.demo import run_demo
         return run_demo(args.home)

@@ -1,12 +1,17 @@
 """The README demo: register a small ONNX model, alias it, promote it through approval, read it
 back over gRPC, over REST/JSON through Envoy and with grpcurl, then deploy it behind an endpoint
-and predict over REST through Envoy, printing each command."""
+and predict over REST through Envoy, printing each command (`$ ...` lines that work when pasted
+into a shell after `source <home>/tokens.env`).
+
+It finds the platform where `strata up` puts it: the same STRATA_<NAME>_PORT / _ADDR and
+STRATA_GATEWAY_PORT settings, and STRATA_TLS_* for TLS."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +27,8 @@ from strata.inference.v1 import inference_pb2_grpc
 from strata.registry.v1 import registry_pb2 as pb
 
 from services.common.auth import mint_token
-from services.common.client import open_channel
+from services.common.client import ClientTLS, open_channel
+from services.common.settings import peer_address
 from services.launcher import dev_secret
 from services.registry.client import RegistryClient
 
@@ -38,6 +44,30 @@ def build_model(path: Path) -> None:
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])], [w, b])
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+
+
+#: The header of every printed command: the shell expands $STRATA_TOKEN (from tokens.env).
+AUTH_HEADER = "Authorization: Bearer $STRATA_TOKEN"
+
+
+def _command(*argv: str) -> str:
+    """argv as a line to paste into a shell: every word quoted, $STRATA_TOKEN left to the shell."""
+    return " ".join(f'"{a}"' if "$STRATA_TOKEN" in a else shlex.quote(a) for a in argv)
+
+
+def _show(*argv: str) -> None:
+    print("$ " + _command(*argv))
+
+
+def _grpcurl_tls() -> list[str]:
+    """grpcurl's options for the platform's TLS settings (-plaintext without TLS)."""
+    tls = ClientTLS.from_settings()
+    if tls is None:
+        return ["-plaintext"]
+    args = ["-cacert", str(tls.ca_file.resolve())] if tls.ca_file else []
+    if tls.cert_file and tls.key_file:
+        args += ["-cert", str(tls.cert_file.resolve()), "-key", str(tls.key_file.resolve())]
+    return args
 
 
 def _rest(gateway: str, path: str, token: str, body: dict) -> dict:
@@ -63,10 +93,9 @@ def _features_demo(home: Path, gateway: str) -> None:
         "entities": {"user_id": {"int64_values": [1, 2]}}, "event_timestamps_us": [now_us, now_us],
         "features": [{"name": "spend_7d", "double_values": [120.5, 33.0]},
                      {"name": "orders_7d", "int64_values": [4, 1]}]})
-    print("$ curl -H 'Authorization: Bearer $STRATA_TOKEN' -d '{\"features\": [\"%s:spend_7d\"], "
-          "\"entities\": {\"user_id\": {\"int64_values\": [2, 1, 3]}}}' %s/v1/features:getOnline" % (view, gateway))
-    got = _rest(gateway, "/v1/features:getOnline", developer, {
-        "features": [f"{view}:spend_7d"], "entities": {"user_id": {"int64_values": [2, 1, 3]}}})
+    query = {"features": [f"{view}:spend_7d"], "entities": {"user_id": {"int64_values": [2, 1, 3]}}}
+    _show("curl", "-H", AUTH_HEADER, "-d", json.dumps(query), f"{gateway}/v1/features:getOnline")
+    got = _rest(gateway, "/v1/features:getOnline", developer, query)
     col = got["features"][0]
     print(json.dumps({"values": col["double_values"], "statuses": col["statuses"]}))
     assert col["double_values"][:2] == [33.0, 120.5] and col["statuses"][2] == "FEATURE_STATUS_NOT_FOUND"
@@ -82,16 +111,25 @@ def _step(title: str) -> None:
     print(f"\n== {title}")
 
 
-def run_demo(home: Path, *, gateway: str = "http://127.0.0.1:8080", registry: str = "127.0.0.1:50051",
-             inference: str = "127.0.0.1:50054") -> int:
+def run_demo(home: Path, *, gateway: str | None = None, registry: str | None = None,
+             inference: str | None = None) -> int:
+    """Run the demo against a running platform; addresses default to the settings `strata up`
+    uses (STRATA_<NAME>_ADDR / _PORT, STRATA_GATEWAY_PORT)."""
+    gateway = gateway or f"http://{peer_address('gateway')}"
+    registry = registry or peer_address("registry")
+    inference = inference or peer_address("inference")
+    home = home.resolve()
+    print(f"The $ lines repeat each step from a shell; first: source {shlex.quote(str(home / 'tokens.env'))}")
     try:
-        _demo(home.resolve(), gateway, registry, inference)
-        _features_demo(home.resolve(), gateway)
+        _demo(home, gateway, registry, inference)
+        _features_demo(home, gateway)
     except (grpc.RpcError, OSError, AssertionError, KeyError, subprocess.CalledProcessError) as e:
         detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
-        print(f"\ndemo FAILED: {detail}", file=sys.stderr)
+        if isinstance(e, subprocess.CalledProcessError):
+            detail += f"\n{e.stderr or ''}"
+        print(f"\ndemo FAILED: {detail}", file=sys.stderr, flush=True)
         return 1
-    print("\ndemo OK")
+    print("\ndemo OK", flush=True)
     return 0
 
 
@@ -137,13 +175,13 @@ def _demo(home: Path, gateway: str, registry: str, inference: str) -> None:
 
         _step("read it back over REST/JSON through Envoy")
         url = f"{gateway}/v1/models/{name}/versions/{v.version}"
-        print(f"$ curl -H 'Authorization: Bearer $STRATA_TOKEN' {url}")
+        _show("curl", "-H", AUTH_HEADER, url)
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {developer}"})
         with urllib.request.urlopen(req, timeout=10) as r:
             body = json.loads(r.read())["model_version"]
         print(json.dumps({k: body[k] for k in ("name", "version", "status", "stage", "aliases", "artifact")}, indent=2))
         art = f"{url}/artifact"
-        print(f"$ curl -H 'Authorization: Bearer $STRATA_TOKEN' {art} -o model.onnx")
+        _show("curl", "-H", AUTH_HEADER, art, "-o", "model.onnx")
         with urllib.request.urlopen(urllib.request.Request(art, headers={"Authorization": f"Bearer {developer}"}),
                                     timeout=30) as r:
             downloaded = hashlib.sha256(r.read()).hexdigest()
@@ -152,12 +190,13 @@ def _demo(home: Path, gateway: str, registry: str, inference: str) -> None:
 
         _step("read it back with grpcurl (server reflection)")
         grpcurl = str(Path(sys.executable).parent / "grpcurl")
+        # The bare name where the user's shell finds this same grpcurl, else the full path.
+        shown_grpcurl = "grpcurl" if shutil.which("grpcurl") == grpcurl else grpcurl
         payload = json.dumps({"name": name, "version": v.version})
-        cmd = [grpcurl, "-plaintext", "-H", f"authorization: Bearer {developer}", "-d", payload, registry,
-               "strata.registry.v1.RegistryService/GetModelVersion"]
-        shown = [Path(grpcurl).name, "-plaintext", "-H", "authorization: Bearer $STRATA_TOKEN", "-d", payload,
-                 registry, "strata.registry.v1.RegistryService/GetModelVersion"]
-        print("$ " + shlex.join(shown))
+        method = "strata.registry.v1.RegistryService/GetModelVersion"
+        cmd = [grpcurl, *_grpcurl_tls(), "-H", f"authorization: Bearer {developer}", "-d", payload, registry, method]
+        _show(shown_grpcurl, *_grpcurl_tls(), "-H", "authorization: Bearer $STRATA_TOKEN", "-d", payload, registry,
+              method)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout
         reply = json.loads(out)
         # Field names as the descriptors grpcurl got say: proto names via reflection, camelCase from a protoset.
@@ -177,7 +216,7 @@ def _demo(home: Path, gateway: str, registry: str, inference: str) -> None:
         _step("predict over REST/JSON through Envoy")
         rows = [{"features": [0.5, -1.0, 2.0, 0.25]}, {"features": [1.0, 1.0, 1.0, 1.0]}]
         url = f"{gateway}/v1/endpoints/{endpoint}:predict"
-        print(f"$ curl -H 'Authorization: Bearer $STRATA_TOKEN' -d '{json.dumps({'rows': rows})}' {url}")
+        _show("curl", "-H", AUTH_HEADER, "-d", json.dumps({"rows": rows}), url)
         req = urllib.request.Request(url, data=json.dumps({"rows": rows}).encode(), method="POST", headers={
             "Authorization": f"Bearer {developer}", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:

@@ -5,15 +5,60 @@ once and added to each service's metadata and migrations."""
 from __future__ import annotations
 
 import contextvars
+import functools
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from google.protobuf.message import Message
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text, insert, select
 
 from services.common.db import Database
 
-# The servicer names the resource a call acts on; the interceptor writes the record.
+# The resource a call acts on: named from the request by the interceptor before the role check
+# (request_resource, for mutating methods), then named more exactly by the servicer where it
+# knows more (a created version's number); the interceptor writes the record.
 current_resource: contextvars.ContextVar[str] = contextvars.ContextVar("strata_resource", default="")
+
+MAX_RESOURCE = 512  # the column's size
+_MAX_PART = 200  # one field's value in a name: a request may carry anything
+
+
+@functools.lru_cache(maxsize=1024)  # one entry per method template
+def _compile(template: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+    """A template as literal parts and field paths:
+    `models/{name}` -> `(("models/", None), ("", ("name",)))`."""
+    parts: list[tuple[str, tuple[str, ...] | None]] = []
+    pos = 0
+    for m in re.finditer(r"\{([^}]+)\}", template):
+        if m.start() > pos:
+            parts.append((template[pos:m.start()], None))
+        parts.append(("", tuple(m.group(1).split("."))))
+        pos = m.end()
+    if pos < len(template):
+        parts.append((template[pos:], None))
+    return tuple(parts)
+
+
+def request_resource(template: str, request: object) -> str:
+    """The resource name a request asks to act on, from the method's template
+    (`MethodPolicy.resource`): each `{field.path}` is the request's value, cut to a bounded
+    length. "" without a template or without a request message (a request stream)."""
+    if not template or not isinstance(request, Message):
+        return ""
+    out = []
+    for literal, path in _compile(template):
+        if path is None:
+            out.append(literal)
+            continue
+        value: object = request
+        try:
+            for name in path:
+                value = getattr(value, name)
+        except AttributeError:  # a template that does not fit the message: name what is known
+            value = ""
+        out.append(str(value)[:_MAX_PART])
+    return "".join(out)[:MAX_RESOURCE]
 
 
 def audit_table(metadata: MetaData) -> Table:
@@ -52,7 +97,7 @@ class AuditLog:
     def record(self, rec: AuditRecord) -> None:
         with self._db.session() as s:
             s.execute(insert(self._t).values(
-                principal=rec.principal, method=rec.method, resource=rec.resource[:512],
+                principal=rec.principal, method=rec.method, resource=rec.resource[:MAX_RESOURCE],
                 request_id=rec.request_id[:128], time=rec.time or datetime.now(UTC),
                 outcome=rec.outcome, message=rec.message[:2000],
             ))

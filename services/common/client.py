@@ -1,11 +1,16 @@
-"""Client channels to Strata services: the bearer token added to every call, optional TLS,
-message size limits matching the servers'."""
+"""Client channels to Strata services, the one place every client inside the platform gets them
+(service to service, `strata up`'s health probes, the CLI, the demo): the bearer token added to
+every call, message size limits matching the servers', and TLS/mTLS as the STRATA_TLS_* settings
+say (`ClientTLS`; Envoy's upstream clusters are rendered from the same object)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from services.common.settings import TLSSettings
 
 MAX_MESSAGE = 32 << 20
 
@@ -24,11 +29,40 @@ class _Auth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor)
         return continuation(self._add(details), request)
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client verifies a Strata service and proves itself to it.
+
+    `ca_file` None: the system's trusted roots. `cert_file`/`key_file`: the client certificate
+    presented to services that require one (STRATA_TLS_CLIENT_CA_FILE on their side)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: TLSSettings | None = None, ca_file: Path | None = None) -> ClientTLS | None:
+        """TLS from STRATA_TLS_* (None: plaintext). `ca_file` (e.g. the CLI's --tls-ca) turns TLS
+        on with that CA whatever the settings say."""
+        s = settings if settings is not None else TLSSettings()
+        if ca_file is None and not s.client_tls:
+            return None
+        return cls(ca_file or s.tls_ca_file, s.tls_client_cert_file, s.tls_client_key_file)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes() if self.ca_file else None,
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None)
+
+
 def open_channel(addr: str, token: str | None = None, tls_ca: Path | None = None) -> tuple[grpc.Channel, grpc.Channel]:
-    """(the raw channel to close, the channel to build stubs on)."""
+    """(the raw channel to close, the channel to build stubs on). TLS follows the STRATA_TLS_*
+    settings (`ClientTLS.from_settings`); `tls_ca` forces TLS with that CA."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-    if tls_ca is not None:
-        raw = grpc.secure_channel(addr, grpc.ssl_channel_credentials(tls_ca.read_bytes()), options)
+    tls = ClientTLS.from_settings(ca_file=tls_ca)
+    if tls is not None:
+        raw = grpc.secure_channel(addr, tls.credentials(), options)
     else:
         raw = grpc.insecure_channel(addr, options)
     return raw, (grpc.intercept_channel(raw, _Auth(token)) if token else raw)

@@ -1,4 +1,5 @@
-"""Waiting for a gRPC service to report SERVING (launcher, tests, scripts)."""
+"""Waiting for a gRPC service to report SERVING (launcher, tests, scripts), over a channel from
+services/common/client.py, so the probe speaks TLS/mTLS when the platform does."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.client import open_channel
+
 
 def wait_serving(addr: str, timeout: float = 30, alive: Callable[[], bool] | None = None,
                  what: str = "service") -> None:
     """Poll grpc.health.v1 Check on addr until SERVING. `alive` says whether the process is
     still running, so a crash at start-up fails at once instead of after the timeout."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(addr) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
+    raw, _ = open_channel(addr)
+    with raw:
+        stub = health_pb2_grpc.HealthStub(raw)
         while time.monotonic() < deadline:
             if alive is not None and not alive():
                 raise RuntimeError(f"{what} exited during start-up")

@@ -28,18 +28,19 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import start_http_server
 
 from services.common import reuseport, telemetry
-from services.common.audit import AuditLog, AuditRecord, current_resource
+from services.common.audit import AuditLog, AuditRecord, current_resource, request_resource
 from services.common.auth import ANONYMOUS_ADMIN, Authenticator, Principal, current_principal
-from services.common.errors import PermissionDenied, StrataError
+from services.common.errors import PermissionDenied, StrataError, UndecodableRequest
 from services.common.policy import ROLE_NAMES, MethodPolicy, policies_for, rank_of
+from services.common.reflection import add_reflection
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger("strata.server")
@@ -93,7 +94,8 @@ class StrataInterceptor:
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[
                     (handler.request_streaming, handler.response_streaming)]
-        return kind(behavior, request_deserializer=handler.request_deserializer,
+        return kind(behavior,
+                    request_deserializer=_decoding(handler.request_deserializer, handler.request_streaming),
                     response_serializer=_allow_encoded(handler.response_serializer))
 
     def wrap_cached(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -122,10 +124,13 @@ class StrataInterceptor:
             if code != grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
 
-    def _begin(self, method: str, policy: MethodPolicy | None, md: dict) -> None:
+    def _begin(self, method: str, policy: MethodPolicy | None, md: dict, request: object = None) -> None:
         rid = md.get("x-request-id") or f"{self._rid_prefix}-{next(self._rid_counter):x}"
         telemetry.request_id_var.set(rid if isinstance(rid, str) else rid.decode())
-        current_resource.set("")
+        # Audited calls name their resource from the request before anything can refuse them, so
+        # a refused call's audit row names it too; the servicer may name it more exactly.
+        current_resource.set(request_resource(policy.resource, request)
+                             if policy is not None and policy.mutates else "")
         if policy is None or policy.public:
             current_principal.set(ANONYMOUS_ADMIN if self._auth is None else _NOBODY)
             return
@@ -204,14 +209,14 @@ class StrataInterceptor:
 
     @asynccontextmanager
     async def _call(self, method: str, policy: MethodPolicy | None,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+                    context: grpc.aio.ServicerContext, request: object = None) -> AsyncIterator[None]:
         """Around a streaming call: span, request id, auth, error mapping, metrics, log, audit."""
         start = time.perf_counter()
         self.metrics.in_flight += 1
         md = dict(context.invocation_metadata() or ())
         with self._span(method, md) as span:
             try:
-                self._begin(method, policy, md)
+                self._begin(method, policy, md, request)
                 yield
             except BaseException as exc:
                 code, message = self._classify(exc, context)
@@ -226,12 +231,16 @@ class StrataInterceptor:
 
         async def behavior(request, context):  # noqa: ANN001
             if self._tracer is not None:
-                async with self._call(method, policy, context):
+                async with self._call(method, policy, context, request):
+                    if request.__class__ is _Undecodable:
+                        raise request.error
                     return await inner(request, context)
             start = time.perf_counter()
             self.metrics.in_flight += 1
             try:
-                self._begin(method, policy, dict(context.invocation_metadata() or ()))
+                self._begin(method, policy, dict(context.invocation_metadata() or ()), request)
+                if request.__class__ is _Undecodable:  # after authentication: strangers learn nothing
+                    raise request.error
                 response = await inner(request, context)
             except BaseException as exc:
                 code, message = self._classify(exc, context)
@@ -247,7 +256,9 @@ class StrataInterceptor:
 
     def _wrap_stream(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
         async def behavior(request, context):  # noqa: ANN001
-            async with self._call(method, policy, context):
+            async with self._call(method, policy, context, request):
+                if request.__class__ is _Undecodable:
+                    raise request.error
                 result = inner(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -286,6 +297,42 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = self._inner.service(handler_call_details)
         return None if handler is None else self._interceptor.wrap_cached(handler_call_details.method, handler)
+
+
+class _Undecodable:
+    """A request message that did not decode, as `_decoding` hands it to the method's wrapper."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: UndecodableRequest) -> None:
+        self.error = error
+
+
+def _decoding(deserializer: Callable | None, request_streaming: bool) -> Callable | None:
+    """The method's request deserializer, with bytes that do not decode (corrupt wire format,
+    invalid UTF-8 in a string field) refused as INVALID_ARGUMENT with a plain message, where
+    grpc would answer UNKNOWN "Unexpected <class ...DecodeError>". A unary request is decoded
+    before the method's wrapper runs: it becomes an `_Undecodable` that the wrapper raises once
+    the caller is authenticated (and audits like any refusal). A streamed request is decoded as
+    the handler reads it, inside the wrapper, so the error is raised there."""
+    if deserializer is None:
+        return None
+    message_type = getattr(deserializer, "__self__", None)  # the generated Message.FromString
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+    name = descriptor.full_name if descriptor is not None else "the method's request message"
+
+    def deserialize(data: bytes):  # noqa: ANN202
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf raises DecodeError; any failure here means the same
+            # protobuf's reason is its last clause ("Wire format was corrupt", "String field had
+            # bad UTF-8"); the request's bytes are never echoed.
+            reason = str(e).rsplit(": ", 1)[-1][:200] if isinstance(e, DecodeError) else type(e).__name__
+            error = UndecodableRequest(f"the request does not decode as {name}: {reason}")
+            if request_streaming:
+                raise error from None
+            return _Undecodable(error)
+    return deserialize
 
 
 def _allow_encoded(serializer: Callable | None) -> Callable | None:
@@ -355,10 +402,8 @@ async def serve(svc: Service, started: asyncio.Event | None = None,
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     names = [d.full_name for d in svc.descriptors] + svc.extra_services
-    # reflection.enable_server_reflection picks the servicer by the server's type; the registrar
-    # is not a grpc.aio.Server, so the asyncio servicer is added by hand.
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]), registrar)
+    # Reflection v1 and v1alpha; behind the gateway, an answer for every service it routes.
+    add_reflection(registrar, names)
     address = f"{s.host}:{s.port}"
     creds = _credentials(s)
     try:

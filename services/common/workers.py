@@ -82,7 +82,7 @@ def run_workers(name: str, workers: int, migrations: Path | None) -> int:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(metrics_dir))
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=registry)
+        start_http_server(settings.metrics_port, addr=settings.host, registry=registry)  # where gRPC listens
     prefix = f"STRATA_{name.upper()}_"
     balancer = reuseport.Balancer.create(workers)
     cpus = _cpus_to_pin(workers)

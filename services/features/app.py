@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from strata.features.v1 import features_pb2, features_pb2_grpc
 
 from services.common.audit import AuditLog
@@ -20,18 +22,31 @@ from services.features import tables
 from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
+from services.features.training_sets import TrainingSets
 from services.features.materialize import Materializer
 from services.features.offline_append import Compactor, make_appender
 from services.features.online import OnlineStore, open_online_store
 from services.features.server import FeatureServicer
-from services.features.serving import FeatureServer, ViewCache
+from services.features.serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, FeatureServer, ViewCache
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger("strata.features")
 
 
-def build_service(settings: ServiceSettings | None = None) -> Service:
+class FeaturesConfig(BaseSettings):
+    """STRATA_FEATURES_* knobs beyond the common service settings, typed: a bad value stops the
+    service at start, naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="STRATA_FEATURES_", extra="ignore")
+
+    max_future_skew_seconds: float = Field(
+        DEFAULT_MAX_FUTURE_SKEW_SECONDS, ge=0, allow_inf_nan=False,
+        description="how far ahead of this service's clock a pushed event time may be")
+
+
+def build_service(settings: ServiceSettings | None = None, config: FeaturesConfig | None = None) -> Service:
     settings = settings or ServiceSettings.for_service("features")
+    config = config or FeaturesConfig()
     db = Database(settings.database_url)
     db.migrate(MIGRATIONS)
     definitions = Definitions(db)
@@ -44,11 +59,15 @@ def build_service(settings: ServiceSettings | None = None) -> Service:
                          [p for p in os.environ.get("STRATA_FEATURES_OFFLINE_PATHS", "").split(os.pathsep) if p],
                          cache_dir=settings.home / "cache" / "offline",
                          cache_bytes=int(float(os.environ.get("STRATA_FEATURES_OFFLINE_CACHE_GB", "20")) * (1 << 30)))
-    materializer = Materializer(db, definitions, store, files)
+    materializer = Materializer(db, definitions, store, files,
+                                max_future_skew_seconds=config.max_future_skew_seconds)
     compactor = Compactor(files, threshold=int(os.environ.get("STRATA_FEATURES_COMPACT_AFTER", "64")))
     views = ViewCache(definitions)
-    server = FeatureServer(views, store, offline_append=make_appender(files, compactor))
-    servicer = FeatureServicer(definitions, server, materializer, HistoricalRetrieval(definitions, files), files)
+    server = FeatureServer(views, store, offline_append=make_appender(files, compactor),
+                           max_future_skew_seconds=config.max_future_skew_seconds)
+    historical = HistoricalRetrieval(definitions, files)
+    servicer = FeatureServicer(definitions, server, materializer, historical,
+                               TrainingSets(db, historical, files), files)
     return Service(
         settings=settings,
         descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],

@@ -19,10 +19,11 @@ from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quote
+from services.common.limits import check_filter
 from services.features import tables as t
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,62}\Z")
 _DT = types_pb2.DataType
 FEATURE_TYPES = {_DT.DATA_TYPE_FLOAT32, _DT.DATA_TYPE_FLOAT64, _DT.DATA_TYPE_INT32, _DT.DATA_TYPE_INT64,
                  _DT.DATA_TYPE_BOOL, _DT.DATA_TYPE_STRING}
@@ -55,7 +56,7 @@ def parse_refs(refs: list[str], field: str = "features") -> list[tuple[str, str]
     for i, ref in enumerate(refs):
         view, sep, feature = ref.partition(":")
         if not sep or not view or not feature:
-            raise InvalidArgument(f"{field}[{i}]", f"'{ref}' is not a feature reference (view:feature)")
+            raise InvalidArgument(f"{field}[{i}]", f"{quote(ref)} is not a feature reference (view:feature)")
         out.append((view, feature))
     return out
 
@@ -84,7 +85,7 @@ def schema_hash(v: pb.FeatureView) -> str:
 
 def validate_view(v: pb.FeatureView) -> None:
     if not NAME_RE.match(v.name):
-        raise InvalidArgument("feature_view.name", f"'{v.name}' is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
+        raise InvalidArgument("feature_view.name", f"{quote(v.name)} is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
     if not v.entities:
         raise InvalidArgument("feature_view.entities", "at least one entity is required")
     if len(set(v.entities)) != len(v.entities):
@@ -95,7 +96,7 @@ def validate_view(v: pb.FeatureView) -> None:
     for i, f in enumerate(v.features):
         field = f"feature_view.features[{i}]"
         if not NAME_RE.match(f.name):
-            raise InvalidArgument(f"{field}.name", f"'{f.name}' is not a valid feature name")
+            raise InvalidArgument(f"{field}.name", f"{quote(f.name)} is not a valid feature name")
         if f.name in seen:
             raise InvalidArgument(f"{field}.name", f"feature '{f.name}' is listed twice")
         seen.add(f.name)
@@ -123,14 +124,14 @@ class Definitions:
     # -- entities ------------------------------------------------------------------------------
     def apply_entity(self, e: pb.Entity) -> pb.Entity:
         if not NAME_RE.match(e.name):
-            raise InvalidArgument("entity.name", f"'{e.name}' is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
+            raise InvalidArgument("entity.name", f"{quote(e.name)} is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
         if e.value_type not in (pb.VALUE_TYPE_INT64, pb.VALUE_TYPE_STRING):
             raise InvalidArgument("entity.value_type", "must be VALUE_TYPE_INT64 or VALUE_TYPE_STRING")
         spec = pb.Entity()
         spec.CopyFrom(e)
         spec.join_key = e.join_key or e.name
         if not NAME_RE.match(spec.join_key):
-            raise InvalidArgument("entity.join_key", f"'{spec.join_key}' is not a valid column name")
+            raise InvalidArgument("entity.join_key", f"{quote(spec.join_key)} is not a valid column name")
         now = _now()
         with self.db.session() as c:
             row = c.execute(select(t.entities).where(t.entities.c.name == e.name)).one_or_none()
@@ -157,7 +158,8 @@ class Definitions:
                 c.execute(select(t.entities).where(t.entities.c.name.in_(list(names))))}
         for i, n in enumerate(names):
             if n not in rows:
-                raise NotFound(f"entities/{n} not found (feature_view.entities[{i}]); apply the entity first")
+                raise NotFound(f"entities/{quote(n, bare=True)} not found (feature_view.entities[{i}]); "
+                               "apply the entity first")
         return tuple(rows[n] for n in names)
 
     # -- feature views -------------------------------------------------------------------------
@@ -229,7 +231,8 @@ class Definitions:
             row = c.execute(select(t.feature_views.c.spec).where(
                 t.feature_views.c.name == name, t.feature_views.c.version == version)).scalar_one_or_none()
             if row is None:
-                raise NotFound(f"featureViews/{name}" + (f"/versions/{version}" if version else "") + " not found")
+                raise NotFound(f"featureViews/{quote(name, bare=True)}" + (f"/versions/{version}" if version else "")
+                               + " not found")
             spec = pb.FeatureView.FromString(row)
             return ViewDef(spec, self._entities(c, list(spec.entities)))
 
@@ -238,7 +241,7 @@ class Definitions:
             rows = c.execute(select(t.feature_views.c.spec).where(t.feature_views.c.name == name)
                              .order_by(t.feature_views.c.version.desc())).scalars().all()
         if not rows:
-            raise NotFound(f"featureViews/{name} not found")
+            raise NotFound(f"featureViews/{quote(name, bare=True)} not found")
         return [pb.FeatureView.FromString(r) for r in rows]
 
     # -- feature sets --------------------------------------------------------------------------
@@ -246,14 +249,14 @@ class Definitions:
         """Create or update a set; every reference must name a current view and one of its
         features. Returns the stored set and CREATED, UPDATED or UNCHANGED."""
         if not NAME_RE.match(fs.name):
-            raise InvalidArgument("feature_set.name", f"'{fs.name}' is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
+            raise InvalidArgument("feature_set.name", f"{quote(fs.name)} is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
         if not fs.features:
             raise InvalidArgument("feature_set.features", "at least one feature reference is required")
         refs = parse_refs(list(fs.features), "feature_set.features")
         seen: set[str] = set()
         for i, ref in enumerate(fs.features):
             if ref in seen:
-                raise InvalidArgument(f"feature_set.features[{i}]", f"'{ref}' is listed twice")
+                raise InvalidArgument(f"feature_set.features[{i}]", f"{quote(ref)} is listed twice")
             seen.add(ref)
         spec = _set_definition(fs)
         features: dict[str, set[str]] = {}  # view -> its features (current version)
@@ -264,7 +267,7 @@ class Definitions:
                 except NotFound as e:
                     raise NotFound(f"{e} (feature_set.features[{i}])") from None
             if feature not in features[view]:
-                raise InvalidArgument(f"feature_set.features[{i}]", f"view '{view}' has no feature '{feature}'")
+                raise InvalidArgument(f"feature_set.features[{i}]", f"view {quote(view)} has no feature {quote(feature)}")
         now = _now()
         with self.db.session() as c:
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == fs.name)).scalar_one_or_none()
@@ -287,7 +290,7 @@ class Definitions:
         with self.db.read() as c:
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == name)).scalar_one_or_none()
         if row is None:
-            raise NotFound(f"featureSets/{name} not found")
+            raise NotFound(f"featureSets/{quote(name, bare=True)} not found")
         return pb.FeatureSet.FromString(row)
 
     def feature_sets(self) -> list[pb.FeatureSet]:
@@ -297,6 +300,8 @@ class Definitions:
 
     def search(self, *, query: str = "", tag: str = "", owner: str = "", entity: str = "", page_size: int = 50,
                after: str = "") -> list[pb.FeatureView]:
+        for value, field in ((query, "query"), (tag, "tag"), (owner, "owner"), (entity, "entity")):
+            check_filter(value, field)
         h = t.feature_view_heads
         cond = [h.c.name > after]
         if query:

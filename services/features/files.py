@@ -3,7 +3,8 @@ and pushed rows, on the artifact store (a local directory by default, or S3 / Mi
 
 A path in a request or a definition is either relative (a key in the artifact store), an
 absolute local path under the store or an allowed directory, or, with an S3 artifact store, an
-`s3://bucket/key` URI on the same endpoint. DuckDB reads S3 sources from local copies kept in a
+`s3://bucket/prefix/key` URI inside the store; services/common/paths.py decides, and a local glob
+is expanded there (each match checked) before DuckDB sees it. DuckDB reads S3 sources from local copies kept in a
 bounded cache (one download per object version: key, ETag and size), so the query plans are the
 same as for local files.
 Writes (training sets, pushed rows) go through the artifact store, whole or not at all, and
@@ -27,11 +28,11 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
 from services.common.artifacts import ArtifactStore, LocalArtifactStore, open_artifact_store
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, Unavailable, quote
+from services.common.paths import GLOB, Confinement, Place
 from services.features.offline import write_parquet
 
 S3 = "s3://"
-_GLOB = re.compile(r"[*?\[]")
 
 
 class OfflineFiles:
@@ -44,13 +45,15 @@ class OfflineFiles:
         self.cache_bytes = cache_bytes
         self.store: ArtifactStore = open_artifact_store(artifact_store_url)
         self.local_root: Path | None = self.store.root if isinstance(self.store, LocalArtifactStore) else None
-        roots = [*([self.local_root] if self.local_root is not None else []), *map(Path, local_paths)]
-        self._local_roots = [os.path.realpath(r) for r in roots]
         self.fs: Any = None  # pyarrow's S3 filesystem, for entity tables read in one go
         self._reachable_until = 0.0
         if self.local_root is None:
             self.fs = self.store.arrow_filesystem()  # type: ignore[attr-defined]
             self._root_uri = self.store.uri("x")[:-1]  # s3://bucket/prefix/
+        # Sources, entity tables and pushed rows: the store and the allowed directories;
+        # training sets only under the store's TRAINING_SETS prefix (see write_parquet's `under`).
+        store = str(self.local_root) if self.local_root is not None else self._root_uri
+        self.confinement = Confinement(store, read_roots=local_paths, write_roots=[store, *local_paths])
 
     def resolve(self, path: str, field: str = "path") -> str:
         """A local path or an s3:// URI for `path` (relative = a key in the artifact store);
@@ -61,31 +64,21 @@ class OfflineFiles:
         return where
 
     def locate(self, path: str, field: str = "path") -> str:
-        """`resolve` without touching the store: INVALID_ARGUMENT for a path the service may not use."""
-        if path.startswith(S3):
-            if self.fs is None:
-                raise InvalidArgument(field, f"{path}: s3:// paths need an S3 artifact store "
-                                      "(STRATA_ARTIFACT_STORE=s3://bucket/prefix?endpoint=host:port)")
-            return path
-        if "://" in path:
-            raise InvalidArgument(field, f"{path}: expected a key in the artifact store, an absolute path or s3://")
-        if os.path.isabs(path):
-            return self._allowed_local(path, field)
-        if not path or ".." in path.split("/") or path.startswith("~"):
-            raise InvalidArgument(field, f"{path!r}: a key in the artifact store must be relative, without '..'")
-        if self.local_root is not None:
-            return self._allowed_local(str(self.local_root / path), field)
-        return self._root_uri + path
+        """`resolve` without touching the store: INVALID_ARGUMENT for a path the service may not
+        read (services/common/paths.py decides)."""
+        if path.startswith(S3) and self.fs is None:
+            raise InvalidArgument(field, f"{quote(path)}: s3:// paths need an S3 artifact store "
+                                  "(STRATA_ARTIFACT_STORE=s3://bucket/prefix?endpoint=host:port)")
+        return self.confinement.readable(path, field).path
 
-    def _allowed_local(self, path: str, field: str) -> str:
-        """`path` when it lies under the artifact store or an allowed directory (symbolic links
-        resolved up to the first glob character), else INVALID_ARGUMENT: a caller must not make
-        the service read or write arbitrary files on its host."""
-        fixed = _GLOB.split(path, 1)[0]
-        real = os.path.realpath(fixed if fixed.endswith("/") or fixed == path else os.path.dirname(fixed))
-        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self._local_roots):
-            raise InvalidArgument(field, f"{path}: outside the artifact store and STRATA_FEATURES_OFFLINE_PATHS")
-        return path
+    def writable(self, path: str, field: str, *, under: str = "") -> str:
+        """Where a write of `path` goes (a local path or an s3:// URI), when the service may write
+        there: inside the artifact store or an allowed directory, under `under/` when given, never
+        a glob; else INVALID_ARGUMENT."""
+        place = self.confinement.writable(path, field, under=under)
+        if place.remote:
+            self._ensure_reachable()
+        return place.path
 
     def _ensure_reachable(self) -> None:
         """UNAVAILABLE when the S3 endpoint does not answer, before anything reads a listing or
@@ -103,10 +96,11 @@ class OfflineFiles:
         """What DuckDB reads for a view's source: a local path or glob as it is, or, for S3, the
         matching objects in key order as local copies (see `_cached`)."""
         where = self.resolve(path, field)
-        if not where.startswith(S3):
-            return where
+        if not where.startswith(S3):  # a glob is expanded here, every match checked (links too)
+            place = Place(where)
+            return self.confinement.expand(place, field) if place.is_glob else where
         bucket, _, key = where.removeprefix(S3).partition("/")
-        fixed = _GLOB.split(key, 1)[0]
+        fixed = GLOB.split(key, 1)[0]
         match = _glob_regex(key)
         try:
             objects = [o for o in self.store.list_objects(bucket, fixed[:fixed.rfind("/") + 1])  # type: ignore[attr-defined]
@@ -117,7 +111,7 @@ class OfflineFiles:
             else:
                 raise Unavailable(f"offline store: listing {where} failed: {str(e).splitlines()[0]}") from None
         if not objects:
-            raise InvalidArgument(field, f"{path} matches no file")
+            raise InvalidArgument(field, f"{quote(path)} matches no file")
         with ThreadPoolExecutor(max_workers=min(8, len(objects))) as pool:
             local = list(pool.map(lambda o: self._cached(bucket, *o), objects))
         self._evict(keep=set(local))
@@ -167,6 +161,8 @@ class OfflineFiles:
 
     def read_table(self, uri: str, field: str) -> pa.Table:
         path = self.resolve(uri, field)
+        if GLOB.search(path):
+            raise InvalidArgument(field, f"{quote(uri)}: name one file, not a glob")
         if path.startswith(S3):
             try:
                 found = self.fs.get_file_info(path.removeprefix(S3)).type == FileType.File
@@ -175,15 +171,16 @@ class OfflineFiles:
         else:
             found = os.path.isfile(path)
         if not found:
-            raise NotFound(f"{field} {uri} not found")
+            raise NotFound(f"{field} {quote(uri)} not found")
         try:
             return self.read_file(path)
         except (OSError, pa.ArrowException) as e:
-            raise InvalidArgument(field, f"{uri} is not readable Parquet: {e}") from None
+            raise InvalidArgument(field, f"{quote(uri)} is not readable Parquet: {quote(str(e))}") from None
 
-    def write_parquet(self, table: pa.Table, uri: str, field: str) -> str:
-        """Writes `table` to `uri` whole or not at all; returns the file's sha256."""
-        path = self.resolve(uri, field)
+    def write_parquet(self, table: pa.Table, uri: str, field: str, *, under: str = "") -> str:
+        """Writes `table` to `uri` whole or not at all; returns the file's sha256. `uri` is checked
+        as a write target (see `writable`)."""
+        path = self.writable(uri, field, under=under)
         if not path.endswith(".parquet"):
             raise InvalidArgument(field, "must end with .parquet")
         if not path.startswith(S3):
@@ -230,6 +227,12 @@ class OfflineFiles:
         if path.startswith(S3):
             return pq.read_schema(path.removeprefix(S3), filesystem=self.fs)
         return pq.read_schema(path)
+
+    def exists(self, path: str) -> bool:
+        """Whether something is at `path` (a place `locate` or `writable` answered)."""
+        if path.startswith(S3):
+            return self.store.exists(self._key(path, "path"))
+        return os.path.lexists(path)
 
     def delete(self, path: str) -> None:
         if path.startswith(S3):

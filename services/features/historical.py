@@ -1,11 +1,11 @@
-"""Training sets over gRPC: the entity table in (Arrow IPC or a Parquet file), the definitions
-turned into offline ViewSpecs, the point-in-time join done by offline.historical_features
-(DuckDB), the result streamed back as Arrow IPC or written as Parquet with a dataset id and
-sha256 for lineage (training jobs record them; the registry keeps them with the model)."""
+"""Point-in-time retrieval over gRPC: the entity table in (Arrow IPC or a Parquet file), the
+definitions turned into offline ViewSpecs, the join done by offline.historical_features (DuckDB),
+the result streamed back as Arrow IPC. Writing it as a training set is training_sets.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import pyarrow as pa
 from strata.features.v1 import features_pb2 as pb
@@ -18,12 +18,34 @@ from services.features.offline import OfflineStoreError, ViewSpec, historical_fe
 BATCH_ROWS = 65_536
 
 
+class Query(Protocol):
+    """The fields GetHistoricalFeaturesRequest and CreateTrainingSetRequest share."""
+
+    features: list[str]
+    feature_set: str
+    entity_arrow: bytes
+    entity_uri: str
+    timestamp_column: str
+    filter_by_created_timestamp: bool
+
+
 class HistoricalRetrieval:
     def __init__(self, definitions: Definitions, files: OfflineFiles) -> None:
         self.definitions = definitions
         self.files = files
 
     def run(self, request: pb.GetHistoricalFeaturesRequest) -> Iterator[pb.GetHistoricalFeaturesResponse]:
+        """The result as Arrow IPC messages of up to BATCH_ROWS rows (at least one message)."""
+        result, _ = self.compute(request)
+        for batch in result.to_batches(max_chunksize=BATCH_ROWS) or [pa.RecordBatch.from_pylist([], result.schema)]:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, result.schema) as writer:
+                writer.write_batch(batch)
+            yield pb.GetHistoricalFeaturesResponse(arrow_ipc=sink.getvalue().to_pybytes())
+
+    def compute(self, request: Query) -> tuple[pa.Table, list[str]]:
+        """The point-in-time result, and the feature references it holds with the view versions
+        used ("view:feature@v2", for lineage)."""
         one_feature_list(request)
         if request.feature_set:
             features = list(self.definitions.get_feature_set(request.feature_set).features)
@@ -51,19 +73,9 @@ class HistoricalRetrieval:
                                          filter_by_created_timestamp=request.filter_by_created_timestamp)
         except OfflineStoreError as e:
             raise InvalidArgument("features", str(e)) from None
-        if request.output_uri:
-            digest = self.files.write_parquet(result, request.output_uri, "output_uri")
-            yield pb.GetHistoricalFeaturesResponse(dataset=pb.Dataset(
-                dataset_id=f"ds-{digest[:16]}", uri=request.output_uri, sha256=digest, rows=result.num_rows,
-                features=[f"{v}:{f}@v{versions[v]}" for v, f in refs], feature_set=request.feature_set))
-            return
-        for batch in result.to_batches(max_chunksize=BATCH_ROWS) or [pa.RecordBatch.from_pylist([], result.schema)]:
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, result.schema) as writer:
-                writer.write_batch(batch)
-            yield pb.GetHistoricalFeaturesResponse(arrow_ipc=sink.getvalue().to_pybytes())
+        return result, [f"{v}:{f}@v{versions[v]}" for v, f in refs]
 
-    def _entity_table(self, request: pb.GetHistoricalFeaturesRequest) -> pa.Table:
+    def _entity_table(self, request: Query) -> pa.Table:
         if bool(request.entity_arrow) == bool(request.entity_uri):
             raise InvalidArgument("entity_arrow", "give the entity table as entity_arrow or entity_uri (one)")
         if request.entity_arrow:

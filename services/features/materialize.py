@@ -6,19 +6,22 @@ ended. Idempotent: the same range writes the same rows, and the online store's n
 rule keeps a re-run from moving anything back in time. All-or-nothing validation: the whole
 result is checked against the view's types and rules before the first row is written. The
 statistics of the materialized rows (count, nulls, min/max/mean/std, quantiles, distinct) are
-computed by DuckDB in the same pass and stored as the view version's reference profile.
+computed by DuckDB in the same pass and kept with the run; the newest run that found rows is the
+view version's reference profile (a run that found nothing never replaces it). The newest
+`keep_runs` runs with rows are kept, and the run where the next incremental one starts.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-from sqlalchemy import insert, select
+from sqlalchemy import and_, delete, insert, select
 from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
@@ -28,7 +31,7 @@ from services.features import tables as t
 from services.features.definitions import Definitions, ViewDef
 from services.features.files import OfflineFiles
 from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
-from services.features.serving import KEY_SEP, validate_rules
+from services.features.serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, KEY_SEP, validate_rules
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 _DT = types_pb2.DataType
@@ -38,14 +41,31 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+@dataclass(frozen=True)
+class Run:
+    """One finished materialization of a view version."""
+
+    start_us: int
+    end_us: int
+    rows: int
+    finish_time: datetime
+    has_statistics: bool
+
+
 class Materializer:
     def __init__(self, db: Database, definitions: Definitions, store: OnlineStore,
-                 files: OfflineFiles, chunk_rows: int = 50_000) -> None:
+                 files: OfflineFiles, chunk_rows: int = 50_000, keep_runs: int = 100,
+                 max_future_skew_seconds: float = DEFAULT_MAX_FUTURE_SKEW_SECONDS) -> None:
+        """`max_future_skew_seconds`: how far past this service's clock a run may end (an end in
+        the far future would be recorded as the next incremental start and leave every later
+        run empty, and carry rows stamped in the future online)."""
+        self.max_future_skew_us = int(max_future_skew_seconds * 1e6)
         self.db = db
         self.definitions = definitions
         self.store = store
         self.files = files
         self.chunk_rows = chunk_rows
+        self.keep_runs = keep_runs  # runs with statistics kept per view version
 
     def last_end(self, view: str, version: int) -> int:
         with self.db.read() as c:
@@ -61,8 +81,12 @@ class Materializer:
                                      "source.timestamp_field)")
         if start_us < 0 or end_us < 0:
             raise InvalidArgument("start_us" if start_us < 0 else "end_us", "must not be negative")
+        now_us = int(time.time() * 1e6)
+        if end_us > now_us + self.max_future_skew_us:
+            raise InvalidArgument("end_us", f"{end_us} is more than {self.max_future_skew_us // 1_000_000} s "
+                                  "past the service's clock")
         start_us = start_us or self.last_end(spec.name, spec.version)
-        end_us = end_us or int(time.time() * 1e6)
+        end_us = end_us or now_us
         if end_us <= start_us:
             raise InvalidArgument("end_us", f"the range ({start_us}, {end_us}] is empty")
         table = self._latest_rows(view, start_us, end_us)
@@ -78,20 +102,43 @@ class Materializer:
             self.store.write(spec.name, spec.version, keys[begin:stop], blobs)
             progress.rows_written = stop
             yield progress
-        stats = self._statistics(view, table, start_us, end_us)
-        now = datetime.now(UTC)
-        with self.db.session() as c:
-            c.execute(t.materializations.delete().where(  # a re-run of the same range replaces its record
-                t.materializations.c.view == spec.name, t.materializations.c.version == spec.version,
-                t.materializations.c.end_us == end_us))
-            c.execute(insert(t.materializations).values(view=spec.name, version=spec.version, start_us=start_us,
-                                                         end_us=end_us, rows=rows, finish_time=now))
-            c.execute(t.feature_statistics.delete().where(t.feature_statistics.c.view == spec.name,
-                                                          t.feature_statistics.c.version == spec.version))
-            c.execute(insert(t.feature_statistics).values(view=spec.name, version=spec.version,
-                                                          stats=stats.SerializeToString(), compute_time=now))
+        # Nothing found: nothing to describe. The run is recorded (the next one starts after it)
+        # without statistics, so the last real profile stays the one served.
+        stats = self._statistics(view, table, start_us, end_us).SerializeToString() if rows else None
+        self._record(spec.name, spec.version, start_us, end_us, rows, stats)
         progress.done = True
         yield progress
+
+    def _record(self, view: str, version: int, start_us: int, end_us: int, rows: int,
+                stats: bytes | None) -> None:
+        m = t.materializations.c
+        now = datetime.now(UTC)
+        this = and_(m.view == view, m.version == version)
+        with self.db.session() as c:
+            same_range = and_(this, m.end_us == end_us)
+            if stats is None and c.execute(select(m.end_us).where(same_range)).first() is not None:
+                return  # an empty re-run of a range never replaces what an earlier run of it found
+            c.execute(delete(t.materializations).where(same_range))  # a re-run of a range replaces its record
+            c.execute(insert(t.materializations).values(view=view, version=version, start_us=start_us,
+                                                        end_us=end_us, rows=rows, finish_time=now, stats=stats))
+            # Bounded: the newest keep_runs runs with statistics, and the run with the largest end
+            # (where the next incremental run starts); empty runs carry nothing else.
+            kept = select(m.end_us).where(this, m.stats.is_not(None)).order_by(
+                m.finish_time.desc(), m.end_us.desc()).limit(self.keep_runs)
+            last = select(m.end_us).where(this).order_by(m.end_us.desc()).limit(1)
+            keep = [*c.execute(kept).scalars(), *c.execute(last).scalars()]
+            c.execute(delete(t.materializations).where(this, m.end_us.not_in(keep)))
+
+    def runs(self, view: str, version: int = 0) -> list[Run]:
+        """The kept runs of a view version (default: the current one), newest first."""
+        version = version or self.definitions.get_view(view).spec.version
+        m = t.materializations.c
+        with self.db.read() as c:
+            rows = c.execute(select(m.start_us, m.end_us, m.rows, m.finish_time, m.stats.is_not(None))
+                             .where(m.view == view, m.version == version)
+                             .order_by(m.finish_time.desc(), m.end_us.desc())).all()
+        return [Run(r[0], r[1], r[2], r[3] if r[3].tzinfo else r[3].replace(tzinfo=UTC), bool(r[4]))
+                for r in rows]
 
     def _latest_rows(self, view: ViewDef, start_us: int, end_us: int) -> pa.Table:
         spec = view.spec
@@ -170,10 +217,13 @@ class Materializer:
         return out
 
     def statistics(self, view: str, version: int = 0) -> pb.GetFeatureStatisticsResponse:
+        """The statistics of the newest run of the view version that found rows."""
         version = version or self.definitions.get_view(view).spec.version
+        m = t.materializations.c
         with self.db.read() as c:
-            blob = c.execute(select(t.feature_statistics.c.stats).where(
-                t.feature_statistics.c.view == view, t.feature_statistics.c.version == version)).scalar_one_or_none()
+            blob = c.execute(select(m.stats).where(m.view == view, m.version == version, m.stats.is_not(None))
+                             .order_by(m.finish_time.desc(), m.end_us.desc()).limit(1)).scalar_one_or_none()
         if blob is None:
-            raise NotFound(f"featureViews/{view}/versions/{version} has not been materialized yet")
+            raise NotFound(f"featureViews/{view}/versions/{version} has no statistics yet: no materialization "
+                           "of it has found rows")
         return pb.GetFeatureStatisticsResponse.FromString(blob)

@@ -49,6 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from services.common.errors import quote
+
 _ROW, _TS_US, _TS_NS = "__strata_row", "__strata_ts_us", "__strata_ts_ns"
 _PER_SECOND = {"us": 1_000_000, "ns": 1_000_000_000}
 _MAX_TTL = 2**62  # a ttl longer than the int64 range is no bound at all
@@ -150,7 +152,7 @@ def _entity_time(col: pa.ChunkedArray, unit: str, column: str) -> pa.ChunkedArra
     try:
         return col.cast(pa.timestamp(unit, tz=col.type.tz)).cast(pa.int64())
     except pa.ArrowInvalid as e:
-        raise OfflineStoreError(f"entity_rows column {column!r} has values outside the {unit} range: "
+        raise OfflineStoreError(f"entity_rows column {quote(column)} has values outside the {unit} range: "
                                 f"{e}") from e
 
 
@@ -205,10 +207,10 @@ def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
     if not isinstance(entity_rows, pa.Table):
         raise OfflineStoreError(f"entity_rows must be a pyarrow.Table, got {type(entity_rows).__name__}")
     if timestamp_column not in entity_rows.column_names:
-        raise OfflineStoreError(f"entity_rows lacks the timestamp column {timestamp_column!r}")
+        raise OfflineStoreError(f"entity_rows lacks the timestamp column {quote(timestamp_column)}")
     ts_type = entity_rows.schema.field(timestamp_column).type
     if not pa.types.is_timestamp(ts_type):
-        raise OfflineStoreError(f"entity_rows column {timestamp_column!r} must be a timestamp, got {ts_type}")
+        raise OfflineStoreError(f"entity_rows column {quote(timestamp_column)} must be a timestamp, got {ts_type}")
     if threads is not None and threads < 1:
         raise OfflineStoreError(f"threads must be >= 1, got {threads}")
     by_name: dict[str, ViewSpec] = {}
@@ -221,12 +223,12 @@ def historical_features(entity_rows: pa.Table, views: Sequence[ViewSpec],
     for view_name, feature in features:
         view = by_name.get(view_name)
         if view is None:
-            raise OfflineStoreError(f"unknown feature view {view_name!r}")
+            raise OfflineStoreError(f"unknown feature view {quote(view_name)}")
         if feature not in view.features:
-            raise OfflineStoreError(f"feature view {view_name!r} has no feature {feature!r}")
+            raise OfflineStoreError(f"feature view {quote(view_name)} has no feature {quote(feature)}")
         name = f"{view_name}__{feature}"
         if name in out_names:
-            raise OfflineStoreError(f"feature {view_name}:{feature} is requested twice")
+            raise OfflineStoreError(f"feature {quote(f'{view_name}:{feature}')} is requested twice")
         if name in entity_rows.column_names:
             raise OfflineStoreError(f"entity_rows already has a column {name!r}")
         out_names.append(name)

@@ -11,20 +11,23 @@ from strata.features.v1 import features_pb2_grpc
 from services.common.audit import current_resource
 from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
+from services.common.limits import check_version
 from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
 from services.features.serving import FeatureServer
+from services.features.training_sets import TrainingSets
 
 
 class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
     def __init__(self, definitions: Definitions, server: FeatureServer, materializer: Materializer,
-                 historical: HistoricalRetrieval, files: OfflineFiles) -> None:
+                 historical: HistoricalRetrieval, training_sets: TrainingSets, files: OfflineFiles) -> None:
         self.definitions = definitions
         self.server = server
         self.materializer = materializer
         self.historical = historical
+        self.training_sets = training_sets
         self.files = files  # where view sources may live (checked at apply)
 
     async def ApplyEntity(self, request: pb.ApplyEntityRequest, context) -> pb.ApplyEntityResponse:  # noqa: ANN001, N802
@@ -57,6 +60,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         return pb.ListFeatureSetsResponse(feature_sets=await asyncio.to_thread(self.definitions.feature_sets))
 
     async def GetFeatureView(self, request: pb.GetFeatureViewRequest, context) -> pb.GetFeatureViewResponse:  # noqa: ANN001, N802
+        check_version(request.version, "version", optional=True)
         view = await asyncio.to_thread(self.definitions.get_view, request.name, request.version)
         return pb.GetFeatureViewResponse(feature_view=view.spec)
 
@@ -99,6 +103,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             yield out
 
     async def GetFeatureStatistics(self, request: pb.GetFeatureStatisticsRequest, context) -> pb.GetFeatureStatisticsResponse:  # noqa: ANN001, N802, E501
+        check_version(request.version, "version", optional=True)
         return await asyncio.to_thread(self.materializer.statistics, request.view, request.version)
 
     async def GetHistoricalFeatures(self, request: pb.GetHistoricalFeaturesRequest, context):  # noqa: ANN001, ANN201, N802
@@ -108,3 +113,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             if part is None:
                 return
             yield part
+
+    async def CreateTrainingSet(self, request: pb.CreateTrainingSetRequest, context) -> pb.CreateTrainingSetResponse:  # noqa: ANN001, N802, E501
+        current_resource.set(f"trainingSets/{request.output_uri[:256]}")
+        dataset = await asyncio.to_thread(self.training_sets.create, request, current_principal.get().subject)
+        return pb.CreateTrainingSetResponse(dataset=dataset)

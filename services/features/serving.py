@@ -22,7 +22,7 @@ import numpy as np
 from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quote
 from services.features import wire
 from services.features.definitions import Definitions, ViewDef, one_feature_list, parse_refs
 from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
@@ -37,6 +37,10 @@ _BOOL = int(_DT.DATA_TYPE_BOOL)
 _PRESENT_BYTE = bytes([PRESENT])
 _FEATURES_TAG = wire.tag(1, wire.LEN)         # GetOnlineFeaturesResponse.features
 _STRING_TAG = wire.tag(5, wire.LEN)           # FeatureValues.string_values
+#: How far ahead of this service's clock a pushed event time may be (client clocks drift). A row
+#: from further ahead would be served as PRESENT past its ttl and, being the newest, would hide
+#: every later push for its key. STRATA_FEATURES_MAX_FUTURE_SKEW_SECONDS (app.FeaturesConfig).
+DEFAULT_MAX_FUTURE_SKEW_SECONDS = 300
 
 
 @dataclass
@@ -251,11 +255,13 @@ def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str =
 class FeatureServer:
     def __init__(self, views: ViewCache, store: OnlineStore, clock: Callable[[], float] = time.time,
                  offline_append: Callable[[ViewDef, dict[str, pb.EntityColumn], np.ndarray, dict, dict], None]
-                 | None = None) -> None:
+                 | None = None, max_future_skew_seconds: float = DEFAULT_MAX_FUTURE_SKEW_SECONDS) -> None:
         self.views = views
         self.sets = FeatureSetCache(views.definitions)
         self.store = store
         self._clock = clock
+        #: Pushed event times may be at most this far ahead of `clock`, in microseconds.
+        self.max_future_skew_us = int(max_future_skew_seconds * 1_000_000)
         # Pushed rows also go to the view's offline source, so training later sees what serving saw.
         self.offline_append = offline_append
         # Feature list -> its references grouped by view: (position, feature) in request order.
@@ -302,7 +308,7 @@ class FeatureServer:
             for i, feature in wanted:
                 if feature not in cached.types:
                     raise InvalidArgument(f"features[{i}]", f"view '{view_name}' (version {cached.view.spec.version}) "
-                                          f"has no feature '{feature}'")
+                                          f"has no feature {quote(feature)}")
             plan.append(_Step(cached, wanted, entity_keys(cached.view, request.entities)))
         return plan
 
@@ -428,9 +434,18 @@ class FeatureServer:
         ts = np.asarray(request.event_timestamps_us, dtype=np.int64)
         if len(ts) != rows:
             raise InvalidArgument("event_timestamps_us", f"{len(ts)} timestamps for {rows} rows")
-        if rows and ts.min() <= 0:
-            raise InvalidArgument("event_timestamps_us", f"rows[{int(np.argmin(ts))}]: the timestamp must be "
-                                  "positive microseconds since the epoch")
+        if ts.min() <= 0:
+            row = int(np.argmin(ts))
+            raise InvalidArgument(f"event_timestamps_us[{row}]", f"row {row}: the event time must be positive "
+                                  "microseconds since the epoch")
+        latest = int(self._clock() * 1_000_000) + self.max_future_skew_us
+        if ts.max() > latest:
+            row = int(np.argmax(ts > latest))
+            ahead = (int(ts[row]) - latest + self.max_future_skew_us) / 1e6
+            raise InvalidArgument(f"event_timestamps_us[{row}]", f"row {row}: the event time {int(ts[row])} us is "
+                                  f"{ahead:.6g} s ahead of the service's clock; at most "
+                                  f"{self.max_future_skew_us / 1e6:g} s is accepted "
+                                  "(STRATA_FEATURES_MAX_FUTURE_SKEW_SECONDS)")
         given = {c.name: c for c in request.features}
         columns, nulls = {}, {}
         for f in spec.features:
@@ -442,8 +457,8 @@ class FeatureServer:
             validate_rules(f, columns[f.name], nulls[f.name])
         if given:
             name = sorted(given)[0]
-            raise InvalidArgument(f"features[{name}]", f"view '{spec.name}' (version {spec.version}) has no "
-                                  f"feature '{name}'")
+            raise InvalidArgument(f"features[{quote(name, bare=True)}]", f"view '{spec.name}' (version "
+                                  f"{spec.version}) has no feature {quote(name)}")
         if self.offline_append is not None:  # first: the durable record; a failure writes nothing online
             self.offline_append(cached.view, dict(request.entities), ts, columns, nulls)
         self.store.write(spec.name, spec.version, keys, codec.encode(ts, columns, nulls))
@@ -496,5 +511,5 @@ def validate_rules(f: pb.Feature, values: np.ndarray, null: np.ndarray) -> None:
         allowed = set(r.allowed_values)
         for i in np.flatnonzero(valid):
             if values[i] not in allowed:
-                raise InvalidArgument(f"rows[{i}].{f.name}", f"'{values[i]}' is not an allowed value "
+                raise InvalidArgument(f"rows[{i}].{f.name}", f"{quote(values[i])} is not an allowed value "
                                       f"({', '.join(sorted(allowed))})")

@@ -56,7 +56,10 @@ view_tags = Table(
     Index("ix_view_tags_key_value", "key", "value"),
 )
 
-# One row per finished materialization of a view version: where the next incremental run starts.
+# One row per finished materialization of a view version: where the next incremental run starts
+# (the largest end_us), and the statistics of the rows the run materialized (a serialized
+# GetFeatureStatisticsResponse; NULL when it found none). The newest run with statistics is
+# monitoring's reference profile. Bounded: Materializer keeps the newest runs only.
 materializations = Table(
     "materializations", metadata,
     Column("view", String(64), primary_key=True),
@@ -65,16 +68,7 @@ materializations = Table(
     Column("start_us", BigInteger, nullable=False),
     Column("rows", BigInteger, nullable=False),
     _ts("finish_time"),
-)
-
-# The statistics of the latest materialization per view version (a serialized
-# GetFeatureStatisticsResponse): monitoring's reference profile.
-feature_statistics = Table(
-    "feature_statistics", metadata,
-    Column("view", String(64), primary_key=True),
-    Column("version", BigInteger, primary_key=True),
-    Column("stats", LargeBinary, nullable=False),
-    _ts("compute_time"),
+    Column("stats", LargeBinary, nullable=True),
 )
 
 # Named lists of feature references (a serialized FeatureSet): what a model reads.
@@ -82,6 +76,20 @@ feature_sets = Table(
     "feature_sets", metadata,
     Column("name", String(64), primary_key=True),
     Column("spec", LargeBinary, nullable=False),
+    _ts("create_time"), _ts("update_time"),
+)
+
+# Training sets written by CreateTrainingSet: who wrote each place (only they may replace it), the
+# request id that wrote it (retries answer the first result) and its lineage. PENDING while the
+# file is being written: the row claims the place first, so two writers cannot both take it.
+training_sets = Table(
+    "training_sets", metadata,
+    Column("uri", Text, primary_key=True),  # the checked place: an absolute path or an s3:// URI
+    Column("state", String(16), nullable=False),  # PENDING, READY
+    Column("created_by", String(256), nullable=False),
+    Column("request_id", String(128), nullable=True, unique=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("dataset", LargeBinary, nullable=True),  # serialized Dataset once READY
     _ts("create_time"), _ts("update_time"),
 )
 

@@ -14,7 +14,8 @@ _PUBLIC, _VIEWER, _DEVELOPER = 0, 1, 2
 
 
 def _p(method: str, role: int, mutates: bool = False) -> MethodPolicy:
-    return MethodPolicy(f"/{V2_SERVICE}/{method}", role, mutates)
+    # The protocol has no HTTP paths to name resources by: its mutating calls act on a model.
+    return MethodPolicy(f"/{V2_SERVICE}/{method}", role, mutates, "models/{model_name}" if mutates else "")
 
 
 # Probes are public (as gRPC health is), reads and inference need viewer, loads need developer.

@@ -22,7 +22,7 @@ from services.common.workers import shares_port, worker_count, worker_id
 from services.inference import tables
 from services.inference.batch import BatchJobStore, BatchRunner
 from services.inference.batching import BatchingConfig
-from services.inference.endpoints import EndpointStore
+from services.inference.endpoints import STATS_KEEP_REVISIONS, EndpointStore
 from services.inference.models import ModelStore, RegistrySource
 from services.inference.predlog import FileSink, PredictionLog
 from services.inference.routing import Engine
@@ -49,6 +49,9 @@ class InferenceConfig:
     poll_seconds: float
     registry_addr: str
     registry_token: str | None
+    stats_keep_revisions: int = STATS_KEEP_REVISIONS  # per endpoint, in the statistics table
+    stats_prune_seconds: float = 60.0  # how often a serving process prunes that table
+    batch_paths: tuple[str, ...] = ()  # local directories batch jobs may name besides the artifact store
 
     @classmethod
     def from_env(cls, settings: ServiceSettings) -> InferenceConfig:
@@ -73,6 +76,10 @@ class InferenceConfig:
             poll_seconds=float(env.get("STRATA_INFERENCE_POLL_SECONDS", "0.2")),
             registry_addr=peer_address("registry"),
             registry_token=token,
+            stats_keep_revisions=int(env.get("STRATA_INFERENCE_STATS_KEEP_REVISIONS",
+                                             str(STATS_KEEP_REVISIONS))),
+            stats_prune_seconds=float(env.get("STRATA_INFERENCE_STATS_PRUNE_SECONDS", "60")),
+            batch_paths=tuple(p for p in env.get("STRATA_INFERENCE_BATCH_PATHS", "").split(os.pathsep) if p),
         )
 
 
@@ -90,12 +97,12 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
     log_dir = Path(config.prediction_log) if config.prediction_log not in ("", "disabled") else home / "predictions"
     sink = FileSink(log_dir / f"{config.worker_id}.binpb")
     predlog = PredictionLog(sink, log_dir / "spool", capacity=0 if config.prediction_log == "disabled" else 100_000)
-    endpoints = EndpointStore(db)
+    endpoints = EndpointStore(db, keep_revisions=config.stats_keep_revisions)
     engine = Engine(store, endpoints, predlog, worker_id=config.worker_id, default_batching=config.batching,
                     poll_seconds=config.poll_seconds)
     jobs = BatchJobStore(db)
     runner = BatchRunner(jobs, store, open_artifact_store(settings.artifact_store_url), config.worker_id,
-                         scratch_dir=home / "batch-scratch")
+                         scratch_dir=home / "batch-scratch", local_paths=config.batch_paths)
     ready = asyncio.Event()
     audit = AuditLog(db, tables.audit_events)
     background: list[asyncio.Task] = []
@@ -119,10 +126,25 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
             except Exception:
                 log.exception("batch job recovery failed; retrying")
 
+    async def prune_stats() -> None:
+        """Every serving process sweeps now and then (one cheap statement per table; any process
+        may, none depends on another): the per-target statistics of old revisions and deleted
+        endpoints, and the heartbeats of processes long gone."""
+        while True:
+            await asyncio.sleep(config.stats_prune_seconds)
+            try:
+                stats, workers = await asyncio.to_thread(endpoints.prune_stats)
+                if stats or workers:
+                    log.debug("pruned", extra={"fields": {"target_stats": stats, "workers": workers}})
+            except Exception:
+                log.exception("pruning endpoint statistics failed; retrying")
+
     async def start() -> None:
         await engine.start()
         await recover_jobs(including_mine=True)
-        background.append(asyncio.get_running_loop().create_task(watch_jobs()))
+        loop = asyncio.get_running_loop()
+        background.append(loop.create_task(watch_jobs()))
+        background.append(loop.create_task(prune_stats()))
         ready.set()  # (the process-wide latency settings follow in services/common/server.py)
 
     async def stop() -> None:

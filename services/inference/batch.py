@@ -51,6 +51,8 @@ from services.common.audit import current_resource
 from services.common.auth import current_principal
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StrataError
+from services.common.limits import check_version
+from services.common.paths import Confinement
 from services.inference import tables as t
 from services.inference.models import LoadedModel, ModelRef
 from services.inference.runtime import NUMPY_TO_V2, ModelRuntime, TensorInfo
@@ -66,7 +68,7 @@ MAX_CHUNK_ROWS = 1_000_000
 MAX_PAGE_SIZE = 500
 INTERRUPTED = "interrupted: the serving process stopped"
 PART_BYTES = 16 << 20  # staged-upload part size for outputs going to the artifact store
-_JOB_ID_RE = re.compile(r"^[0-9a-f]{20}$")
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{20}\Z")
 
 _last_us = 0
 _id_lock = threading.Lock()
@@ -130,8 +132,7 @@ def validate_job(*, model: str, version: int = 0, alias: str = "", input_uri: st
     """Everything about a job that can be checked without the registry or the files."""
     if not model:
         raise InvalidArgument("job.model", "model name is required")
-    if version < 0:
-        raise InvalidArgument("job.version", "must be positive (or 0 with an alias)")
+    check_version(version, "job.version", optional=True)
     if version and alias:
         raise InvalidArgument("job.alias", "give a version or an alias, not both")
     _check_uri("job.input_uri", input_uri, (".parquet", ".csv"))
@@ -580,10 +581,16 @@ class BatchRunner:
     goes to worker threads; the event loop only sequences it."""
 
     def __init__(self, store: BatchJobStore, models: Models, artifacts: ArtifactStore | None, worker_id: str,
-                 scratch_dir: Path | None = None, max_running: int = 2) -> None:
+                 scratch_dir: Path | None = None, max_running: int = 2, local_paths: Sequence[str] = ()) -> None:
+        """`local_paths`: directories outside the artifact store that jobs may read from and
+        write to by absolute path (STRATA_INFERENCE_BATCH_PATHS); nothing else on the host."""
         self.store = store
         self.models = models
         self.artifacts = artifacts
+        root = (str(artifacts.root) if isinstance(artifacts, LocalArtifactStore)
+                else artifacts.uri("x")[:-1] if artifacts is not None else None)
+        self.confinement = Confinement(root, read_roots=local_paths,
+                                       write_roots=[*([root] if root else []), *local_paths])
         self.worker_id = worker_id
         self.scratch_dir = scratch_dir or Path(tempfile.gettempdir()) / "strata-batch"
         self._slots = asyncio.Semaphore(max_running)
@@ -623,6 +630,13 @@ class BatchRunner:
             out = _Output(j.output_uri, j.job_id, self.artifacts, self.scratch_dir)
             await asyncio.to_thread(self._cleanup, out, j.job_id)
         return jobs
+
+    def check_paths(self, input_uri: str, output_uri: str) -> None:
+        """INVALID_ARGUMENT unless a job may read `input_uri` and write `output_uri`
+        (services/common/paths.py), with the same answer whether or not a file is there."""
+        if self.confinement.readable(input_uri, "job.input_uri").is_glob:
+            raise InvalidArgument("job.input_uri", "name one file, not a glob")
+        self.confinement.writable(output_uri, "job.output_uri")
 
     def input_exists(self, uri: str) -> bool:
         try:
@@ -712,8 +726,7 @@ class BatchRunner:
     async def _execute(self, job: BatchJobRecord, out: _Output) -> bool:
         """Score the whole input into `out` and publish it. False: cancelled (nothing published)."""
         to_thread = asyncio.to_thread
-        if not os.path.isabs(job.output_uri) and self.artifacts is None:
-            raise JobError("output_uri: this service has no artifact store; give an absolute path")
+        self.check_paths(job.input_uri, job.output_uri)  # again: the allowed places may have changed
         ref = await self.models.resolve(job.model, job.version, "" if job.version else job.alias)
         rt = (await self.models.load(ref)).runtime
         if not await to_thread(self.store.progress, job.job_id, 0, version=ref.version):
@@ -803,6 +816,7 @@ class BatchJobsServicer:
             current_resource.set(f"batchJobs/{prior.job_id}")
             return pb.CreateBatchJobResponse(job=job_pb(prior))
         # Fail fast on what would only fail the job later: an unknown model, a missing input.
+        self.batch_runner.check_paths(j.input_uri, j.output_uri)  # before anything looks at the host
         ref = await self.batch_runner.models.resolve(j.model, j.version, j.alias)
         if not await asyncio.to_thread(self.batch_runner.input_exists, j.input_uri):
             raise InvalidArgument("job.input_uri", f"no file at '{j.input_uri}'")

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from strata.common.v1 import types_pb2
 from strata.inference.v1 import inference_pb2 as pb
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quote
 from services.inference.runtime import NUMPY_TO_V2, TensorInfo
 
 _DT = types_pb2.DataType
@@ -32,8 +32,18 @@ NUMPY_TO_STRATA = {v: k for k, v in STRATA_TO_NUMPY.items()}
 def shape_of(field: str, dims) -> tuple[int, ...]:  # noqa: ANN001
     shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
-        raise InvalidArgument(field, f"shape {list(shape)} has a negative dimension")
+        raise InvalidArgument(field, f"shape {quote(list(shape))} has a negative dimension")
     return shape
+
+
+def reshape(field: str, name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`arr` in `shape`; a shape numpy cannot hold (over 64 dimensions, a size past the address
+    space even with no elements) is INVALID_ARGUMENT, not an internal error."""
+    try:
+        return arr.reshape(shape)
+    except ValueError as e:
+        raise InvalidArgument(field, f"input {quote(name)}: shape {quote(list(shape))} cannot be held: "
+                              f"{quote(str(e), bare=True)}") from None
 
 
 def count(shape: tuple[int, ...]) -> int:
@@ -48,9 +58,9 @@ def from_raw(field: str, name: str, raw: bytes, dtype: np.dtype, shape: tuple[in
         return _deserialize_bytes(field, name, raw, shape)
     want = count(shape) * dtype.itemsize
     if len(raw) != want:
-        raise InvalidArgument(field, f"input '{name}': {len(raw)} bytes of data, shape {list(shape)} of "
-                              f"{NUMPY_TO_V2.get(dtype, dtype)} needs {want}")
-    return np.frombuffer(raw, dtype=_little_endian(dtype)).reshape(shape)
+        raise InvalidArgument(field, f"input {quote(name)}: {len(raw)} bytes of data, shape {quote(list(shape))} "
+                              f"of {NUMPY_TO_V2.get(dtype, dtype)} needs {want}")
+    return reshape(field, name, np.frombuffer(raw, dtype=_little_endian(dtype)), shape)
 
 
 _LE: dict[np.dtype, np.dtype] = {}
@@ -68,14 +78,14 @@ def _deserialize_bytes(field: str, name: str, raw: bytes, shape: tuple[int, ...]
     items, pos = [], 0
     while pos < len(raw):
         if pos + 4 > len(raw):
-            raise InvalidArgument(field, f"input '{name}': truncated BYTES element")
+            raise InvalidArgument(field, f"input {quote(name)}: truncated BYTES element")
         (n,) = struct.unpack_from("<I", raw, pos)
         items.append(raw[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
         pos += 4 + n
     if len(items) != count(shape):
-        raise InvalidArgument(field, f"input '{name}': {len(items)} BYTES elements, shape {list(shape)} needs "
-                              f"{count(shape)}")
-    return np.array(items, dtype=object).reshape(shape)
+        raise InvalidArgument(field, f"input {quote(name)}: {len(items)} BYTES elements, shape "
+                              f"{quote(list(shape))} needs {count(shape)}")
+    return reshape(field, name, np.array(items, dtype=object), shape)
 
 
 def serialize_bytes(arr: np.ndarray) -> bytes:
@@ -96,31 +106,33 @@ def tensor_inputs(tensors, specs: dict[str, TensorInfo]) -> tuple[dict[str, np.n
         if not t.name:
             raise InvalidArgument(f"{field}.name", "input name is required")
         if t.name in feeds:
-            raise InvalidArgument(f"{field}.name", f"input '{t.name}' is given twice")
+            raise InvalidArgument(f"{field}.name", f"input {quote(t.name)} is given twice")
         spec = specs.get(t.name)
         if t.dtype:
             dtype = STRATA_TO_NUMPY.get(t.dtype)
             if dtype is None:
-                raise InvalidArgument(f"{field}.dtype", f"input '{t.name}': unsupported dtype {t.dtype}")
+                raise InvalidArgument(f"{field}.dtype", f"input {quote(t.name)}: unsupported dtype {t.dtype}")
         else:
             dtype = spec.dtype if spec else np.dtype(np.float32)
         shape = shape_of(f"{field}.shape", t.shape)
         sources = [n for n in ("raw", "float_values", "int_values", "bool_values", "string_values")
                    if (t.raw if n == "raw" else len(getattr(t, n)))]
         if len(sources) > 1:
-            raise InvalidArgument(field, f"input '{t.name}' sets {' and '.join(sources)}; use one")
+            raise InvalidArgument(field, f"input {quote(t.name)} sets {' and '.join(sources)}; use one")
         if sources == ["raw"]:
             raw_used = True
             feeds[t.name] = from_raw(field, t.name, t.raw, dtype, shape)
             continue
         values = getattr(t, sources[0]) if sources else []
         if len(values) != count(shape):
-            raise InvalidArgument(field, f"input '{t.name}': {len(values)} values, shape {list(shape)} needs "
-                                  f"{count(shape)}")
+            raise InvalidArgument(field, f"input {quote(t.name)}: {len(values)} values, shape "
+                                  f"{quote(list(shape))} needs {count(shape)}")
         try:
-            feeds[t.name] = np.array(values, dtype=dtype).reshape(shape)
+            arr = np.array(values, dtype=dtype)
         except (TypeError, ValueError, OverflowError) as e:
-            raise InvalidArgument(field, f"input '{t.name}': values do not fit {dtype}: {e}") from None
+            raise InvalidArgument(field, f"input {quote(t.name)}: values do not fit {dtype}: "
+                                  f"{quote(str(e), bare=True)}") from None
+        feeds[t.name] = reshape(field, t.name, arr, shape)
     return feeds, raw_used
 
 
@@ -131,7 +143,8 @@ def row_inputs(rows, specs: dict[str, TensorInfo]) -> dict[str, np.ndarray]:  # 
         unknown = set(row.fields) - specs.keys()
         if unknown:
             name = sorted(unknown)[0]
-            raise InvalidArgument(f"rows[{i}].{name}", f"unknown input '{name}'; the model's inputs are "
+            raise InvalidArgument(f"rows[{i}].{quote(name, bare=True)}", f"unknown input {quote(name)}; the "
+                                  "model's inputs are "
                                   + ", ".join(repr(n) for n in specs))
     for name, spec in specs.items():
         values = []
@@ -143,7 +156,7 @@ def row_inputs(rows, specs: dict[str, TensorInfo]) -> dict[str, np.ndarray]:  # 
             arr = np.array(values, dtype=spec.dtype)
         except (TypeError, ValueError, OverflowError) as e:
             raise InvalidArgument(f"rows.{name}", f"input '{name}': values do not fit "
-                                  f"{NUMPY_TO_V2.get(spec.dtype, spec.dtype)}: {e}") from None
+                                  f"{NUMPY_TO_V2.get(spec.dtype, spec.dtype)}: {quote(str(e), bare=True)}") from None
         # A model input [batch, 1] takes scalars per row.
         if arr.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[-1] == 1:
             arr = arr.reshape(*arr.shape, 1)
@@ -182,9 +195,24 @@ def to_value_tensor(name: str, arr: np.ndarray) -> pb.Tensor:
     return t
 
 
+def json_safe(arr: np.ndarray) -> np.ndarray:
+    """A float output with NaN and infinities written as proto3 JSON writes them in a double
+    field ("NaN", "Infinity", "-Infinity"). Rows are google.protobuf.Struct, whose numbers are
+    JSON numbers: JSON has no NaN, and the gateway's transcoder refused a response holding one
+    (a 502). Finite outputs (the usual case) come back as they are, after one vectorised test."""
+    if arr.dtype.kind != "f" or np.logical_and.reduce(np.isfinite(arr), axis=None):
+        return arr
+    out = arr.astype(object)
+    out[np.isnan(arr)] = "NaN"
+    out[np.isposinf(arr)] = "Infinity"
+    out[np.isneginf(arr)] = "-Infinity"
+    return out
+
+
 def to_rows(outputs: list[tuple[str, np.ndarray]]) -> list[struct_pb2.Struct]:
     rows = []
     n = outputs[0][1].shape[0] if outputs and outputs[0][1].ndim else 0
+    outputs = [(name, json_safe(arr)) for name, arr in outputs]
     for i in range(n):
         s = struct_pb2.Struct()
         for name, arr in outputs:

@@ -4,6 +4,15 @@ Every change -- create, set, rollback, automatic canary rollback -- appends a re
 the endpoint's `revision` pointer in one transaction, guarded by the revision the caller saw, so
 two concurrent changes cannot both win. Serving processes poll the pointers and apply new
 revisions (see routing.py).
+
+A production endpoint's policy must have been checked against the registry's approvals
+(governance.py) by the caller; the store keeps the flag and refuses a policy change that was not
+checked when the endpoint is (or has meanwhile become) production.
+
+Per-target statistics are kept for the newest `keep_revisions` revisions of each endpoint: a
+policy change drops the older ones of its endpoint, and `prune_stats` (on a schedule, app.py)
+also drops what a serving process reported after its endpoint was deleted and the heartbeats of
+processes long gone, so neither table grows without bound.
 """
 
 from __future__ import annotations
@@ -12,20 +21,25 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import and_, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.db import Database
-from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import (
+    Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, quote,
+)
+from services.common.limits import check_version
 from services.inference import tables as t
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 MAX_BATCH_SIZE = 4096
 MAX_QUEUE_SIZE = 100_000
 MAX_QUEUE_DELAY_US = 1_000_000
+STATS_KEEP_REVISIONS = 5  # per endpoint: the current revision and the four before it
+WORKER_TTL_SECONDS = 3600.0  # a serving process silent this long is gone (crashed, never deregistered)
 
 # Latency histogram of the canary statistics (upper bounds, ms; the last is +inf).
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500,
@@ -41,6 +55,7 @@ class EndpointRecord:
     created_by: str
     create_time: datetime
     update_time: datetime
+    production: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,11 @@ class RevisionRecord:
     created_by: str
     create_time: datetime
     reason: str
+
+
+def validate_name(name: str, field: str = "endpoint.name") -> None:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(field, f"{quote(name)} is not a valid name ([a-z0-9][a-z0-9._-]{{0,62}})")
 
 
 def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
@@ -63,8 +83,7 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
             f = f"{field}.{kind}[{i}]"
             if not tg.model:
                 raise InvalidArgument(f"{f}.model", "model name is required")
-            if tg.version < 0:
-                raise InvalidArgument(f"{f}.version", "must be positive (or 0 with an alias)")
+            check_version(tg.version, f"{f}.version", optional=True)
             if tg.weight < 0:
                 raise InvalidArgument(f"{f}.weight", "must not be negative")
             key = (tg.model, tg.version, tg.alias)
@@ -96,18 +115,21 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
 
 
 class EndpointStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, keep_revisions: int = STATS_KEEP_REVISIONS) -> None:
         self.db = db
+        if keep_revisions < 1:
+            raise ValueError("keep_revisions must be at least 1 (the current revision)")
+        self.keep_revisions = keep_revisions
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, name: str) -> EndpointRecord:
         with self.db.read() as c:
             row = c.execute(select(t.endpoints).where(t.endpoints.c.name == name)).one_or_none()
             if row is None:
-                raise NotFound(f"endpoints/{name} not found")
+                raise NotFound(f"endpoints/{quote(name, bare=True)} not found")
             rev = self._revision(c, name, row.revision)
         return EndpointRecord(row.name, row.description, row.revision, rev.policy, row.created_by,
-                              row.create_time, row.update_time)
+                              row.create_time, row.update_time, bool(row.production))
 
     def list(self, page_size: int = 50, after: str = "") -> list[EndpointRecord]:
         with self.db.read() as c:
@@ -139,9 +161,9 @@ class EndpointStore:
 
     # -- changes -----------------------------------------------------------------------------
     def create(self, name: str, description: str, policy: pb.TrafficPolicy, principal: str,
-               request_id: str = "") -> EndpointRecord:
-        if not NAME_RE.match(name):
-            raise InvalidArgument("endpoint.name", f"'{name}' is not a valid name ([a-z0-9][a-z0-9._-]{{0,62}})")
+               request_id: str = "", *, production: bool = False) -> EndpointRecord:
+        """`production`: the caller has checked the policy against the registry's approvals."""
+        validate_name(name)
         validate_policy(policy, "endpoint.policy")
         now = datetime.now(UTC)
         if request_id:
@@ -154,7 +176,8 @@ class EndpointStore:
             with self.db.session() as c:
                 c.execute(insert(t.endpoints).values(
                     name=name, description=description, revision=1, created_by=principal,
-                    create_request_id=request_id or None, create_time=now, update_time=now))
+                    create_request_id=request_id or None, create_time=now, update_time=now,
+                    production=production))
                 c.execute(insert(t.policy_revisions).values(
                     endpoint=name, revision=1, policy=policy.SerializeToString(deterministic=True),
                     created_by=principal, reason="created", create_time=now))
@@ -163,39 +186,90 @@ class EndpointStore:
         return self.get(name)
 
     def set_policy(self, name: str, policy: pb.TrafficPolicy, principal: str, *, expected_revision: int = 0,
-                   reason: str = "") -> EndpointRecord:
+                   reason: str = "", approved: bool = False) -> EndpointRecord:
+        """`approved`: the caller has checked the policy against the registry's approvals (needed
+        when the endpoint is production)."""
         validate_policy(policy)
-        return self._append(name, policy, principal, expected_revision, reason or "set")
+        return self._append(name, policy, principal, expected_revision, reason or "set", approved)
 
-    def rollback(self, name: str, principal: str, *, expected_revision: int = 0, reason: str = "") -> EndpointRecord:
+    def rollback(self, name: str, principal: str, *, expected_revision: int = 0, reason: str = "",
+                 approved: bool = False) -> EndpointRecord:
+        """Appends the previous revision's policy. `approved`: the caller has checked that policy
+        (the one of revision expected_revision - 1) against the registry's approvals."""
         current = self.get(name)
         if current.revision <= 1:
             raise FailedPrecondition(f"endpoints/{name} has no earlier policy to roll back to")
         previous = self.policy_at(name, current.revision - 1)
         return self._append(name, previous, principal, expected_revision or current.revision,
-                            reason or f"rollback to the policy of revision {current.revision - 1}")
+                            reason or f"rollback to the policy of revision {current.revision - 1}", approved)
 
-    def _append(self, name: str, policy: pb.TrafficPolicy, principal: str, expected: int, reason: str) -> EndpointRecord:
+    def _append(self, name: str, policy: pb.TrafficPolicy, principal: str, expected: int, reason: str,
+                approved: bool) -> EndpointRecord:
         now = datetime.now(UTC)
+        e = t.endpoints.c
         with self.db.session() as c:
-            current = c.execute(select(t.endpoints.c.revision).where(t.endpoints.c.name == name)).scalar_one_or_none()
-            if current is None:
-                raise NotFound(f"endpoints/{name} not found")
+            row = c.execute(select(e.revision, e.production).where(e.name == name)).one_or_none()
+            if row is None:
+                raise NotFound(f"endpoints/{quote(name, bare=True)} not found")
+            current = row.revision
             if expected and current != expected:
                 raise Aborted(f"endpoints/{name} is at revision {current}, not {expected}; re-read and retry")
-            moved = c.execute(update(t.endpoints).where(t.endpoints.c.name == name, t.endpoints.c.revision == current)
+            if row.production and not approved:
+                raise Aborted(f"endpoints/{name} is a production endpoint (marked so meanwhile?): its policy "
+                              "must be checked against the registry's approvals; retry")
+            moved = c.execute(update(t.endpoints).where(e.name == name, e.revision == current)
                               .values(revision=current + 1, update_time=now)).rowcount
             if moved != 1:
                 raise Aborted(f"endpoints/{name} changed concurrently; re-read and retry")
             c.execute(insert(t.policy_revisions).values(
                 endpoint=name, revision=current + 1, policy=policy.SerializeToString(deterministic=True),
                 created_by=principal, reason=reason, create_time=now))
+            # The right moment to forget the statistics of revisions that fell out of the window.
+            s = t.target_stats.c
+            c.execute(delete(t.target_stats).where(s.endpoint == name,
+                                                   s.revision <= current + 1 - self.keep_revisions))
         return self.get(name)
 
-    def delete(self, name: str) -> None:
+    def update(self, name: str, *, description: str | None = None, production: bool | None = None,
+               checked_revision: int = 0) -> EndpointRecord:
+        """Change the description and/or the production flag. Marking an endpoint production needs
+        `checked_revision`: the revision whose policy the caller checked against the registry's
+        approvals; if the policy changed since, ABORTED (re-check and retry)."""
+        e = t.endpoints.c
+        values: dict[str, object] = {}
+        if description is not None:
+            values["description"] = description
+        if production is not None:
+            values["production"] = production
         with self.db.session() as c:
-            if not c.execute(delete(t.endpoints).where(t.endpoints.c.name == name)).rowcount:
-                raise NotFound(f"endpoints/{name} not found")
+            row = c.execute(select(e.revision, e.production).where(e.name == name)).one_or_none()
+            if row is None:
+                raise NotFound(f"endpoints/{quote(name, bare=True)} not found")
+            if values:
+                stmt = update(t.endpoints).where(e.name == name)
+                if production and not row.production:
+                    if not checked_revision:
+                        raise FailedPrecondition(f"endpoints/{name}: its policy must be checked against the "
+                                                 "registry's approvals before it is marked production")
+                    stmt = stmt.where(e.revision == checked_revision)
+                if c.execute(stmt.values(**values)).rowcount != 1:
+                    raise Aborted(f"endpoints/{name} changed its policy while it was being marked production; "
+                                  "retry")
+        return self.get(name)
+
+    def delete(self, name: str, *, production_allowed: bool = True) -> None:
+        """`production_allowed`: whether the caller may delete a production endpoint (the approver
+        role; PERMISSION_DENIED otherwise)."""
+        e = t.endpoints.c
+        with self.db.session() as c:
+            row = c.execute(select(e.production).where(e.name == name)).one_or_none()
+            if row is None:
+                raise NotFound(f"endpoints/{quote(name, bare=True)} not found")
+            if row.production and not production_allowed:
+                raise PermissionDenied(f"endpoints/{name} is a production endpoint: deleting it needs role "
+                                       "approver")
+            if not c.execute(delete(t.endpoints).where(e.name == name)).rowcount:
+                raise NotFound(f"endpoints/{quote(name, bare=True)} not found")
             c.execute(delete(t.policy_revisions).where(t.policy_revisions.c.endpoint == name))
             c.execute(delete(t.target_stats).where(t.target_stats.c.endpoint == name))
 
@@ -238,11 +312,18 @@ class EndpointStore:
                                                                                         strict=True)])
         return out
 
-    def prune_stats(self, keep_revisions: int = 5) -> None:
+    def prune_stats(self, worker_ttl_seconds: float = WORKER_TTL_SECONDS) -> tuple[int, int]:
+        """Drop the statistics of every endpoint's revisions older than the newest
+        `keep_revisions` and of endpoints that no longer exist (a serving process reports its last
+        figures after a delete), and the heartbeats of serving processes silent for
+        `worker_ttl_seconds`. One statement per table; returns the rows removed from each."""
+        s, e = t.target_stats.c, t.endpoints.c
+        kept = exists().where(and_(e.name == s.endpoint, s.revision > e.revision - self.keep_revisions))
+        cutoff = datetime.now(UTC) - timedelta(seconds=worker_ttl_seconds)
         with self.db.session() as c:
-            for name, rev in c.execute(select(t.endpoints.c.name, t.endpoints.c.revision)).all():
-                c.execute(delete(t.target_stats).where(t.target_stats.c.endpoint == name,
-                                                       t.target_stats.c.revision <= rev - keep_revisions))
+            stats = c.execute(delete(t.target_stats).where(~kept)).rowcount
+            workers = c.execute(delete(t.workers).where(t.workers.c.heartbeat < cutoff)).rowcount
+        return stats, workers
 
 
 def p99_ms(hist: list[int]) -> float:

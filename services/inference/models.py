@@ -20,7 +20,10 @@ from pathlib import Path
 import grpc
 from strata.registry.v1 import registry_pb2 as rpb
 
-from services.common.errors import FailedPrecondition, NotFound, StrataError, Unavailable
+from services.common.errors import (
+    FailedPrecondition, InvalidArgument, NotFound, StrataError, Unavailable, quote,
+)
+from services.common.limits import check_version
 from services.inference.batching import Batcher, BatchingConfig
 from services.inference.runtime import ModelRuntime
 from services.registry.client import RegistryClient
@@ -76,6 +79,7 @@ class RegistrySource:
 
     def resolve(self, model: str, version: int = 0, alias: str = "") -> rpb.ModelVersion:
         """A READY version: by number, by alias, or the newest when neither is given."""
+        check_version(version, "version", optional=True)  # (callers name their own field first)
         try:
             if version or alias:
                 mv = self.client.resolve(model, version, alias)
@@ -83,15 +87,26 @@ class RegistrySource:
                 ready = [v for v in self.client.list_all_versions(model)
                          if v.status == rpb.MODEL_VERSION_STATUS_READY]
                 if not ready:
-                    raise NotFound(f"model '{model}' has no version with an artifact")
+                    raise NotFound(f"model {quote(model)} has no version with an artifact")
                 mv = max(ready, key=lambda v: v.version)
         except grpc.RpcError as e:
             raise _registry_error(e, model, version, alias) from None
         if mv.status != rpb.MODEL_VERSION_STATUS_READY:
-            raise FailedPrecondition(f"models/{model}/versions/{mv.version} has no committed artifact yet")
+            raise FailedPrecondition(f"models/{quote(model, bare=True)}/versions/{mv.version} has no committed "
+                                     "artifact yet")
         if mv.framework and mv.framework.lower() != "onnx":
-            raise FailedPrecondition(f"models/{model}/versions/{mv.version} is {mv.framework}, not ONNX")
+            raise FailedPrecondition(f"models/{quote(model, bare=True)}/versions/{mv.version} is {mv.framework}, "
+                                     "not ONNX")
         return mv
+
+    def approved_versions(self, model: str) -> set[int]:
+        """The versions of a model that went through the registry's promotion approval (an
+        APPROVED promotion: requested by one principal, approved by another with the approver
+        role), whether or not an alias still points at them."""
+        try:
+            return {p.version for p in self.client.list_all_promotions(model, rpb.PROMOTION_STATE_APPROVED)}
+        except grpc.RpcError as e:
+            raise _registry_error(e, model, 0, "") from None
 
     def fetch(self, mv: rpb.ModelVersion, dest: Path) -> None:
         try:
@@ -105,10 +120,15 @@ class RegistrySource:
 
 
 def _registry_error(e: grpc.RpcError, model: str, version: int, alias: str) -> StrataError:
-    what = f"models/{model}" + (f"/versions/{version}" if version else f"/aliases/{alias}" if alias else "")
+    what = f"models/{quote(model, bare=True)}" + (f"/versions/{version}" if version else
+                                                  f"/aliases/{quote(alias, bare=True)}" if alias else "")
     code = e.code()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{what} not found in the registry")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:  # the caller's name, version or alias: still the caller's fault
+        field, _, problem = (e.details() or "").partition(": ")  # type: ignore[attr-defined]
+        return InvalidArgument({"name": "model"}.get(field, field) if problem else "model",
+                               f"{problem or field} (the registry refused {what})")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"registry unreachable while resolving {what}: {e.details()}")  # type: ignore[attr-defined]
     return FailedPrecondition(f"registry refused {what}: {code.name} {e.details()}")  # type: ignore[attr-defined]
@@ -149,6 +169,9 @@ class ModelStore:
     async def resolve(self, model: str, version: int = 0, alias: str = "") -> ModelRef:
         mv = await asyncio.to_thread(self.source.resolve, model, version, alias)
         return ModelRef(model, mv.version)
+
+    async def approved_versions(self, model: str) -> set[int]:
+        return await asyncio.to_thread(self.source.approved_versions, model)
 
     async def load(self, ref: ModelRef) -> LoadedModel:
         """Load (once, however many callers ask at the same time) and warm a model version."""
@@ -192,7 +215,7 @@ class ModelStore:
             raise FailedPrecondition(f"models/{ref.model}/versions/{ref.version}: artifact sha256 {got} does not "
                                      f"match the registry's {want}; refusing to load it")
         runtime = ModelRuntime(path, intra_op_threads=self._threads, device=self._device,
-                               max_batch_size=self._max_batch)
+                               max_batch_size=self._max_batch, allow_nan=mv.signature.allow_nan)
         runtime.warm_up()
         return runtime, want
 

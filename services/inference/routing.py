@@ -27,10 +27,11 @@ from strata.inference.v1 import inference_pb2 as pb
 
 from services.common import telemetry
 from services.common.errors import (
-    Aborted, FailedPrecondition, NotFound, ResourceExhausted, StrataError, Unavailable,
+    Aborted, FailedPrecondition, NotFound, ResourceExhausted, StrataError, Unavailable, quote,
 )
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import LATENCY_BUCKETS_MS, EndpointStore, p99_ms
+from services.inference.governance import drain_canary, require_approved
 from services.inference.models import LoadedModel, ModelRef, ModelStore
 from services.inference.predlog import PredictionLog
 from services.inference.runtime import ModelRuntime
@@ -259,19 +260,47 @@ class Engine:
             reason = (f"automatic canary rollback: {ref.model} version {ref.version} {why} "
                       f"over {requests} requests")
             try:
-                await asyncio.to_thread(self.endpoints.rollback, route.endpoint, "strata-canary-guard",
-                                        expected_revision=route.revision, reason=reason)
+                reason = await self._roll_back_canary(route, reason)
             except (Aborted, FailedPrecondition, NotFound):
                 continue  # another process rolled back first, or the endpoint changed
             log.warning("canary rolled back", extra={"fields": {"endpoint": route.endpoint, "reason": reason}})
             await self.sync()
+
+    async def _roll_back_canary(self, route: Route, reason: str) -> str:
+        """Back to the previous revision's policy; on a production endpoint only if that policy
+        routes to approved versions. Otherwise (or when the registry cannot say) the canary is
+        drained instead: the current policy without the canary target, whose other targets passed
+        the check when it was set. Returns the reason recorded."""
+        name, revision = route.endpoint, route.revision
+        production = (await asyncio.to_thread(self.endpoints.get, name)).production
+        if production:
+            try:
+                if revision <= 1:
+                    raise FailedPrecondition(f"endpoints/{name} has no earlier policy to roll back to")
+                previous = await asyncio.to_thread(self.endpoints.policy_at, name, revision - 1)
+                await require_approved(previous, self.store.approved_versions, endpoint=name,
+                                       source=f"the policy of revision {revision - 1}")
+            except (FailedPrecondition, Unavailable) as e:
+                drained = drain_canary(route.policy)
+                if drained is None:
+                    log.error("canary over its limits is neither rolled back nor drained", extra={"fields": {
+                        "endpoint": name, "reason": reason, "why": e.message}})
+                    raise FailedPrecondition(f"endpoints/{name}: the canary cannot be rolled back "
+                                             f"({e.message}) nor drained (no other target takes traffic)") from None
+                reason += f"; canary drained instead of a rollback to revision {revision - 1} ({e.message})"
+                await asyncio.to_thread(self.endpoints.set_policy, name, drained, "strata-canary-guard",
+                                        expected_revision=revision, reason=reason, approved=True)
+                return reason
+        await asyncio.to_thread(self.endpoints.rollback, name, "strata-canary-guard",
+                                expected_revision=revision, reason=reason, approved=production)
+        return reason
 
     # -- predictions ---------------------------------------------------------------------------
     async def predict(self, endpoint: str, decode: Callable[[ModelRuntime], dict[str, np.ndarray]],
                       routing_key: str, request_id: str) -> Result:
         route = self.routes.get(endpoint)
         if route is None:
-            raise NotFound(f"endpoints/{endpoint} not found"
+            raise NotFound(f"endpoints/{quote(endpoint, bare=True)} not found"
                            + (f" ({self.failures[endpoint]})" if endpoint in self.failures else ""))
         ref = route.pick(routing_key)
         model = self.store.get(ref) or await self.store.load(ref)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quote
 
 # ONNX Runtime's type strings -> numpy.
 _ORT_TYPES: dict[str, np.dtype] = {
@@ -38,6 +38,7 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(object),
 }
 NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
+_ALL, _ISFINITE = np.logical_and.reduce, np.isfinite  # called directly: no method lookups per request
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class ModelRuntime:
     (the model's batcher), which CUDA graphs and IO binding need."""
 
     def __init__(self, path: Path, *, intra_op_threads: int = 1, device: str = "auto",
-                 max_batch_size: int = 1024) -> None:
+                 max_batch_size: int = 1024, allow_nan: bool = False) -> None:
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and cuda_available():
             providers = [("CUDAExecutionProvider", {
@@ -96,6 +97,10 @@ class ModelRuntime:
         self.inputs = [_info(a) for a in self.session.get_inputs()]
         self.outputs = [_info(a) for a in self.session.get_outputs()]
         self._by_name = {i.name: i for i in self.inputs}
+        #: The registry's signature says the model takes NaN and infinities; otherwise the float
+        #: inputs are checked on every request (`_refuse_non_finite`).
+        self.allow_nan = allow_nan
+        self._finite_inputs = () if allow_nan else tuple(i.name for i in self.inputs if i.dtype.kind == "f")
         self.output_names = [o.name for o in self.outputs]
         # Batching across requests needs a dynamic leading dimension on every input and output.
         batchable = all(i.shape and i.shape[0] == -1 for i in self.inputs + self.outputs)
@@ -110,12 +115,15 @@ class ModelRuntime:
     # -- checks ------------------------------------------------------------------------------
     def check(self, feeds: dict[str, np.ndarray]) -> int:
         """Validate the inputs against the signature; return the batch size (rows). Requests of
-        a layout seen before (names, dtypes, non-batch dims) skip straight to the row count."""
+        a layout seen before (names, dtypes, non-batch dims) skip straight to the row count and,
+        unless the signature allows NaN, the test that float inputs are finite."""
         if self.max_batch_size and len(feeds) == len(self.inputs):
             layout = tuple((n, a.dtype, a.shape[1:]) for n, a in feeds.items())
             if layout in self._valid_layouts:
                 rows = {a.shape[0] for a in feeds.values()}
                 if len(rows) == 1 and (n := rows.pop()) <= self.max_batch_size:
+                    if self._finite_inputs:
+                        self._refuse_non_finite(feeds)
                     return max(n, 1)
             else:
                 n = self._check(feeds)
@@ -127,7 +135,8 @@ class ModelRuntime:
     def _check(self, feeds: dict[str, np.ndarray]) -> int:
         for name in feeds:
             if name not in self._by_name:
-                raise InvalidArgument(f"inputs[{name}]", f"unknown input '{name}'; the model's inputs are "
+                raise InvalidArgument(f"inputs[{quote(name, bare=True)}]", f"unknown input {quote(name)}; the "
+                                      "model's inputs are "
                                       + ", ".join(repr(i.name) for i in self.inputs))
         rows = -1
         for spec in self.inputs:
@@ -139,8 +148,8 @@ class ModelRuntime:
                                       f"{_v2(arr.dtype)}, the model expects {_v2(spec.dtype)}")
             if spec.shape and (arr.ndim != len(spec.shape) or any(
                     want not in (-1, got) for want, got in zip(spec.shape, arr.shape, strict=True))):
-                raise InvalidArgument(f"inputs[{spec.name}]", f"input '{spec.name}' has shape {list(arr.shape)}, "
-                                      f"the model expects {list(spec.shape)} (-1: any size)")
+                raise InvalidArgument(f"inputs[{spec.name}]", f"input '{spec.name}' has shape "
+                                      f"{quote(list(arr.shape))}, the model expects {list(spec.shape)} (-1: any size)")
             if self.max_batch_size:
                 if rows == -1:
                     rows = arr.shape[0]
@@ -150,7 +159,26 @@ class ModelRuntime:
         if self.max_batch_size and rows > self.max_batch_size:
             raise InvalidArgument("inputs", f"batch of {rows} rows exceeds the max batch size "
                                   f"{self.max_batch_size}")
+        if self._finite_inputs:
+            self._refuse_non_finite(feeds)
         return max(rows, 1)
+
+    def _refuse_non_finite(self, feeds: dict[str, np.ndarray]) -> None:
+        """NaN or an infinity in a float input of a model whose signature does not allow them:
+        INVALID_ARGUMENT naming the input and the first such element. One vectorised test per
+        input (about 1.6 us for 32 floats, 6 us for 32k)."""
+        for name in self._finite_inputs:
+            arr = feeds[name]
+            if _ALL(_ISFINITE(arr), axis=None):
+                continue
+            flat = arr.reshape(-1)
+            i = int(np.flatnonzero(~_ISFINITE(flat))[0])
+            value = float(flat[i])
+            what = "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+            at = [int(d) for d in np.unravel_index(i, arr.shape)]
+            raise InvalidArgument(f"inputs[{name}]", f"input {quote(name)} holds {what} at {at}; this model "
+                                  "version does not accept NaN or infinities (register it with "
+                                  "signature.allow_nan to allow them)")
 
     # -- execution ---------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -13,11 +13,13 @@ from strata.inference.v1 import inference_pb2_grpc
 
 from services.common.audit import current_resource
 from services.common.auth import current_principal
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, quote
+from services.common.limits import check_version
 from services.common.telemetry import request_id_var
 from services.inference import codec
 from services.inference.batch import BatchJobsServicer, BatchJobStore, BatchRunner
-from services.inference.endpoints import EndpointRecord, validate_policy
+from services.inference.endpoints import EndpointRecord, validate_name, validate_policy
+from services.inference.governance import is_approver, require_approved
 from services.inference.models import LoadedModel, ModelRef
 from services.inference.routing import Engine
 from services.inference.runtime import ModelRuntime, TensorInfo
@@ -32,13 +34,15 @@ def _ts(t: datetime) -> timestamp_pb2.Timestamp:
 
 def endpoint_pb(e: EndpointRecord) -> pb.Endpoint:
     return pb.Endpoint(name=e.name, description=e.description, revision=e.revision, policy=e.policy,
-                       created_by=e.created_by, create_time=_ts(e.create_time), update_time=_ts(e.update_time))
+                       created_by=e.created_by, create_time=_ts(e.create_time), update_time=_ts(e.update_time),
+                       production=e.production)
 
 
 def _signature(rt: ModelRuntime) -> types_pb2.ModelSignature:
     def spec(i: TensorInfo) -> types_pb2.TensorSpec:
         return types_pb2.TensorSpec(name=i.name, dtype=codec.NUMPY_TO_STRATA.get(i.dtype, 0), shape=list(i.shape))
-    return types_pb2.ModelSignature(inputs=[spec(i) for i in rt.inputs], outputs=[spec(o) for o in rt.outputs])
+    return types_pb2.ModelSignature(inputs=[spec(i) for i in rt.inputs], outputs=[spec(o) for o in rt.outputs],
+                                    allow_nan=rt.allow_nan)
 
 
 def loaded_pb(m: LoadedModel) -> pb.LoadedModel:
@@ -66,6 +70,12 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
                 tg.version = ref.version
         return resolved
 
+    async def _require_approved(self, endpoint: str, policy: pb.TrafficPolicy, *, field: str = "",
+                                source: str = "") -> None:
+        """A production endpoint's policy: every target approved in the registry (governance.py)."""
+        await require_approved(policy, self.engine.store.approved_versions, endpoint=endpoint, field=field,
+                               source=source)
+
     async def _preload(self, policy: pb.TrafficPolicy) -> None:
         for tg in (*policy.targets, *policy.shadows):
             await self.engine.store.load(ModelRef(tg.model, tg.version))
@@ -92,7 +102,7 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
             known = {n for n, _ in outputs}
             for i, n in enumerate(request.output_names):
                 if n not in known:
-                    raise InvalidArgument(f"output_names[{i}]", f"unknown output '{n}'; outputs are {sorted(known)}")
+                    raise InvalidArgument(f"output_names[{i}]", f"unknown output {quote(n)}; outputs are {sorted(known)}")
             outputs = [(n, a) for n, a in outputs if n in set(request.output_names)]
         resp = pb.PredictResponse(endpoint=request.endpoint, model=result.ref.model, version=result.ref.version,
                                   policy_revision=result.revision, request_id=rid)
@@ -108,11 +118,14 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         current_resource.set(f"endpoints/{e.name}")
         if not e.name:
             raise InvalidArgument("endpoint.name", "endpoint name is required")
+        validate_name(e.name)
         validate_policy(e.policy, "endpoint.policy")  # before the registry is asked anything
         policy = await self._resolve_policy(e.policy, "endpoint.policy")
+        if e.production:
+            await self._require_approved(e.name, policy, field="endpoint.policy")
         await self._preload(policy)
         rec = await asyncio.to_thread(self.endpoints.create, e.name, e.description, policy,
-                                      current_principal.get().subject, request.request_id)
+                                      current_principal.get().subject, request.request_id, production=e.production)
         await self.engine.publish(rec.name, rec.revision)
         return pb.CreateEndpointResponse(endpoint=endpoint_pb(rec))
 
@@ -130,28 +143,65 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         return pb.ListEndpointsResponse(endpoints=[endpoint_pb(r) for r in recs],
                                         next_page_token=recs[-1].name if more else "")
 
+    async def UpdateEndpoint(self, request: pb.UpdateEndpointRequest, context) -> pb.UpdateEndpointResponse:  # noqa: ANN001, N802
+        e = request.endpoint
+        current_resource.set(f"endpoints/{e.name}")
+        paths = set(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgument("update_mask", "name the fields to change: description, production")
+        if unknown := paths - {"description", "production"}:
+            hint = " (the policy changes through SetTrafficPolicy)" if "policy" in unknown else ""
+            raise InvalidArgument("update_mask", f"paths must be among description, production; got "
+                                  f"{sorted(p[:64] for p in unknown)[:5]}{hint}")
+        rec = await asyncio.to_thread(self.endpoints.get, e.name)
+        checked = 0
+        if "production" in paths and e.production != rec.production:
+            principal = current_principal.get()
+            if e.production:  # the current policy must pass, as any later one will have to
+                await self._require_approved(rec.name, rec.policy, source="its current policy")
+                checked = rec.revision
+            elif not is_approver(principal):
+                raise PermissionDenied(f"endpoint.production: lifting production from endpoints/{rec.name} "
+                                       f"needs role approver; {principal.subject} has "
+                                       f"{sorted(principal.roles) or 'none'}")
+        rec = await asyncio.to_thread(
+            self.endpoints.update, rec.name, description=e.description if "description" in paths else None,
+            production=e.production if "production" in paths else None, checked_revision=checked)
+        return pb.UpdateEndpointResponse(endpoint=endpoint_pb(rec))
+
     async def DeleteEndpoint(self, request: pb.DeleteEndpointRequest, context) -> pb.DeleteEndpointResponse:  # noqa: ANN001, N802
         current_resource.set(f"endpoints/{request.name}")
-        await asyncio.to_thread(self.endpoints.delete, request.name)
+        await asyncio.to_thread(self.endpoints.delete, request.name,
+                                production_allowed=is_approver(current_principal.get()))
         await self.engine.sync()
         return pb.DeleteEndpointResponse()
 
     async def SetTrafficPolicy(self, request: pb.SetTrafficPolicyRequest, context) -> pb.SetTrafficPolicyResponse:  # noqa: ANN001, N802
         current_resource.set(f"endpoints/{request.endpoint}")
-        await asyncio.to_thread(self.endpoints.get, request.endpoint)  # NOT_FOUND before any loading
+        current = await asyncio.to_thread(self.endpoints.get, request.endpoint)  # NOT_FOUND before any loading
         validate_policy(request.policy)  # before the registry is asked anything
         policy = await self._resolve_policy(request.policy, "policy")
+        if current.production:
+            await self._require_approved(current.name, policy, field="policy")
         await self._preload(policy)  # blue/green: the new versions are warm before the switch
         rec = await asyncio.to_thread(self.endpoints.set_policy, request.endpoint, policy,
                                       current_principal.get().subject, expected_revision=request.expected_revision,
-                                      reason=request.reason)
+                                      reason=request.reason, approved=current.production)
         await self.engine.publish(rec.name, rec.revision)
         return pb.SetTrafficPolicyResponse(endpoint=endpoint_pb(rec))
 
     async def RollbackTrafficPolicy(self, request: pb.RollbackTrafficPolicyRequest, context) -> pb.RollbackTrafficPolicyResponse:  # noqa: ANN001, N802, E501
         current_resource.set(f"endpoints/{request.endpoint}")
+        current = await asyncio.to_thread(self.endpoints.get, request.endpoint)
+        expected = request.expected_revision or current.revision
+        if current.production and expected == current.revision > 1:
+            # The policy it would restore must route to approved versions too (a stale
+            # expected_revision is ABORTED by the store without restoring anything).
+            previous = await asyncio.to_thread(self.endpoints.policy_at, current.name, current.revision - 1)
+            await self._require_approved(current.name, previous,
+                                         source=f"the policy of revision {current.revision - 1}")
         rec = await asyncio.to_thread(self.endpoints.rollback, request.endpoint, current_principal.get().subject,
-                                      expected_revision=request.expected_revision)
+                                      expected_revision=expected, approved=current.production)
         await self.engine.publish(rec.name, rec.revision)
         return pb.RollbackTrafficPolicyResponse(endpoint=endpoint_pb(rec))
 
@@ -172,14 +222,16 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:  # noqa: ANN001, N802
         if not request.model:
             raise InvalidArgument("model", "model name is required")
+        check_version(request.version, "version", optional=True)
         ref = await self.engine.store.resolve(request.model, request.version, request.alias)
         current_resource.set(f"models/{ref.model}/versions/{ref.version}")
         return pb.LoadModelResponse(model=loaded_pb(await self.engine.store.load(ref)))
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:  # noqa: ANN001, N802
         current_resource.set(f"models/{request.model}/versions/{request.version}")
+        check_version(request.version, "version")
         if not await self.engine.store.unload(ModelRef(request.model, request.version)):
-            raise NotFound(f"models/{request.model}/versions/{request.version} is not loaded")
+            raise NotFound(f"models/{quote(request.model, bare=True)}/versions/{request.version} is not loaded")
         return pb.UnloadModelResponse()
 
     async def ListLoadedModels(self, request: pb.ListLoadedModelsRequest, context) -> pb.ListLoadedModelsResponse:  # noqa: ANN001, N802

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text,
+    BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text, false,
 )
 
 from services.common.audit import audit_table
@@ -30,6 +30,8 @@ endpoints = Table(
     Column("created_by", String(256), nullable=False),
     Column("create_request_id", String(128), nullable=True, unique=True),
     _ts("create_time"), _ts("update_time"),
+    # Routes returned traffic only to versions approved in the registry (governance.py).
+    Column("production", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 # One row per policy change. `policy` is a serialized strata.inference.v1.TrafficPolicy with
@@ -56,7 +58,8 @@ workers = Table(
 )
 
 # Cumulative per-process figures of each target in a revision (rows are overwritten by their
-# process); the canary guard sums them over processes.
+# process); the canary guard sums them over processes. Only the newest revisions of each
+# endpoint are kept (EndpointStore.prune_stats), so the table stays bounded.
 target_stats = Table(
     "target_stats", metadata,
     Column("endpoint", String(64), primary_key=True),

@@ -17,9 +17,10 @@ from inference import grpc_service_pb2_grpc as v2_grpc
 from inference import model_config_pb2 as mc
 
 from services.common.audit import current_resource
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quote
+from services.common.limits import check_version
 from services.common.telemetry import request_id_var
-from services.inference.codec import count, from_raw, serialize_bytes, shape_of
+from services.inference.codec import count, from_raw, reshape, serialize_bytes, shape_of
 from services.inference.models import LoadedModel, ModelRef
 from services.inference.routing import Engine
 from services.inference.runtime import NUMPY_TO_V2, V2_TO_NUMPY, TensorInfo
@@ -45,31 +46,40 @@ def v2_inputs(req: v2.ModelInferRequest) -> dict[str, np.ndarray]:
                               "give one per input, in the order of 'inputs'")
     feeds: dict[str, np.ndarray] = {}
     for i, t in enumerate(req.inputs):
-        field = f"inputs[{t.name}]"
+        field = f"inputs[{quote(t.name, bare=True)}]"
         dtype = V2_TO_NUMPY.get(t.datatype)
         if dtype is None:
-            raise InvalidArgument(field, f"input '{t.name}': unknown datatype '{t.datatype}'")
+            raise InvalidArgument(field, f"input {quote(t.name)}: unknown datatype {quote(t.datatype)}")
         if t.name in feeds:
-            raise InvalidArgument(field, f"input '{t.name}' is given twice")
+            raise InvalidArgument(field, f"input {quote(t.name)} is given twice")
         shape = shape_of(field, t.shape)
         if raw:
             if t.HasField("contents"):
-                raise InvalidArgument(field, f"input '{t.name}': contents and raw_input_contents are both set")
+                raise InvalidArgument(field, f"input {quote(t.name)}: contents and raw_input_contents are both set")
             feeds[t.name] = from_raw(field, t.name, raw[i], dtype, shape)
             continue
         attr = _V2_CONTENTS.get(t.datatype)
         if attr is None:
-            raise InvalidArgument(field, f"input '{t.name}': {t.datatype} travels only in raw_input_contents")
+            raise InvalidArgument(field, f"input {quote(t.name)}: {t.datatype} travels only in raw_input_contents")
         values = getattr(t.contents, attr)
         if len(values) != count(shape):
-            raise InvalidArgument(field, f"input '{t.name}': {len(values)} values, shape {list(shape)} needs "
-                                  f"{count(shape)}")
+            raise InvalidArgument(field, f"input {quote(t.name)}: {len(values)} values, shape "
+                                  f"{quote(list(shape))} needs {count(shape)}")
         if dtype == np.dtype(object):
             arr = np.array([v.decode("utf-8", "replace") for v in values], dtype=object)
         else:
             arr = np.array(values, dtype=dtype)
-        feeds[t.name] = arr.reshape(shape)
+        feeds[t.name] = reshape(field, t.name, arr, shape)
     return feeds
+
+
+def _version_number(text: str, field: str, *, optional: bool = False) -> int:
+    """A V2 version string ("3") as a version number (1..MAX_VERSION; "0" too when optional)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise InvalidArgument(field, f"{quote(text)} is not a version number") from None
+    return check_version(number, field, optional=optional)
 
 
 def v2_response(resp: v2.ModelInferResponse, outputs: list[tuple[str, np.ndarray]]) -> None:
@@ -111,17 +121,16 @@ class V2Servicer(v2_grpc.GRPCInferenceServiceServicer):
             if m is not None:
                 return m
         if version:
-            try:
-                ref = ModelRef(name, int(version))
-            except ValueError:
-                raise InvalidArgument("model_version", f"'{version}' is not a version number") from None
+            version_field = "version" if field == "name" else "model_version"
+            ref = ModelRef(name, _version_number(version, version_field))
             m = self.engine.store.get(ref)
             if m is None:
-                raise NotFound(f"model '{name}' version {version} is not loaded")
+                raise NotFound(f"model {quote(name)} version {ref.version} is not loaded")
             return m
         versions = self.engine.store.versions_of(name)
         if not versions:
-            raise NotFound(f"model '{name}' is not loaded (load it with RepositoryModelLoad, or deploy an endpoint)")
+            raise NotFound(f"model {quote(name)} is not loaded (load it with RepositoryModelLoad, or deploy an "
+                           "endpoint)")
         return self.engine.store.get(ModelRef(name, versions[-1]))  # type: ignore[return-value]
 
     async def ServerLive(self, request, context) -> v2.ServerLiveResponse:  # noqa: ANN001, N802
@@ -203,7 +212,9 @@ class V2Servicer(v2_grpc.GRPCInferenceServiceServicer):
         version, alias = 0, ""
         p = request.parameters
         if "version" in p:
-            version = p["version"].int64_param or int(p["version"].string_param or 0)
+            version = p["version"].int64_param or _version_number(p["version"].string_param or "0",
+                                                                  "parameters[version]", optional=True)
+            check_version(version, "parameters[version]", optional=True)
         if "alias" in p:
             alias = p["alias"].string_param
         ref = await self.engine.store.resolve(request.model_name, version, alias)
@@ -214,7 +225,7 @@ class V2Servicer(v2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context) -> v2.RepositoryModelUnloadResponse:  # noqa: ANN001, N802
         versions = self.engine.store.versions_of(request.model_name)
         if not versions:
-            raise NotFound(f"model '{request.model_name}' is not loaded")
+            raise NotFound(f"model {quote(request.model_name)} is not loaded")
         current_resource.set(f"models/{request.model_name}")
         for v in versions:
             await self.engine.store.unload(ModelRef(request.model_name, v))
@@ -236,7 +247,8 @@ class V2Servicer(v2_grpc.GRPCInferenceServiceServicer):
             known = dict(outputs)
             for n in wanted:
                 if n not in known:
-                    raise InvalidArgument(f"outputs[{n}]", f"unknown output '{n}'; outputs are {sorted(known)}")
+                    raise InvalidArgument(f"outputs[{quote(n, bare=True)}]", f"unknown output {quote(n)}; outputs "
+                                          f"are {sorted(known)}")
             outputs = [(n, known[n]) for n in wanted]
         resp = v2.ModelInferResponse(model_name=request.model_name, model_version=str(result.ref.version), id=request.id)
         if result.revision:

@@ -33,7 +33,8 @@ def render_model_card(model: Model, v: Version, promotions: list[Promotion]) -> 
             for t in specs:
                 shape = "[" + ", ".join("?" if d < 0 else str(d) for d in t.shape) + "]"
                 lines.append(f"| {kind} | `{_cell(t.name)}` | {t.dtype.lower()} | {shape} |")
-        lines.append("")
+        lines += ["", f"NaN and infinities in inputs: {'accepted' if v.signature.allow_nan else 'refused'} "
+                  "(`allow_nan`).", ""]
     if v.metrics:
         lines += ["## Metrics", "", "| Metric | Value |", "|---|---|"]
         lines += [f"| {_cell(k)} | {val:.6g} |" for k, val in sorted(v.metrics.items())]

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
+from strata.common.v1 import types_pb2
 from strata.registry.v1 import registry_pb2 as pb
 from strata.registry.v1 import registry_pb2_grpc
 
@@ -43,9 +44,11 @@ class RegistryClient:
         self.close()
 
     # -- flows ---------------------------------------------------------------------------------
-    def upload_artifact(self, name: str, version: int, path: Path, chunk_size: int = CHUNK_BYTES) -> pb.ModelVersion:
-        """Upload a file in chunks (never read whole) and commit it; the server checks sha256."""
-        digest, size = _sha256_file(path)
+    def upload_artifact(self, name: str, version: int, path: Path, chunk_size: int = CHUNK_BYTES,
+                        *, hashed: tuple[str, int] | None = None) -> pb.ModelVersion:
+        """Upload a file in chunks (never read whole) and commit it; the server checks sha256.
+        `hashed` is (sha256, size) when the caller has already read the file."""
+        digest, size = hashed or _sha256_file(path)
         upload = self.stub.BeginArtifactUpload(pb.BeginArtifactUploadRequest(
             name=name, version=version, size_bytes=size, sha256=digest, filename=path.name)).upload
         try:
@@ -66,8 +69,14 @@ class RegistryClient:
 
     def register_onnx(self, name: str, path: Path, *, create_model: bool = False, description: str = "",
                       metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
-                      lineage: pb.Lineage | None = None, request_id: str = "") -> pb.ModelVersion:
-        """Create (optionally the model and) a version, upload the .onnx file, commit."""
+                      lineage: pb.Lineage | None = None, request_id: str = "",
+                      allow_nan: bool = False) -> pb.ModelVersion:
+        """Create (optionally the model and) a version, upload the .onnx file, commit. The file
+        is read first, so a missing or unreadable one creates nothing; any later failure leaves
+        only a draft the registry never shows (a retry with the same request_id resumes it).
+        `allow_nan`: the model takes NaN and infinities in its inputs (inference refuses them
+        otherwise)."""
+        hashed = _sha256_file(path)
         if create_model:
             try:
                 self.stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(
@@ -77,10 +86,11 @@ class RegistryClient:
                     raise
         version = self.stub.CreateModelVersion(pb.CreateModelVersionRequest(
             name=name, framework="onnx", description=description, metrics=metrics or {}, tags=tags or {},
-            lineage=lineage, request_id=request_id)).model_version
+            lineage=lineage, request_id=request_id,
+            signature=types_pb2.ModelSignature(allow_nan=allow_nan))).model_version
         if version.status == pb.MODEL_VERSION_STATUS_READY:  # a retried request_id: already done
             return version
-        return self.upload_artifact(name, version.version, path)
+        return self.upload_artifact(name, version.version, path, hashed=hashed)
 
     def resolve(self, name: str, version: int = 0, alias: str = "") -> pb.ModelVersion:
         if alias:
@@ -111,6 +121,16 @@ class RegistryClient:
         while True:
             page = self.stub.ListRegisteredModels(pb.ListRegisteredModelsRequest(page_token=token, **filters))
             yield from page.registered_models
+            if not (token := page.next_page_token):
+                return
+
+    def list_all_promotions(self, name: str, state: int = 0) -> Iterable[pb.Promotion]:
+        """Every promotion of a model (in one state, e.g. PROMOTION_STATE_APPROVED), newest first."""
+        token = ""
+        while True:
+            page = self.stub.ListPromotions(pb.ListPromotionsRequest(name=name, state=state, page_size=1000,
+                                                                     page_token=token))
+            yield from page.promotions
             if not (token := page.next_page_token):
                 return
 

@@ -1,12 +1,22 @@
 """The model registry's domain logic: plain Python over SQLAlchemy and the artifact store.
 Nothing here knows about protobuf or gRPC; server.py translates.
 
+Registration is atomic for readers: CreateModelVersion issues the next number (monotonic,
+never reused) to a draft that only its upload flow sees; Get, List, aliases, promotions and
+the model's latest_version see a version only once its artifact has committed (READY). A
+registration that fails (missing file, bad ONNX, sha256 mismatch, abort) leaves nothing
+visible; its number stays unused.
+
 Crash safety of artifacts (see services/common/artifacts/base.py for the store's half):
 - chunk bytes are staged under the upload id and become visible only through `publish`;
 - the key to publish is written to the upload row before publishing, and the version row
   points at the key only after publishing, in one transaction;
-- `recover()` (run at start-up) removes what an interrupted upload or commit left behind.
-So a version never points at a missing or partial file, whatever moment the process dies.
+- a commit that dies before recording is finished by committing the upload again: from the
+  staged bytes when the publish had not completed, from the published object (whole, since
+  publishing is atomic) when it had; `recover()` (run at start-up) removes what an interrupted
+  publish left beside the key, and only uploads idle past `stale_upload_after` are dropped.
+So a version never points at a missing or partial file, whatever moment the process dies, and
+acknowledged chunks survive a crash.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ from sqlalchemy.exc import IntegrityError
 from services.common.artifacts import ArtifactNotFound, ArtifactStore
 from services.common.db import Database
 from services.common.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, quote,
 )
+from services.common.limits import MAX_VERSION, check_filter, check_filters
 from services.registry import tables as T
 from services.registry.onnx_check import Signature, validate_onnx
 
@@ -43,12 +54,12 @@ MAX_CHUNK_BYTES = 8 << 20
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
+_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}\Z")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
+_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}\Z")
 
 
 def _now() -> datetime:
@@ -67,7 +78,7 @@ class Model:
     description: str = ""
     owner: str = ""
     tags: dict[str, str] = field(default_factory=dict)
-    latest_version: int = 0
+    latest_version: int = 0  # highest committed (READY) version; 0 when none
     aliases: dict[str, int] = field(default_factory=dict)
     create_time: datetime | None = None
     update_time: datetime | None = None
@@ -136,14 +147,14 @@ def check_name(name: str, field_name: str = "name") -> str:
     if not name:
         raise InvalidArgument(field_name, "is required")
     if not _NAME_RE.match(name):
-        raise InvalidArgument(field_name, f"{name[:140]!r} is not a valid model name (letters, digits, "
+        raise InvalidArgument(field_name, f"{quote(name)} is not a valid model name (letters, digits, "
                                           "'.', '_', '-'; 1-128 characters; starts with a letter or digit)")
     return name
 
 
 def check_version(version: int, field_name: str = "version") -> int:
-    if version <= 0:
-        raise InvalidArgument(field_name, f"must be a positive version number, got {version}")
+    if not 0 < version <= MAX_VERSION:  # (int32 in the contract and the database)
+        raise InvalidArgument(field_name, f"must be a version number within 1..{MAX_VERSION}, got {version}")
     return version
 
 
@@ -151,7 +162,7 @@ def check_alias(alias: str, field_name: str = "alias") -> str:
     if not alias:
         raise InvalidArgument(field_name, "is required")
     if not _ALIAS_RE.match(alias):
-        raise InvalidArgument(field_name, f"{alias[:70]!r} is not a valid alias (lower-case letters, digits, "
+        raise InvalidArgument(field_name, f"{quote(alias)} is not a valid alias (lower-case letters, digits, "
                                           "'_', '-'; 1-64 characters)")
     if alias == "latest" or re.fullmatch(r"v\d+", alias):
         raise InvalidArgument(field_name, f"{alias!r} is reserved (it would read as a version)")
@@ -161,7 +172,7 @@ def check_alias(alias: str, field_name: str = "alias") -> str:
 def check_tags(tags: dict[str, str], field_name: str = "tags") -> dict[str, str]:
     for k, v in tags.items():
         if not _TAG_KEY_RE.match(k):
-            raise InvalidArgument(f"{field_name}[{k[:130]!r}]", "tag keys are 1-128 of [A-Za-z0-9_.:/-]")
+            raise InvalidArgument(f"{field_name}[{quote(k)}]", "tag keys are 1-128 of [A-Za-z0-9_.:/-]")
         if len(v) > 1024:
             raise InvalidArgument(f"{field_name}[{k!r}]", "tag values are at most 1024 characters")
     return dict(tags)
@@ -247,7 +258,7 @@ class Registry:
             try:
                 mid = s.execute(insert(T.registered_models).values(
                     name=model.name, description=model.description, owner=model.owner or principal,
-                    latest_version=0, create_time=now, update_time=now)).inserted_primary_key[0]
+                    last_issued_version=0, create_time=now, update_time=now)).inserted_primary_key[0]
             except IntegrityError:
                 raise AlreadyExists(f"model {model.name!r} already exists") from None
             if model.tags:
@@ -263,7 +274,9 @@ class Registry:
 
     def list_models(self, *, query: str = "", owner: str = "", tags: list[str] | None = None,
                     size: int = 0, token: str = "") -> tuple[list[Model], str]:
-        tags = tags or []
+        check_filter(query, "query")
+        check_filter(owner, "owner")
+        tags = check_filters(tags or [], "tags")
         n = page_size(size)
         q_key = {"query": query, "owner": owner, "tags": sorted(tags)}
         after = PageToken.decode(token, q_key)
@@ -278,7 +291,7 @@ class Registry:
         for i, tag in enumerate(tags):
             key, eq, value = tag.partition("=")
             if not _TAG_KEY_RE.match(key):
-                raise InvalidArgument(f"tags[{i}]", f"{tag[:140]!r} is not 'key' or 'key=value'")
+                raise InvalidArgument(f"tags[{i}]", f"{quote(tag)} is not 'key' or 'key=value'")
             cond = and_(T.model_tags.c.model_id == m.id, T.model_tags.c.key == key)
             if eq:
                 cond = and_(cond, T.model_tags.c.value == value)
@@ -324,16 +337,15 @@ class Registry:
                 raise FailedPrecondition(f"model {name!r} still has aliases {sorted(held)}; delete them first")
             keys = s.execute(select(T.model_versions.c.artifact_key).where(
                 T.model_versions.c.model_id == mid, T.model_versions.c.artifact_key != "")).scalars().all()
-            staged = s.execute(select(T.uploads.c.upload_id).join(
+            uploads = s.execute(select(T.uploads.c.upload_id, T.uploads.c.publish_key).join(
                 T.model_versions, T.uploads.c.version_id == T.model_versions.c.id).where(
-                T.model_versions.c.model_id == mid)).scalars().all()
+                T.model_versions.c.model_id == mid)).all()
             s.execute(delete(T.registered_models).where(T.registered_models.c.id == mid))
         # Files go after the rows: a crash in between leaves unreferenced files, never rows
         # pointing at missing files.
         for key in keys:
             self.store.delete(key)
-        for upload_id in staged:
-            self.store.discard_staged(upload_id)
+        self._discard_upload_files(uploads)
 
     # -- versions ----------------------------------------------------------------------------
     def create_version(self, name: str, *, framework: str, principal: str, description: str = "",
@@ -342,32 +354,34 @@ class Registry:
                        request_id: str = "") -> Version:
         check_name(name)
         if framework not in FRAMEWORKS:
-            raise InvalidArgument("framework", f"{framework[:40]!r} is not one of {', '.join(FRAMEWORKS)}")
+            raise InvalidArgument("framework", f"{quote(framework, 40)} is not one of {', '.join(FRAMEWORKS)}")
         check_text(description, "description")
         tags = check_tags(tags or {})
         metrics = dict(metrics or {})
         for k, v in metrics.items():
             if not k or len(k) > 128 or v != v:  # NaN never equals itself
-                raise InvalidArgument(f"metrics[{k[:130]!r}]", "metric names are 1-128 characters, values not NaN")
+                raise InvalidArgument(f"metrics[{quote(k)}]", "metric names are 1-128 characters, values not NaN")
         lineage = lineage or Lineage()
         for i, fv in enumerate(lineage.feature_views):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+:\d+", fv):
-                raise InvalidArgument(f"lineage.feature_views[{i}]", f"{fv[:100]!r} is not 'name:version'")
+                raise InvalidArgument(f"lineage.feature_views[{i}]", f"{quote(fv)} is not 'name:version'")
         check_request_id(request_id)
         payload = {"name": name, "framework": framework, "description": description, "tags": tags,
                    "metrics": metrics, "lineage": lineage.__dict__,
                    "signature": (signature or Signature()).to_json()}
         with self.db.session() as s:
             prior = self._idempotent(s, principal, "CreateModelVersion", request_id, payload)
-            if prior is not None:
+            if prior is not None:  # the same draft (to resume its upload) or the committed version
                 pname, pver = prior.rsplit("/", 1)
-                return self._get_version(s, pname, int(pver))
+                return self._get_version(s, pname, int(pver), include_pending=True)
             mid = self._model_id(s, name)
             # One UPDATE ... RETURNING takes the row lock and bumps the counter: version numbers
-            # are monotonic and never reused, even under concurrent creates or after deletes.
-            version = s.execute(update(T.registered_models).where(T.registered_models.c.id == mid).values(
-                latest_version=T.registered_models.c.latest_version + 1, update_time=_now())
-                .returning(T.registered_models.c.latest_version)).scalar_one()
+            # are monotonic and never reused, even under concurrent creates, after deletes or
+            # after registrations that never committed.
+            m = T.registered_models.c
+            version = s.execute(update(T.registered_models).where(m.id == mid).values(
+                last_issued_version=m.last_issued_version + 1, update_time=_now())
+                .returning(m.last_issued_version)).scalar_one()
             now = _now()
             s.execute(insert(T.model_versions).values(
                 model_id=mid, version=version, framework=framework, status=STATUS_PENDING_UPLOAD,
@@ -375,9 +389,10 @@ class Registry:
                 signature=(signature or Signature()).to_json(), lineage=lineage.__dict__,
                 created_by=principal, create_time=now, update_time=now))
             self._remember(s, principal, "CreateModelVersion", request_id, payload, f"{name}/{version}")
-            return self._get_version(s, name, version)
+            return self._get_version(s, name, version, include_pending=True)
 
     def get_version(self, name: str, version: int) -> Version:
+        """A committed version; NotFound for a number that has not committed (yet)."""
         check_name(name)
         check_version(version)
         with self.db.read() as s:
@@ -385,12 +400,13 @@ class Registry:
 
     def list_versions(self, name: str, *, stage: int = 0, status: int = 0, size: int = 0,
                       token: str = "") -> tuple[list[Version], str]:
+        """Committed versions, newest first (so a status filter other than READY matches none)."""
         n = page_size(size)
         q_key = {"name": name, "stage": stage, "status": status}
         after = PageToken.decode(token, q_key)
         v, m = T.model_versions.c, T.registered_models.c
         stmt = (select(T.model_versions, m.name).join(T.registered_models, v.model_id == m.id)
-                .order_by(v.id.desc()).limit(n + 1))
+                .where(v.status == STATUS_READY).order_by(v.id.desc()).limit(n + 1))
         with self.db.read() as s:
             if name != "-":
                 check_name(name)
@@ -428,20 +444,21 @@ class Registry:
             return self._get_version(s, name, version)
 
     def delete_version(self, name: str, version: int) -> None:
+        """Deletes a committed version, or a draft (so a client can drop its own failed one)."""
         check_name(name)
         check_version(version)
         with self.db.session() as s:
-            row = self._version_row(s, name, version)
+            row = self._version_row(s, name, version, include_pending=True)
             held = s.execute(select(T.aliases.c.alias).where(T.aliases.c.version_id == row.id)).scalars().all()
             if held:
                 raise FailedPrecondition(f"version {version} of {name!r} is aliased as {sorted(held)}; "
                                          "move or delete the aliases first")
-            staged = s.execute(select(T.uploads.c.upload_id).where(T.uploads.c.version_id == row.id)).scalars().all()
+            uploads = s.execute(select(T.uploads.c.upload_id, T.uploads.c.publish_key)
+                                .where(T.uploads.c.version_id == row.id)).all()
             s.execute(delete(T.model_versions).where(T.model_versions.c.id == row.id))
         if row.artifact_key:
             self.store.delete(row.artifact_key)
-        for upload_id in staged:
-            self.store.discard_staged(upload_id)
+        self._discard_upload_files(uploads)
 
     def transition_stage(self, name: str, version: int, stage: int) -> Version:
         check_name(name)
@@ -494,9 +511,7 @@ class Registry:
             return self._get_version(s, name, v)
 
     def _move_alias(self, s: Connection, name: str, alias: str, version: int, principal: str) -> int:
-        row = self._version_row(s, name, version)
-        if row.status != STATUS_READY:
-            raise FailedPrecondition(f"version {version} of {name!r} has no committed artifact yet")
+        row = self._version_row(s, name, version)  # committed only: a draft is NotFound
         a = T.aliases.c
         prev = s.execute(select(T.model_versions.c.version).join(T.aliases, a.version_id == T.model_versions.c.id)
                          .where(a.model_id == row.model_id, a.alias == alias)).scalar_one_or_none()
@@ -520,13 +535,13 @@ class Registry:
         if not _SHA_RE.match(sha256):
             raise InvalidArgument("sha256", "must be 64 hexadecimal characters")
         with self.db.session() as s:
-            row = self._version_row(s, name, version)
+            row = self._version_row(s, name, version, include_pending=True)
             if row.status != STATUS_PENDING_UPLOAD:
                 raise FailedPrecondition(f"version {version} of {name!r} already has an artifact; "
                                          "create a new version instead")
             filename = filename or ("model.onnx" if row.framework == "onnx" else "model.bin")
             if not _FILENAME_RE.match(filename):
-                raise InvalidArgument("filename", f"{filename[:100]!r} is not a plain file name")
+                raise InvalidArgument("filename", f"{quote(filename)} is not a plain file name")
             upload_id = uuid.uuid4().hex
             now = _now()
             s.execute(insert(T.uploads).values(
@@ -537,7 +552,7 @@ class Registry:
 
     def get_upload(self, upload_id: str) -> Upload:
         with self.db.read() as s:
-            return self._upload(s, upload_id)[0]
+            return _upload_from_row(self._upload_row(s, upload_id))
 
     def append_chunk(self, upload_id: str, offset: int, data: bytes) -> int:
         if not data:
@@ -545,8 +560,9 @@ class Registry:
         if len(data) > MAX_CHUNK_BYTES:
             raise InvalidArgument("data", f"chunks are at most {MAX_CHUNK_BYTES} bytes")
         with self._lock_for(upload_id):
-            with self.db.session() as s:
-                up, part = self._upload(s, upload_id)
+            with self.db.read() as s:
+                r = self._upload_row(s, upload_id)
+            up, part = _upload_from_row(r), r.next_part
             if offset != up.received_bytes:
                 raise FailedPrecondition(f"offset {offset} does not match received_bytes {up.received_bytes}; "
                                          "resume from received_bytes")
@@ -572,22 +588,32 @@ class Registry:
             return offset + len(data)
 
     def commit_upload(self, upload_id: str) -> Version:
+        """Verify, validate, publish and record the upload; the version becomes READY (and
+        visible). Committing again an upload whose commit was interrupted (a crash, a lost
+        reply) finishes it: from the staged bytes, or from the published object when the
+        publish had completed (the staged copy is gone by then)."""
         with self._lock_for(upload_id):
-            with self.db.session() as s:
-                up, _ = self._upload(s, upload_id)
-                vrow = self._version_row(s, up.name, up.version)
+            with self.db.read() as s:
+                r = self._upload_row(s, upload_id)
+            up = _upload_from_row(r)
+            if r.status != STATUS_PENDING_UPLOAD:  # another upload of this version committed first
+                self._drop_upload(upload_id)
+                raise FailedPrecondition(f"version {up.version} of {up.name!r} already has an artifact; "
+                                         "the upload was discarded")
             if up.received_bytes != up.size_bytes:
                 raise FailedPrecondition(f"upload has {up.received_bytes} of {up.size_bytes} bytes; "
                                          "append the rest before committing")
+            published = bool(r.publish_key) and self.store.exists(r.publish_key)
+
+            def content() -> Iterator[bytes]:
+                return self.store.open_read(r.publish_key) if published else self.store.read_staged(upload_id)
+
             hasher, hashed = self._hashers.pop(upload_id, (None, -1))
-            data: bytes | None = None
-            if vrow.framework == "onnx":
-                data = b"".join(self.store.read_staged(upload_id))
-            if hasher is not None and hashed == up.size_bytes:
+            data = b"".join(content()) if r.framework == "onnx" else None
+            if hasher is not None and hashed == up.size_bytes and not published:
                 digest = hasher.hexdigest()
             else:
-                digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256_of(
-                    self.store.read_staged(upload_id))
+                digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256_of(content())
             if digest != up.sha256:
                 self._drop_upload(upload_id)
                 raise InvalidArgument("sha256", f"mismatch: declared {up.sha256}, received bytes hash to "
@@ -599,85 +625,130 @@ class Registry:
                 except InvalidArgument:
                     self._drop_upload(upload_id)
                     raise
-            key = f"models/{up.name}/{up.version}/{upload_id}/{up.filename}"
+            key = r.publish_key if published else f"models/{up.name}/{up.version}/{upload_id}/{up.filename}"
+            if not published:
+                with self.db.session() as s:
+                    s.execute(update(T.uploads).where(T.uploads.c.upload_id == upload_id).values(
+                        publish_key=key, update_time=_now()))
+                self.store.publish(upload_id, key)
+            values: dict[str, Any] = {
+                "status": STATUS_READY, "artifact_key": key, "filename": up.filename,
+                "size_bytes": up.size_bytes, "sha256": digest, "update_time": _now()}
+            if signature is not None:  # the graph's tensors; allow_nan as the registrant declared it
+                values["signature"] = signature.declared_by(Signature.from_json(r.signature)).to_json()
             with self.db.session() as s:
-                s.execute(update(T.uploads).where(T.uploads.c.upload_id == upload_id).values(publish_key=key))
-            self.store.publish(upload_id, key)
-            with self.db.session() as s:
-                fresh = self._version_row(s, up.name, up.version)
-                if fresh.status != STATUS_PENDING_UPLOAD:
-                    won = False
-                else:
-                    values: dict[str, Any] = {
-                        "status": STATUS_READY, "artifact_key": key, "filename": up.filename,
-                        "size_bytes": up.size_bytes, "sha256": digest, "update_time": _now()}
-                    if signature is not None:
-                        values["signature"] = signature.to_json()
-                    s.execute(update(T.model_versions).where(T.model_versions.c.id == fresh.id).values(**values))
-                    won = True
+                # Conditional on the draft state: with several replicas, two commits can race;
+                # exactly one records its key.
+                won = s.execute(update(T.model_versions).where(
+                    T.model_versions.c.id == r.version_id,
+                    T.model_versions.c.status == STATUS_PENDING_UPLOAD).values(**values)).rowcount == 1
                 s.execute(delete(T.uploads).where(T.uploads.c.upload_id == upload_id))
-            if not won:  # another upload committed first; ours is garbage
-                self.store.delete(key)
+                recorded = None if won else s.execute(select(T.model_versions.c.artifact_key).where(
+                    T.model_versions.c.id == r.version_id)).scalar_one_or_none()
+            # A publish interrupted while removing the staged copy may have left some of it.
+            self.store.discard_staged(upload_id)
+            if not won:  # ours is garbage, unless the winner was this same upload on another replica
+                if recorded != key:
+                    self.store.delete(key)
+                if recorded is None:
+                    raise NotFound(f"version {up.version} of model {up.name!r} was deleted during the commit")
                 raise FailedPrecondition(f"version {up.version} of {up.name!r} already has an artifact")
-            with self.db.session() as s:
+            with self.db.read() as s:
                 return self._get_version(s, up.name, up.version)
 
     def abort_upload(self, upload_id: str) -> None:
         with self._lock_for(upload_id):
-            with self.db.session() as s:
-                self._upload(s, upload_id)
+            with self.db.read() as s:
+                self._upload_row(s, upload_id)
             self._drop_upload(upload_id)
 
     def _drop_upload(self, upload_id: str) -> None:
+        """Forget an upload: its row, then its staged bytes and any object an interrupted
+        commit published but never recorded."""
         self._hashers.pop(upload_id, None)
+        u, v = T.uploads.c, T.model_versions.c
         with self.db.session() as s:
-            s.execute(delete(T.uploads).where(T.uploads.c.upload_id == upload_id))
-        self.store.discard_staged(upload_id)
+            row = s.execute(select(u.upload_id, u.publish_key, v.artifact_key)
+                            .join(T.model_versions, u.version_id == v.id).where(u.upload_id == upload_id)).first()
+            s.execute(delete(T.uploads).where(u.upload_id == upload_id))
+        if row is None:
+            self.store.discard_staged(upload_id)
+        elif row.publish_key and row.publish_key == row.artifact_key:  # recorded: the version's file
+            self.store.discard_staged(upload_id)
+        else:
+            self._discard_upload_files([row])
+
+    def _discard_upload_files(self, uploads: list[Row]) -> None:
+        """Staged bytes and unrecorded published objects of uploads whose rows are gone."""
+        for r in uploads:
+            if r.publish_key:
+                self.store.delete(r.publish_key)
+            self.store.discard_staged(r.upload_id)
 
     def _lock_for(self, upload_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._upload_locks.setdefault(upload_id, threading.Lock())
 
     def read_artifact(self, name: str, version: int, chunk_size: int = 1 << 20) -> tuple[Version, Iterator[bytes]]:
-        v = self.get_version(name, version)
-        if v.status != STATUS_READY:
-            raise FailedPrecondition(f"version {version} of {name!r} has no committed artifact yet")
+        v = self.get_version(name, version)  # committed only: a draft is NotFound
         try:
             return v, self.store.open_read(v.artifact_key, chunk_size)
         except ArtifactNotFound:
             raise NotFound(f"artifact of {name!r} version {version} is missing from the store") from None
 
     def recover(self, settle: timedelta = timedelta(minutes=10)) -> dict[str, int]:
-        """Clean up after crashes (run at start-up): interrupted commits, stale uploads, staged
-        bytes no upload row knows. Only what has not moved for `settle` is touched, so other
-        registry replicas' uploads and commits in progress are left alone; a restarted single
-        registry passes settle=0. Returns counts for the log."""
-        counts = {"unpublished": 0, "stale_uploads": 0, "orphan_staged": 0}
+        """Clean up after crashes (run at start-up). Uploads survive: one whose commit was
+        interrupted keeps its bytes (staged, or published whole) for the client to commit
+        again, and only what an interrupted publish left beside its key is removed. Uploads
+        idle for `stale_upload_after` are dropped with their bytes; drafts (versions that never
+        committed) idle that long with no upload are deleted with their request ids; staged
+        bytes no upload knows are removed. Only what has not moved for `settle` is touched, so
+        other registry replicas' work in progress is left alone; a restarted single registry
+        passes settle=0. Returns counts for the log."""
+        counts = {"interrupted_commits": 0, "stale_uploads": 0, "orphan_staged": 0, "abandoned_versions": 0}
         now = _now()
-        cutoff = now - self.config.stale_upload_after
-        with self.db.session() as s:
-            rows = s.execute(select(T.uploads.c.upload_id, T.uploads.c.publish_key, T.uploads.c.update_time,
-                                    T.model_versions.c.artifact_key)
-                             .join(T.model_versions, T.uploads.c.version_id == T.model_versions.c.id)).all()
+        quiet = now - settle
+        cutoff = min(now - self.config.stale_upload_after, quiet)
+        u = T.uploads.c
+        with self.db.read() as s:
+            rows = s.execute(select(u.upload_id, u.publish_key, u.update_time)).all()
         known = set()
         for r in rows:
-            if _utc(r.update_time) > now - settle:
+            if _utc(r.update_time) > quiet:
                 known.add(r.upload_id)
-            elif r.publish_key:  # a commit died between publish and the row update
-                if r.artifact_key != r.publish_key:
-                    self.store.delete(r.publish_key)
-                self._drop_upload(r.upload_id)
-                counts["unpublished"] += 1
             elif _utc(r.update_time) < cutoff:
                 self._drop_upload(r.upload_id)
                 counts["stale_uploads"] += 1
             else:
                 known.add(r.upload_id)
+                if r.publish_key:
+                    # A commit died between marking the key and recording it. If the publish
+                    # completed, the object is whole and the re-commit records it; if not, the
+                    # staged bytes are whole and only a temp file beside the key may be left.
+                    if not self.store.exists(r.publish_key):
+                        self.store.delete(r.publish_key)
+                    counts["interrupted_commits"] += 1
         for staged in self.store.list_staged():
-            if staged.upload_id not in known and staged.modified <= now - settle:
+            if staged.upload_id not in known and staged.modified <= quiet:
                 self.store.discard_staged(staged.upload_id)
                 counts["orphan_staged"] += 1
+        counts["abandoned_versions"] = self._delete_abandoned_versions(cutoff)
         return counts
+
+    def _delete_abandoned_versions(self, before: datetime) -> int:
+        """Drafts not touched since `before` that have no upload in progress: a registration
+        that failed or was given up. Their CreateModelVersion request ids go too, so a retry
+        starts a new registration instead of finding a version that no longer exists."""
+        v, m, k = T.model_versions.c, T.registered_models.c, T.idempotency_keys.c
+        with self.db.session() as s:
+            rows = s.execute(select(v.id, m.name, v.version).join(T.registered_models, v.model_id == m.id).where(
+                v.status == STATUS_PENDING_UPLOAD, v.update_time < before,
+                ~exists().where(T.uploads.c.version_id == v.id))).all()
+            if rows:
+                s.execute(delete(T.model_versions).where(v.id.in_([r.id for r in rows])))
+                s.execute(delete(T.idempotency_keys).where(
+                    k.method == "CreateModelVersion", k.resource.in_([f"{r.name}/{r.version}" for r in rows])))
+        return len(rows)
 
     # -- promotions --------------------------------------------------------------------------
     def request_promotion(self, name: str, version: int, alias: str, reason: str, principal: str,
@@ -692,9 +763,7 @@ class Registry:
             prior = self._idempotent(s, principal, "RequestPromotion", request_id, payload)
             if prior is not None:
                 return self._promotion(s, prior)
-            row = self._version_row(s, name, version)
-            if row.status != STATUS_READY:
-                raise FailedPrecondition(f"version {version} of {name!r} has no committed artifact yet")
+            row = self._version_row(s, name, version)  # committed only: a draft is NotFound
             p = T.promotions.c
             dup = s.execute(select(p.promotion_id).where(
                 p.model_id == row.model_id, p.version == version, p.alias == alias,
@@ -791,11 +860,17 @@ class Registry:
         return self._models_from_rows(s, [row])[0]
 
     def _models_from_rows(self, s: Connection, rows: list[Row]) -> list[Model]:
-        """Tags and aliases for a whole page in two queries (never one per model)."""
+        """Tags, aliases and latest committed versions for a whole page in three queries (never
+        one per model). latest_version is computed, not stored: it is always a version Get can
+        return, whatever was deleted or never committed."""
         ids = [r.id for r in rows]
         tags: dict[int, dict[str, str]] = {i: {} for i in ids}
         aliases: dict[int, dict[str, int]] = {i: {} for i in ids}
+        latest: dict[int, int] = {}
         if ids:
+            v = T.model_versions.c
+            latest = dict(s.execute(select(v.model_id, func.max(v.version)).where(
+                v.model_id.in_(ids), v.status == STATUS_READY).group_by(v.model_id)).all())
             for mid, k, v in s.execute(select(T.model_tags.c.model_id, T.model_tags.c.key, T.model_tags.c.value)
                                        .where(T.model_tags.c.model_id.in_(ids))):
                 tags[mid][k] = v
@@ -805,21 +880,30 @@ class Registry:
                     .where(T.aliases.c.model_id.in_(ids))):
                 aliases[mid][alias] = ver
         return [Model(name=r.name, description=r.description, owner=r.owner, tags=tags[r.id],
-                      latest_version=r.latest_version, aliases=aliases[r.id],
+                      latest_version=latest.get(r.id, 0), aliases=aliases[r.id],
                       create_time=_utc(r.create_time), update_time=_utc(r.update_time)) for r in rows]
 
-    def _version_row(self, s: Connection, name: str, version: int) -> Row:
+    # Lookups see committed versions only unless include_pending: a draft exists for its
+    # own upload flow (and delete), nothing else, so no caller can expose one by mistake.
+    def _version_row(self, s: Connection, name: str, version: int, *, include_pending: bool = False) -> Row:
         mid = self._model_id(s, name)
-        row = s.execute(select(T.model_versions).where(
-            T.model_versions.c.model_id == mid, T.model_versions.c.version == version)).first()
+        v = T.model_versions.c
+        stmt = select(T.model_versions).where(v.model_id == mid, v.version == version)
+        if not include_pending:
+            stmt = stmt.where(v.status == STATUS_READY)
+        row = s.execute(stmt).first()
         if row is None:
             raise NotFound(f"version {version} of model {name!r} not found")
         return row
 
-    def _get_version(self, s: Connection, name: str, version: int) -> Version:
-        row = s.execute(select(T.model_versions, T.registered_models.c.name)
-                        .join(T.registered_models, T.model_versions.c.model_id == T.registered_models.c.id)
-                        .where(T.registered_models.c.name == name, T.model_versions.c.version == version)).first()
+    def _get_version(self, s: Connection, name: str, version: int, *, include_pending: bool = False) -> Version:
+        v = T.model_versions.c
+        stmt = (select(T.model_versions, T.registered_models.c.name)
+                .join(T.registered_models, v.model_id == T.registered_models.c.id)
+                .where(T.registered_models.c.name == name, v.version == version))
+        if not include_pending:
+            stmt = stmt.where(v.status == STATUS_READY)
+        row = s.execute(stmt).first()
         if row is None:
             self._model_id(s, name)  # NOT_FOUND names the model when that is what is missing
             raise NotFound(f"version {version} of model {name!r} not found")
@@ -841,31 +925,35 @@ class Registry:
             created_by=r.created_by, create_time=_utc(r.create_time), update_time=_utc(r.update_time),
         ) for r in rows]
 
-    def _upload(self, s: Connection, upload_id: str) -> tuple[Upload, int]:
+    def _upload_row(self, s: Connection, upload_id: str) -> Row:
+        """The upload with its version's number, framework, status, artifact key and signature."""
         if not upload_id:
             raise InvalidArgument("upload_id", "is required")
         u, v, m = T.uploads.c, T.model_versions.c, T.registered_models.c
-        r = s.execute(select(T.uploads, v.version, m.name)
+        r = s.execute(select(T.uploads, v.version, v.framework, v.status, v.artifact_key, v.signature, m.name)
                       .join(T.model_versions, u.version_id == v.id)
                       .join(T.registered_models, v.model_id == m.id)
                       .where(u.upload_id == upload_id)).first()
         if r is None:
-            raise NotFound(f"upload {upload_id!r} not found (committed, aborted or expired)")
-        return Upload(r.upload_id, r.name, r.version, r.size_bytes, r.received_bytes, r.sha256,
-                      r.filename), r.next_part
+            raise NotFound(f"upload {quote(upload_id)} not found (committed, aborted or expired)")
+        return r
 
     def _promotion(self, s: Connection, promotion_id: str) -> Promotion:
         p, m = T.promotions.c, T.registered_models.c
         r = s.execute(select(T.promotions, m.name).join(T.registered_models, p.model_id == m.id)
                       .where(p.promotion_id == promotion_id)).first()
         if r is None:
-            raise NotFound(f"promotion {promotion_id!r} not found")
+            raise NotFound(f"promotion {quote(promotion_id)} not found")
         return self._promotion_from_row(r)
 
     @staticmethod
     def _promotion_from_row(r: Row) -> Promotion:
         return Promotion(r.promotion_id, r.name, r.version, r.alias, r.state, r.requested_by, r.reason,
                          r.decided_by, r.decision_comment, _utc(r.request_time), _utc(r.decision_time))
+
+
+def _upload_from_row(r: Row) -> Upload:
+    return Upload(r.upload_id, r.name, r.version, r.size_bytes, r.received_bytes, r.sha256, r.filename)
 
 
 def _sha256_of(chunks: Iterator[bytes]) -> str:

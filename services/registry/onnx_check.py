@@ -1,10 +1,11 @@
 """ONNX validation at registration: the checker runs on the committed bytes and the
 signature (names, dtypes, shapes) is read from the graph, so serving never trusts a
-client-supplied signature for ONNX models."""
+client-supplied signature for ONNX models (only `allow_nan`, which no graph states, is kept as
+the registrant declared it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -31,17 +32,26 @@ class TensorSpec:
 class Signature:
     inputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
     outputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
+    #: The model takes NaN and infinities in float inputs. Declared by the registrant (the graph
+    #: cannot say); False: inference refuses such inputs (strata.common.v1.ModelSignature).
+    allow_nan: bool = False
 
     def to_json(self) -> dict:
         def spec(t: TensorSpec) -> dict:
             return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-        return {"inputs": [spec(t) for t in self.inputs], "outputs": [spec(t) for t in self.outputs]}
+        return {"inputs": [spec(t) for t in self.inputs], "outputs": [spec(t) for t in self.outputs],
+                "allow_nan": self.allow_nan}
 
     @classmethod
     def from_json(cls, d: dict) -> Signature:
         def spec(x: dict) -> TensorSpec:
             return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]))
-        return cls(tuple(spec(x) for x in d.get("inputs", [])), tuple(spec(x) for x in d.get("outputs", [])))
+        return cls(tuple(spec(x) for x in d.get("inputs", [])), tuple(spec(x) for x in d.get("outputs", [])),
+                   bool(d.get("allow_nan", False)))
+
+    def declared_by(self, registrant: Signature) -> Signature:
+        """This signature (read from the graph) with what only the registrant can declare."""
+        return replace(self, allow_nan=registrant.allow_nan)
 
 
 def _specs(values: list[onnx.ValueInfoProto], skip: set[str]) -> tuple[TensorSpec, ...]:

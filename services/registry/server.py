@@ -17,6 +17,8 @@ from strata.registry.v1 import registry_pb2_grpc
 
 from services.common.audit import AuditLog, current_resource
 from services.common.auth import current_principal
+from services.common.errors import InvalidArgument
+from services.common.limits import check_filter
 from services.registry import core
 from services.registry.card import render_model_card
 from services.registry.onnx_check import Signature, TensorSpec
@@ -43,13 +45,20 @@ def signature_pb(sig: Signature) -> types_pb2.ModelSignature:
     def spec(t: TensorSpec) -> types_pb2.TensorSpec:
         return types_pb2.TensorSpec(name=t.name, dtype=types_pb2.DataType.Value(f"DATA_TYPE_{t.dtype}"),
                                     shape=list(t.shape))
-    return types_pb2.ModelSignature(inputs=[spec(t) for t in sig.inputs], outputs=[spec(t) for t in sig.outputs])
+    return types_pb2.ModelSignature(inputs=[spec(t) for t in sig.inputs], outputs=[spec(t) for t in sig.outputs],
+                                    allow_nan=sig.allow_nan)
 
 
 def signature_from_pb(sig: types_pb2.ModelSignature) -> Signature:
-    def spec(t: types_pb2.TensorSpec) -> TensorSpec:
-        return TensorSpec(t.name, types_pb2.DataType.Name(t.dtype).removeprefix("DATA_TYPE_"), tuple(t.shape))
-    return Signature(tuple(spec(t) for t in sig.inputs), tuple(spec(t) for t in sig.outputs))
+    def spec(t: types_pb2.TensorSpec, field: str) -> TensorSpec:
+        if t.dtype not in _DTYPES:  # an enum number this contract does not define
+            raise InvalidArgument(f"{field}.dtype", f"{t.dtype} is not a DataType")
+        return TensorSpec(t.name, _DTYPES[t.dtype], tuple(t.shape))
+    return Signature(tuple(spec(t, f"signature.inputs[{i}]") for i, t in enumerate(sig.inputs)),
+                     tuple(spec(t, f"signature.outputs[{i}]") for i, t in enumerate(sig.outputs)), sig.allow_nan)
+
+
+_DTYPES = {v.number: v.name.removeprefix("DATA_TYPE_") for v in types_pb2.DataType.DESCRIPTOR.values}
 
 
 def version_pb(v: core.Version) -> pb.ModelVersion:
@@ -254,6 +263,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return httpbody_pb2.HttpBody(content_type="text/markdown; charset=utf-8", data=markdown.encode())
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context) -> pb.ListAuditEventsResponse:
+        check_filter(request.resource_prefix, "resource_prefix")
+        check_filter(request.principal, "principal")
         n = core.page_size(request.page_size)
         q_key = {"resource_prefix": request.resource_prefix, "principal": request.principal}
         after = core.PageToken.decode(request.page_token, q_key)

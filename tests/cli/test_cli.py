@@ -126,3 +126,45 @@ def test_register_show_alias_download_against_a_registry(registry_addr: str, tmp
 def test_errors_print_the_status_and_exit_1(registry_addr: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--addr", registry_addr, "models", "show", "no-such-model"]) == 1
     assert capsys.readouterr().err.strip() == "error: NOT_FOUND: model 'no-such-model' not found"
+
+
+def _visible_versions(base: list[str], name: str, capsys: pytest.CaptureFixture[str]) -> tuple[list[int], int]:
+    """(versions `strata versions list` shows, the model's latest_version) as a user sees them."""
+    import json
+    capsys.readouterr()
+    assert main([*base, "--json", "versions", "list", name]) == 0
+    versions = [v["version"] for v in json.loads(capsys.readouterr().out)]
+    assert main([*base, "--json", "models", "show", name]) == 0
+    return versions, json.loads(capsys.readouterr().out).get("latest_version", 0)
+
+
+def test_register_with_a_missing_file_creates_nothing(registry_addr: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--addr", registry_addr]
+    missing = tmp_path / "nowhere.onnx"
+    assert main([*base, "register", "cli-missing", str(missing), "--create-model"]) == 1
+    assert "nowhere.onnx" in capsys.readouterr().err
+    assert main([*base, "models", "show", "cli-missing"]) == 1  # not even the model
+    model = tmp_path / "ok.onnx"
+    build_model(model)
+    assert main([*base, "register", "cli-missing", str(model), "--create-model"]) == 0
+    assert main([*base, "register", "cli-missing", str(missing)]) == 1
+    assert _visible_versions(base, "cli-missing", capsys) == ([1], 1)
+
+
+def test_register_with_a_bad_onnx_file_leaves_no_version_and_latest_unchanged(
+        registry_addr: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--addr", registry_addr]
+    model, bad = tmp_path / "ok.onnx", tmp_path / "bad.onnx"
+    build_model(model)
+    bad.write_bytes(b"this is not an ONNX model" * 100)
+    assert main([*base, "register", "cli-bad", str(model), "--create-model"]) == 0
+    capsys.readouterr()
+    assert main([*base, "register", "cli-bad", str(bad)]) == 1
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: artifact:")
+    assert _visible_versions(base, "cli-bad", capsys) == ([1], 1)
+    assert main([*base, "versions", "show", "cli-bad", "2"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    # The next good registration takes the next number (never reused) and becomes the latest.
+    assert main([*base, "register", "cli-bad", str(model)]) == 0
+    assert _visible_versions(base, "cli-bad", capsys) == ([3, 1], 3)

@@ -20,7 +20,7 @@ from gateway.config import render_envoy_config
 from gateway.envoy import start_envoy, wait_ready, write_config
 from services.common.auth import mint_token
 from services.registry.client import RegistryClient
-from tests.inference.models import mlp
+from tests.inference.models import log, mlp
 from tests.processes import free_port, start_service, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                 path = home / f"m{v}.onnx"
                 path.write_bytes(blob)
                 c.register_onnx("scorer", path, create_model=(v == 1))
+            (home / "log.onnx").write_bytes(log())  # y = log(x): NaN and infinities from finite inputs
+            c.register_onnx("logfn", home / "log.onnx", create_model=True)
+            c.register_onnx("logfn", home / "log.onnx", allow_nan=True)
         procs.append(start_service("inference", home / "inference", inf_port, {
             **env, "STRATA_REGISTRY_ADDR": f"127.0.0.1:{reg_port}", "STRATA_INFERENCE_WORKERS": "2"}))
         config = render_envoy_config(
@@ -127,3 +130,36 @@ def test_v2_protocol_through_the_gateway_with_tritonclient(gw: Gateway) -> None:
     with pytest.raises(InferenceServerException) as err:
         client.infer("fraud", [inp])  # no token
     assert "UNAUTHENTICATED" in str(err.value.status())
+
+
+def test_non_finite_values_cross_the_gateway_as_proto3_json_writes_them(gw: Gateway) -> None:
+    dev, viewer = gw.headers("developer"), gw.headers("viewer")
+    for name, version in (("logs", 1), ("lognan", 2)):
+        r = requests.post(f"{gw.rest}/v1/endpoints", headers=dev, json={"endpoint": {
+            "name": name, "policy": {"targets": [{"model": "logfn", "version": version, "weight": 1}]}}})
+        assert r.status_code == 200, r.text
+    x = [0.0, -1.0, 1.0, 2.0]  # log: -inf, NaN, 0, 0.69
+    # Rows (google.protobuf.Struct): JSON has no NaN; the transcoder refused the response (502).
+    r = requests.post(f"{gw.rest}/v1/endpoints/logs:predict", headers=viewer, json={"rows": [{"x": x}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"][0]["y"][:3] == ["-Infinity", "NaN", 0.0]
+    # Tensors (double fields): proto3 JSON's own spelling.
+    r = requests.post(f"{gw.rest}/v1/endpoints/logs:predict", headers=viewer, json={"inputs": [
+        {"name": "x", "shape": [1, 4], "float_values": x}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["float_values"][:3] == ["-Infinity", "NaN", 0]
+    # NaN inputs, spelled the same way: refused by a model whose signature does not allow them
+    # (400 naming the input), scored by one whose signature does.
+    nan_in = {"inputs": [{"name": "x", "shape": [1, 4], "float_values": ["NaN", 1, 1, 1]}]}
+    r = requests.post(f"{gw.rest}/v1/endpoints/logs:predict", headers=viewer, json=nan_in)
+    assert r.status_code == 400 and r.json()["message"].startswith("inputs[x]: input 'x' holds NaN"), r.text
+    r = requests.post(f"{gw.rest}/v1/endpoints/lognan:predict", headers=viewer, json=nan_in)
+    assert r.status_code == 200 and r.json()["outputs"][0]["float_values"][0] == "NaN", r.text
+
+
+def test_a_huge_name_is_a_400_quoting_it_short(gw: Gateway) -> None:
+    # Echoed whole in the error, a 1 MiB name made the status too large for Envoy: a 502.
+    r = requests.post(f"{gw.rest}/v1/endpoints", headers=gw.headers("developer"), json={"endpoint": {
+        "name": "e" * (1 << 20), "policy": {"targets": [{"model": "scorer", "version": 1, "weight": 1}]}}})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["message"].startswith("endpoint.name: 'eee") and len(r.text) < 2048, r.text[:300]

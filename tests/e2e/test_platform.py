@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import ROOT, free_port, wait_serving
+from tests.e2e.launch import alive
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +27,6 @@ def _wait_for(pattern: str, log: Path, timeout: float = 60) -> re.Match:
             return m
         time.sleep(0.2)
     raise TimeoutError(f"{pattern!r} not in {log}:\n{log.read_text()[-3000:]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
@@ -57,7 +50,7 @@ def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
         time.sleep(0.2)
-        assert not _alive(new_pid) and not _alive(envoy_pid)
+        assert not alive(new_pid) and not alive(envoy_pid)
     finally:
         if up.poll() is None:
             up.kill()
@@ -65,5 +58,5 @@ def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
             # that failed must not leave them holding ports.
             for pid in re.findall(r"up \(pid (\d+)\)|restarted \(pid (\d+)\)", log.read_text()):
                 for p in filter(None, pid):
-                    if _alive(int(p)):
+                    if alive(int(p)):
                         os.kill(int(p), signal.SIGTERM)

@@ -128,13 +128,15 @@ def test_sha256_mismatch_is_rejected_and_nothing_is_stored(platform: Platform) -
     r = upload(p, dev, name, version, data, hashlib.sha256(b"something else").hexdigest())
     assert r.status_code == 400
     assert "sha256" in r.json()["message"]
-    mv = requests.get(f"{p.rest}/v1/models/{name}/versions/{version}", headers=dev).json()["model_version"]
-    assert mv["status"] == "MODEL_VERSION_STATUS_PENDING_UPLOAD"
-    assert "artifact" not in mv
+    # A failed registration leaves no visible version and latest_version unchanged.
+    r = requests.get(f"{p.rest}/v1/models/{name}/versions/{version}", headers=dev)
+    assert r.status_code == 404
+    model = requests.get(f"{p.rest}/v1/models/{name}", headers=dev).json()["registered_model"]
+    assert model.get("latest_version", 0) == 0
     assert final_files(p, name) == []
     assert staged_files(p) == []
     r = requests.get(f"{p.rest}/v1/models/{name}/versions/{version}/artifact", headers=dev)
-    assert r.status_code == 400 and "no committed artifact" in r.text
+    assert r.status_code == 404
 
 
 def test_self_approval_is_refused_and_another_approver_promotes(platform: Platform) -> None:

@@ -19,8 +19,12 @@ from tests.processes import free_port, start_service, stop_process
 
 
 @pytest.fixture(scope="module")
-def addr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("features")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="module")
+def addr(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     with service_online_store(home, db=13) as online:
         proc = start_service("features", home, port, {
@@ -98,7 +102,7 @@ def test_materialize_streams_progress_and_records_statistics(stub: features_pb2_
     stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
         name=name, entities=["user"], features=[pb.Feature(name="score", dtype=F64)],
         source=pb.DataSource(path=str(tmp_path / "scores.parquet"), timestamp_field="ts"))))
-    steps = list(stub.Materialize(pb.MaterializeRequest(view=name, end_us=1_800_000_000_000_000)))
+    steps = list(stub.Materialize(pb.MaterializeRequest(view=name, end_us=1_750_000_000_000_000)))
     assert steps[-1].done and steps[-1].rows_written == n
     resp = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=[f"{name}:score"], entities={
         "user_id": pb.EntityColumn(int64_values=[999, 5])}))
@@ -133,14 +137,15 @@ feature_views:
     cli = ["--features-addr", addr]
     assert main([*cli, "features", "apply", str(spec)]) == 0
     assert f"feature view {name}: CREATED (version 1)" in capsys.readouterr().out
-    assert main([*cli, "features", "materialize", name, "--end", "2030-01-01T00:00:00+00:00"]) == 0
+    assert main([*cli, "features", "materialize", name, "--end", "2026-01-01T00:00:00+00:00"]) == 0
     captured = capsys.readouterr()
     assert "2 rows materialized" in captured.out and "2/2 rows" in captured.err
     assert main([*cli, "features", "get", f"{name}:sales", "--entity", "store_id=s2,s1"]) == 0
     assert json.loads(capsys.readouterr().out)["features"][0]["double_values"] == [7.0, 3.5]
 
 
-def test_training_set_point_in_time_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, tmp_path: Path) -> None:
+def test_training_set_point_in_time_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, home: Path,
+                                              tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
     import pyarrow as pa
@@ -165,9 +170,9 @@ def test_training_set_point_in_time_over_grpc(stub: features_pb2_grpc.FeatureSer
     # before any event -> null; 3h after 10.0 at 1h (ttl 3h: still valid); 6h -> 20.0 (5h);
     # user 2 at 4h -> 5.0 (2h); at 6h the 2h value is 4h old -> past ttl -> null.
     assert got.column(f"{name}__spend").to_pylist() == [None, 10.0, 20.0, 5.0, None]
-    out = tmp_path / "train.parquet"
-    ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=str(out))))[0].dataset
+    ds = stub.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=f"training-sets/{name}.parquet")).dataset
+    out = home / "artifacts" / "training-sets" / f"{name}.parquet"
     import hashlib
     assert ds.sha256 == hashlib.sha256(out.read_bytes()).hexdigest() and ds.rows == 5
     assert ds.dataset_id == f"ds-{ds.sha256[:16]}" and list(ds.features) == [f"{name}:spend@v1"]
@@ -235,7 +240,9 @@ def test_cli_training_set(addr: str, stub: features_pb2_grpc.FeatureServiceStub,
     assert pq.read_table(out).column(f"{name}__age").to_pylist() == [None, 41.0, 41.0]
 
 
-@pytest.mark.parametrize("uri", ["/etc/strata-escape.parquet", "../../escape.parquet", "a/../../b.parquet"])
+@pytest.mark.parametrize("uri", ["/etc/strata-escape.parquet", "../../escape.parquet", "a/../../b.parquet",
+                                 "training-sets/*/../../../../escape.parquet", "{tmp}/*/../../escape.parquet",
+                                 "{tmp}/escape.parquet", "x.parquet", "training-sets/%2e%2e/x.parquet"])
 def test_training_sets_are_not_written_outside_the_allowed_places(stub: features_pb2_grpc.FeatureServiceStub,
                                                                   tmp_path: Path, uri: str) -> None:
     import pyarrow as pa
@@ -251,11 +258,14 @@ def test_training_sets_are_not_written_outside_the_allowed_places(stub: features
         source=pb.DataSource(path=str(tmp_path / "x.parquet"), timestamp_field="ts"))))
     entity = pa.table({"user_id": pa.array([1], pa.int64()),
                        "event_timestamp": pa.array([1_800_000_000_000_000], pa.timestamp("us", tz="UTC"))})
+    uri = uri.format(tmp=tmp_path)
+    before = {str(p) for p in tmp_path.parent.rglob("*")}
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-            features=[f"{name}:x"], entity_arrow=_ipc(entity), output_uri=uri)))
+        stub.CreateTrainingSet(pb.CreateTrainingSetRequest(
+            features=[f"{name}:x"], entity_arrow=_ipc(entity), output_uri=uri))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_uri" in err.value.details()
     assert not os.path.exists("/etc/strata-escape.parquet")
+    assert {str(p) for p in tmp_path.parent.rglob("*")} == before  # nothing written anywhere
     # A view with a source outside them is refused when applied, naming the field.
     outside = f"y_{os.urandom(3).hex()}"
     with pytest.raises(grpc.RpcError) as err:
@@ -263,7 +273,7 @@ def test_training_sets_are_not_written_outside_the_allowed_places(stub: features
             name=outside, entities=["user"], features=[pb.Feature(name="x", dtype=F64)],
             source=pb.DataSource(path="/etc/*.parquet", timestamp_field="ts"))))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "feature_view.source.path: /etc/*.parquet: outside the artifact store" in err.value.details()
+    assert "feature_view.source.path: '/etc/*.parquet': may not be read" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.GetFeatureView(pb.GetFeatureViewRequest(name=outside))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was stored
@@ -299,8 +309,8 @@ def test_feature_sets_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, tmp_
     parts = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(feature_set=name, entity_arrow=_ipc(rows))))
     table = pa.concat_tables(pa.ipc.open_stream(p.arrow_ipc).read_all() for p in parts)
     assert table.column(f"{view}__score").to_pylist() == [0.5, 0.7]
-    ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        feature_set=name, entity_arrow=_ipc(rows), output_uri=str(tmp_path / "train.parquet"))))[0].dataset
+    ds = stub.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        feature_set=name, entity_arrow=_ipc(rows), output_uri=f"training-sets/{name}.parquet")).dataset
     assert (ds.feature_set, list(ds.features)) == (name, [f"{view}:score@v1"])  # lineage names the set
     for call, request, code in [
         (stub.GetOnlineFeatures, pb.GetOnlineFeaturesRequest(feature_set="nope", entities=entities),
@@ -316,3 +326,102 @@ def test_feature_sets_over_grpc(stub: features_pb2_grpc.FeatureServiceStub, tmp_
     with pytest.raises(grpc.RpcError) as err:
         list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(feature_set="nope", entity_arrow=_ipc(rows))))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.PushFeatures(pb.PushFeaturesRequest(view="v" * MIB, event_timestamps_us=[1])),
+    lambda s: s.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=["x" * MIB])),
+    lambda s: s.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=["v" * MIB + ":f"], entities={
+        "user_id": pb.EntityColumn(int64_values=[1])})),
+    lambda s: s.GetFeatureView(pb.GetFeatureViewRequest(name="v" * MIB)),
+    lambda s: s.ListFeatureViewVersions(pb.ListFeatureViewVersionsRequest(name="v" * MIB)),
+    lambda s: s.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(name="v" * MIB))),
+    lambda s: s.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="e" * MIB))),
+    lambda s: s.ApplyFeatureSet(pb.ApplyFeatureSetRequest(feature_set=pb.FeatureSet(name="s" * MIB))),
+    lambda s: s.ApplyFeatureSet(pb.ApplyFeatureSetRequest(feature_set=pb.FeatureSet(
+        name="s", features=["v" * MIB + ":f"]))),
+    lambda s: s.GetFeatureSet(pb.GetFeatureSetRequest(name="s" * MIB)),
+    lambda s: s.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view="v" * MIB)),
+], ids=["push-view", "read-ref", "read-view", "get-view", "versions", "apply-view", "apply-entity", "apply-set",
+        "apply-set-ref", "get-set", "statistics"])
+def test_huge_input_is_quoted_short_in_the_error(stub: features_pb2_grpc.FeatureServiceStub, call) -> None:  # noqa: ANN001
+    # Echoed whole, a 1 MiB name made the status too large to send (RESOURCE_EXHAUSTED here, a 502
+    # through the gateway).
+    with pytest.raises(grpc.RpcError) as err:
+        call(stub)
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), err.value.details()
+    assert len(err.value.details()) < 1024 and f"({MIB}" in err.value.details(), err.value.details()
+
+
+def test_huge_feature_name_in_a_push_is_quoted_short(stub: features_pb2_grpc.FeatureServiceStub) -> None:
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
+                                                            value_type=pb.VALUE_TYPE_INT64)))
+    view = user_view(name=f"users_{os.urandom(3).hex()}")
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushFeatures(pb.PushFeaturesRequest(
+            view=view.name, entities={"user_id": pb.EntityColumn(int64_values=[7])}, event_timestamps_us=[1],
+            features=[pb.FeatureValues(name="spend_7d", double_values=[1.5]),
+                      pb.FeatureValues(name="orders_7d", int64_values=[1]),
+                      pb.FeatureValues(name="segment", string_values=["new"]),
+                      pb.FeatureValues(name="active", bool_values=[True]),
+                      pb.FeatureValues(name="n" * MIB, double_values=[1.0])]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(err.value.details()) < 1024 and "has no feature" in err.value.details(), err.value.details()
+
+
+@pytest.mark.parametrize("field", ["query", "tag", "owner", "entity"])
+def test_list_filters_are_bounded(stub: features_pb2_grpc.FeatureServiceStub, field: str) -> None:
+    # A 60,000-character filter became a LIKE pattern SQLite refuses: INTERNAL.
+    stub.ListFeatureViews(pb.ListFeatureViewsRequest(**{field: "a" * 1000}))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListFeatureViews(pb.ListFeatureViewsRequest(**{field: "a" * 60_000}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{field}: is 60000 characters"), err.value.details()
+
+
+@pytest.mark.parametrize("version", [-1, 2**31, 2**63 - 1])
+def test_view_versions_out_of_range_name_the_field(stub: features_pb2_grpc.FeatureServiceStub, version: int) -> None:
+    for call in (lambda: stub.GetFeatureView(pb.GetFeatureViewRequest(name="x", version=version)),
+                 lambda: stub.GetFeatureStatistics(pb.GetFeatureStatisticsRequest(view="x", version=version))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert err.value.details().startswith("version: "), err.value.details()
+
+
+def test_far_future_push_is_invalid_argument_naming_the_row(stub: features_pb2_grpc.FeatureServiceStub) -> None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+    stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="merchant", join_key="merchant_id",
+                                                            value_type=pb.VALUE_TYPE_STRING)))
+    name = f"risk_{os.urandom(3).hex()}"
+    stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=pb.FeatureView(
+        name=name, entities=["merchant"], ttl_seconds=60, features=[pb.Feature(name="rate", dtype=F64)])))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushFeatures(pb.PushFeaturesRequest(
+            view=name, entities={"merchant_id": pb.EntityColumn(string_values=["m1", "m2"])},
+            event_timestamps_us=[1_700_000_000_000_000, 2**63 - 1],
+            features=[pb.FeatureValues(name="rate", double_values=[0.1, 0.2])]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err.value)
+    violation = error_details_pb2.BadRequest()
+    status.details[0].Unpack(violation)
+    assert violation.field_violations[0].field == "event_timestamps_us[1]"
+    resp = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=[f"{name}:rate"], entities={
+        "merchant_id": pb.EntityColumn(string_values=["m1", "m2"])}))
+    assert list(resp.features[0].statuses) == [pb.FEATURE_STATUS_NOT_FOUND] * 2  # nothing written
+
+
+def test_an_undecodable_read_is_invalid_argument(addr: str) -> None:
+    # The serving hot path (raw reads answered as hand-written bytes) decodes its request with
+    # the generated class, through the shared wrapper like every other method.
+    with grpc.insecure_channel(addr) as ch:
+        call = ch.unary_unary("/strata.features.v1.FeatureService/GetOnlineFeatures")
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"\x0a\x02\xff\xfe")  # features[0]: not UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("the request does not decode as strata.features.v1.GetOnlineFeaturesRequest")

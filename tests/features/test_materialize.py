@@ -109,3 +109,50 @@ def test_statistics_of_the_materialized_rows(setup) -> None:  # noqa: ANN001
     assert a.mean == pytest.approx(amounts.mean()) and a.std == pytest.approx(amounts.std())
     assert a.quantiles[3] == pytest.approx(np.quantile(amounts, 0.5))
     assert stats["count"].distinct == 7
+
+
+def test_a_run_that_finds_nothing_keeps_the_last_real_statistics(setup) -> None:  # noqa: ANN001
+    m, _, src = setup
+    write(src, "a.parquet", [(i, float(i), 1, 1, 1) for i in range(1, 51)])
+    list(m.run("txn", start_us=us(0), end_us=us(2)))
+    first = m.statistics("txn")
+    assert (first.start_us, first.end_us, first.features[0].count) == (us(0), us(2), 50)
+    # Incremental runs with nothing new: recorded (the next run starts after them), statistics kept.
+    for end in (3, 4):
+        last = list(m.run("txn", end_us=us(end)))[-1]
+        assert (last.rows_total, last.start_us) == (0, us(end - 1))
+    assert m.last_end("txn", 1) == us(4)
+    assert m.statistics("txn") == first
+    # The next run with rows is served from then on.
+    write(src, "b.parquet", [(1, 500.0, 1, 4.5, 4.5), (2, 700.0, 1, 4.5, 4.5)])
+    list(m.run("txn", end_us=us(5)))
+    latest = m.statistics("txn")
+    assert (latest.start_us, latest.end_us, latest.features[0].count, latest.features[0].max) == (
+        us(4), us(5), 2, 700.0)
+
+
+def test_statistics_are_kept_per_run_within_a_bound(setup) -> None:  # noqa: ANN001
+    m, _, src = setup
+    m.keep_runs = 3
+    for h in range(1, 8):
+        write(src, f"{h}.parquet", [(h, float(h), 1, h - 0.5, h - 0.5)])
+        list(m.run("txn", end_us=us(h)))
+    list(m.run("txn", end_us=us(9)))  # finds nothing
+    runs = m.runs("txn")
+    assert len(runs) <= 3 + 1  # the kept runs, plus the newest run (where the next one starts)
+    assert runs[0].end_us == us(9) and runs[0].rows == 0 and m.last_end("txn", 1) == us(9)
+    with_stats = [r for r in runs if r.rows]
+    assert [r.end_us for r in with_stats] == [us(7), us(6), us(5)]
+    assert m.statistics("txn").end_us == us(7)
+
+
+def test_a_run_ending_in_the_far_future_is_refused_and_records_nothing(setup) -> None:  # noqa: ANN001
+    """An end past now + the allowed skew would become the next incremental start and leave every
+    later run empty: refused naming end_us, nothing recorded, the next run starts where it did."""
+    m, _, src = setup
+    write(src, "a.parquet", [(1, 5.0, 1, 1, 1)])
+    with pytest.raises(InvalidArgument, match="end_us"):
+        list(m.run("txn", end_us=2**63 - 1))
+    assert m.last_end("txn", 1) == 0
+    steps = list(m.run("txn"))
+    assert steps[-1].rows_written == 1

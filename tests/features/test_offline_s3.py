@@ -96,19 +96,20 @@ def test_point_in_time_over_sources_spread_across_s3_objects(
 
     # The entity table from the bucket, the training set written back to it, hashed for lineage.
     _put_parquet(bucket, f"{src}-rows.parquet", entity, tmp_path)
-    ds = list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        features=[f"{name}:spend"], entity_uri=f"{src}-rows.parquet", output_uri=f"training/{name}.parquet")))[0].dataset
-    written = b"".join(bucket.open_read(f"training/{name}.parquet"))
+    ds = stub.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        features=[f"{name}:spend"], entity_uri=f"{src}-rows.parquet",
+        output_uri=f"training-sets/{name}.parquet")).dataset
+    written = b"".join(bucket.open_read(f"training-sets/{name}.parquet"))
     assert ds.sha256 == hashlib.sha256(written).hexdigest() and ds.rows == 5
-    assert ds.uri == f"training/{name}.parquet"
+    assert ds.uri == f"training-sets/{name}.parquet"
     back = pq.read_table(pa.BufferReader(written))
     assert back.column(f"{name}__spend").to_pylist() == [None, 10.0, 20.0, 6.0, None]
 
     # The same bucket by its full s3:// URI.
-    full = f"s3://{bucket.bucket}/{PREFIX}/training/{name}-2.parquet"
-    list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-        features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=full)))
-    assert bucket.exists(f"training/{name}-2.parquet")
+    full = f"s3://{bucket.bucket}/{PREFIX}/training-sets/{name}-2.parquet"
+    stub.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=full))
+    assert bucket.exists(f"training-sets/{name}-2.parquet")
 
 
 def test_materialize_from_s3_then_read_online(stub: features_pb2_grpc.FeatureServiceStub,
@@ -119,7 +120,7 @@ def test_materialize_from_s3_then_read_online(stub: features_pb2_grpc.FeatureSer
         "user_id": pa.array(list(range(n)) * 2, pa.int64()), "spend": [float(i) for i in range(2 * n)],
         "ts": pa.array([t(1)] * n + [t(2)] * n, pa.timestamp("us", tz="UTC"))}), tmp_path)
     name = _view(stub, f"{src}/*.parquet")
-    steps = list(stub.Materialize(pb.MaterializeRequest(view=name, end_us=1_900_000_000_000_000)))
+    steps = list(stub.Materialize(pb.MaterializeRequest(view=name)))  # up to now
     assert steps[-1].done and steps[-1].rows_written == n
     resp = stub.GetOnlineFeatures(pb.GetOnlineFeaturesRequest(features=[f"{name}:spend"], entities={
         "user_id": pb.EntityColumn(int64_values=[0, n - 1])}))
@@ -157,9 +158,10 @@ def test_pushed_rows_are_appended_to_the_s3_source_and_compacted(
 
 
 @pytest.mark.parametrize("uri, code, message", [
-    ("s3://some-other-bucket/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: s3://some-other-bucket"),
-    ("training/x.csv", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: must end with .parquet"),
-    ("gs://bucket/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: gs://bucket/x.parquet"),
+    ("s3://some-other-bucket/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: 's3://some-other-bucket"),
+    ("training-sets/x.csv", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: must end with .parquet"),
+    ("gs://bucket/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "output_uri: 'gs://bucket/x.parquet'"),
+    ("sources/x.parquet", grpc.StatusCode.INVALID_ARGUMENT, "may not be written"),  # outside training-sets/
 ])
 def test_training_sets_are_written_inside_the_store_only(stub: features_pb2_grpc.FeatureServiceStub,
                                                          bucket: S3ArtifactStore, tmp_path: Path,
@@ -173,8 +175,8 @@ def test_training_sets_are_written_inside_the_store_only(stub: features_pb2_grpc
                        "event_timestamp": pa.array([t(2)], pa.timestamp("us", tz="UTC"))})
     before = bucket.list_keys()
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.GetHistoricalFeatures(pb.GetHistoricalFeaturesRequest(
-            features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=uri)))
+        stub.CreateTrainingSet(pb.CreateTrainingSetRequest(
+            features=[f"{name}:spend"], entity_arrow=_ipc(entity), output_uri=uri))
     assert err.value.code() == code and message in err.value.details(), err.value.details()
     assert bucket.list_keys() == before
 
@@ -269,5 +271,5 @@ def test_s3_sources_are_read_from_local_copies_refreshed_when_the_object_changes
     assert len(list((tmp_path / "cache").glob("*.parquet"))) == 3  # the old copy of a.parquet is recent
     files._evict(keep=set(second), in_use_seconds=0)
     assert sorted(str(p) for p in (tmp_path / "cache").glob("*.parquet")) == sorted(second)
-    with pytest.raises(InvalidArgument, match="source.path: src/none/\\*.parquet matches no file"):
+    with pytest.raises(InvalidArgument, match="source.path: 'src/none/\\*.parquet' matches no file"):
         files.source("src/none/*.parquet", "source.path")

@@ -11,7 +11,7 @@ from strata.features.v1 import features_pb2 as pb
 from services.common.errors import InvalidArgument, NotFound
 from services.features.definitions import Definitions
 from services.features.online import OnlineStore
-from services.features.serving import FeatureServer, ViewCache
+from services.features.serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, FeatureServer, ViewCache
 from tests.features.conftest import BOOL, F64, I64, STR, apply_basics, user_view
 
 NOW = 1_800_000_000.0  # the fake clock: seconds since the epoch
@@ -308,3 +308,39 @@ def test_reads_by_feature_set_equal_reads_by_reference(server: FeatureServer) ->
         get_online(server, pb.GetOnlineFeaturesRequest(feature_set="model_a", features=refs, entities=entities))
     with pytest.raises(NotFound, match="featureSets/nope"):
         get_online(server, pb.GetOnlineFeaturesRequest(feature_set="nope", entities=entities))
+
+
+def _push_at(server: FeatureServer, event_us: list[int]) -> pb.PushFeaturesResponse:
+    return server.push(pb.PushFeaturesRequest(
+        view="merchant_risk", entities={"merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in
+                                                                                      range(len(event_us))])},
+        event_timestamps_us=event_us, features=[pb.FeatureValues(name="chargeback_rate",
+                                                                 double_values=[0.5] * len(event_us))]))
+
+
+def test_event_times_past_the_allowed_skew_are_refused_naming_the_row(server: FeatureServer) -> None:
+    # The largest timestamp would be served as PRESENT forever (never past its ttl) and, being
+    # the newest, would hide every later push for its key.
+    assert server.max_future_skew_us == DEFAULT_MAX_FUTURE_SKEW_SECONDS * US
+    for far in (2**63 - 1, int(NOW * US) + server.max_future_skew_us + 1):
+        with pytest.raises(InvalidArgument) as err:
+            _push_at(server, [int(NOW * US), far])
+        assert err.value.field == "event_timestamps_us[1]", err.value.field
+        assert "row 1" in err.value.message and "STRATA_FEATURES_MAX_FUTURE_SKEW_SECONDS" in err.value.message
+        col = read(server, ["merchant_risk:chargeback_rate"], merchants=["m0", "m1"])["merchant_risk:chargeback_rate"]
+        assert list(col.statuses) == [MISSING, MISSING]  # nothing of the batch was written
+    # A client clock a little ahead is fine.
+    assert _push_at(server, [int(NOW * US) + server.max_future_skew_us]).rows_written == 1
+
+
+def test_the_allowed_skew_is_a_typed_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from services.features.app import FeaturesConfig
+    assert FeaturesConfig().max_future_skew_seconds == DEFAULT_MAX_FUTURE_SKEW_SECONDS
+    monkeypatch.setenv("STRATA_FEATURES_MAX_FUTURE_SKEW_SECONDS", "30")
+    assert FeaturesConfig().max_future_skew_seconds == 30
+    for bad in ("-1", "soon"):
+        monkeypatch.setenv("STRATA_FEATURES_MAX_FUTURE_SKEW_SECONDS", bad)
+        with pytest.raises(ValidationError):
+            FeaturesConfig()

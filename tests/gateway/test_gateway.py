@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from strata.common.v1 import options_pb2
 from strata.registry.v1 import registry_pb2
 
-from gateway.config import render_envoy_config, template_regex
+from gateway.config import MAX_BODY_BYTES, render_envoy_config, template_regex
 from gateway.envoy import start_envoy, validate_config, wait_ready, write_config
 from tests.processes import free_port, stop_process
 
@@ -29,16 +29,20 @@ REGISTRY = "/strata.registry.v1.RegistryService"
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def token(roles: list[str], *, secret: str = SECRET, expires_in: int = 300) -> str:
+def token(
+    roles: list[str], *, secret: str = SECRET, expires_in: int = 300, sub: str = "alice", drop: str = ""
+) -> str:
+    """An HS256 token as the services want it; `drop` leaves one claim out."""
     now = int(time.time())
     claims = {
         "iss": "strata",
         "aud": "strata-api",
-        "sub": "alice",
+        "sub": sub,
         "roles": roles,
         "iat": now,
         "exp": now + expires_in,
     }
+    claims.pop(drop, None)
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -148,6 +152,17 @@ def gateway(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
+def limited_gateway(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Auth on and a budget of one request per second, to observe whose budget a request uses."""
+    yield from run_gateway(
+        tmp_path_factory.mktemp("envoy-limited"),
+        upstreams={"registry": upstream},
+        jwt_secret=SECRET,
+        rate_limit_per_second=1,
+    )
+
+
+@pytest.fixture(scope="module")
 def open_gateway(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Auth disabled and a one-request-per-second budget, to observe the rate limit."""
     yield from run_gateway(
@@ -166,9 +181,13 @@ def test_rendered_config_passes_envoy_validation(tmp_path: Path) -> None:
         upstreams={"registry": "registry:50051"}, descriptor_path=DESCRIPTOR, jwt_secret=SECRET
     )
     validate_config(write_config(config, tmp_path))
+    # The budget is per verified principal, so the JWT is checked before the rate limit.
     assert list(http_filters(config)) == [
-        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.header_to_metadata",
         "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.lua",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.rbac",
         "envoy.filters.http.router",
@@ -186,7 +205,7 @@ def test_auth_disabled_has_no_jwt_or_rbac(tmp_path: Path) -> None:
     names = list(http_filters(config))
     assert "envoy.filters.http.jwt_authn" not in names
     assert "envoy.filters.http.rbac" not in names
-    assert names[0] == "envoy.filters.http.local_ratelimit" and names[-1] == "envoy.filters.http.router"
+    assert names[1] == "envoy.filters.http.local_ratelimit" and names[-1] == "envoy.filters.http.router"
 
 
 def test_unknown_upstream_key_is_refused() -> None:
@@ -239,11 +258,25 @@ def test_template_regex(template: str, regex: str) -> None:
 # --- live gateway -------------------------------------------------------------------------------
 
 
+def assert_error(
+    r: requests.Response, status: int, code: grpc.StatusCode, message: str | None = None
+) -> None:
+    """An error as REST clients get it from a service through the transcoder:
+    {"code": <gRPC code>, "message": ..., "details": [...]}, as JSON, with the HTTP status."""
+    assert r.status_code == status, r.text[:500]
+    assert r.headers["content-type"] == "application/json", r.headers
+    body = r.json()
+    assert set(body) == {"code", "message", "details"}, body
+    assert body["code"] == code.value[0], body
+    assert body["details"] == []
+    if message is not None:
+        assert body["message"] == message
+
+
 @pytest.mark.e2e
 def test_rest_without_token_is_401(gateway: str) -> None:
     r = requests.get(f"http://{gateway}/v1/models", timeout=10)
-    assert r.status_code == 401
-    assert r.text == "Jwt is missing"
+    assert_error(r, 401, grpc.StatusCode.UNAUTHENTICATED, "Jwt is missing")
 
 
 @pytest.mark.e2e
@@ -261,8 +294,7 @@ def test_rest_viewer_cannot_create(gateway: str) -> None:
         headers=bearer(token(["viewer"])),
         timeout=10,
     )
-    assert r.status_code == 403
-    assert r.text == "RBAC: access denied"
+    assert_error(r, 403, grpc.StatusCode.PERMISSION_DENIED, "RBAC: access denied")
 
 
 @pytest.mark.e2e
@@ -288,20 +320,60 @@ def test_rest_invalid_argument_is_400_with_grpc_message(gateway: str) -> None:
 )
 def test_rest_bad_token_is_401(gateway: str, tok: str, body: str) -> None:
     r = requests.get(f"http://{gateway}/v1/models", headers=bearer(tok), timeout=10)
-    assert r.status_code == 401
-    assert r.text == body
+    assert_error(r, 401, grpc.StatusCode.UNAUTHENTICATED, body)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("claim", ["exp", "sub"])
+def test_token_the_services_refuse_is_refused_at_the_edge(gateway: str, claim: str) -> None:
+    """The services require `exp` and `sub` (services/common/auth.py); so does Envoy."""
+    r = requests.get(f"http://{gateway}/v1/models", headers=bearer(token(["viewer"], drop=claim)), timeout=10)
+    assert_error(r, 401, grpc.StatusCode.UNAUTHENTICATED)
+    with pytest.raises(grpc.RpcError) as refused:
+        _grpc_call(
+            gateway,
+            "ListRegisteredModels",
+            registry_pb2.ListRegisteredModelsRequest(),
+            registry_pb2.ListRegisteredModelsResponse,
+            token(["viewer"], drop=claim),
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.e2e
+def test_rest_bad_json_is_400_json(gateway: str) -> None:
+    r = requests.post(
+        f"http://{gateway}/v1/models",
+        data="{bad json",
+        headers={**bearer(token(["developer"])), "content-type": "application/json"},
+        timeout=10,
+    )
+    assert_error(r, 400, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "bad json" in r.json()["message"]
+
+
+@pytest.mark.e2e
+def test_rest_body_over_the_limit_is_413_json(gateway: str) -> None:
+    data = "A" * (MAX_BODY_BYTES + 4)  # valid base64; the JSON around it is over the limit
+    r = requests.post(
+        f"http://{gateway}/v1/uploads/u1:append",
+        data=f'{{"offset": 0, "data": "{data}"}}',
+        headers={**bearer(token(["developer"])), "content-type": "application/json"},
+        timeout=60,
+    )
+    assert_error(r, 413, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @pytest.mark.e2e
 def test_rest_unknown_query_parameter_is_400(gateway: str) -> None:
     r = requests.get(f"http://{gateway}/v1/models?bogus=1", headers=bearer(token(["viewer"])), timeout=10)
-    assert r.status_code == 400
+    assert_error(r, 400, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 @pytest.mark.e2e
 def test_rest_unknown_path_is_404(gateway: str) -> None:
     r = requests.get(f"http://{gateway}/v1/nothing-here", headers=bearer(token(["admin"])), timeout=10)
-    assert r.status_code == 404
+    assert_error(r, 404, grpc.StatusCode.NOT_FOUND)
 
 
 @pytest.mark.e2e
@@ -351,6 +423,7 @@ def test_grpc_is_authenticated_and_authorised(gateway: str) -> None:
             gateway, "ListRegisteredModels", list_request, registry_pb2.ListRegisteredModelsResponse, None
         )
     assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert missing.value.details() == "Jwt is missing"  # a message, not the REST JSON body
 
     create = registry_pb2.CreateRegisteredModelRequest(registered_model={"name": "m"})
     with pytest.raises(grpc.RpcError) as denied:
@@ -362,6 +435,16 @@ def test_grpc_is_authenticated_and_authorised(gateway: str) -> None:
             token(["viewer"]),
         )
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert denied.value.details() == "RBAC: access denied"
+
+    with pytest.raises(grpc.RpcError) as spoofed:  # a REST-looking header does not make it REST
+        with grpc.insecure_channel(gateway) as channel:
+            channel.unary_unary(
+                f"{REGISTRY}/ListRegisteredModels",
+                request_serializer=registry_pb2.ListRegisteredModelsRequest.SerializeToString,
+                response_deserializer=registry_pb2.ListRegisteredModelsResponse.FromString,
+            )(list_request, metadata=[("x-envoy-original-path", "/v1/models")], timeout=10)
+    assert spoofed.value.details() == "Jwt is missing"
 
     with pytest.raises(grpc.RpcError) as unknown:
         _grpc_call(
@@ -375,7 +458,7 @@ def test_auth_disabled_serves_without_token_and_rate_limits(open_gateway: str) -
     time.sleep(1.1)  # a full bucket, whatever ran before
     assert requests.get(f"http://{open_gateway}/v1/models", timeout=10).status_code == 200
     limited = requests.get(f"http://{open_gateway}/v1/models", timeout=10)
-    assert limited.status_code == 429
+    assert_error(limited, 429, grpc.StatusCode.RESOURCE_EXHAUSTED)
     with pytest.raises(grpc.RpcError) as exhausted:
         _grpc_call(
             open_gateway,
@@ -385,3 +468,53 @@ def test_auth_disabled_serves_without_token_and_rate_limits(open_gateway: str) -
             None,
         )
     assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _list_rest(gateway: str, sub: str | None) -> requests.Response:
+    headers = bearer(token(["viewer"], sub=sub)) if sub else {}
+    return requests.get(f"http://{gateway}/v1/models", headers=headers, timeout=10)
+
+
+def _list_grpc(gateway: str, sub: str) -> grpc.StatusCode:
+    try:
+        _grpc_call(
+            gateway,
+            "ListRegisteredModels",
+            registry_pb2.ListRegisteredModelsRequest(),
+            registry_pb2.ListRegisteredModelsResponse,
+            token(["viewer"], sub=sub),
+        )
+    except grpc.RpcError as e:
+        return e.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.e2e
+def test_rate_limit_is_per_principal(limited_gateway: str) -> None:
+    """One request per second each: carol running out leaves dave's budget whole. (Three calls
+    in a row hold at least two in one second, whenever the bucket refills.)"""
+    replies = [_list_rest(limited_gateway, "carol") for _ in range(3)]
+    assert replies[0].status_code == 200
+    limited = [r for r in replies if r.status_code != 200]
+    assert limited, [r.status_code for r in replies]
+    assert_error(limited[0], 429, grpc.StatusCode.RESOURCE_EXHAUSTED, "local_rate_limited")
+    assert _list_rest(limited_gateway, "dave").status_code == 200
+
+    codes = [_list_grpc(limited_gateway, "frank") for _ in range(3)]
+    assert codes[0] == grpc.StatusCode.OK and grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+    assert _list_grpc(limited_gateway, "grace") == grpc.StatusCode.OK
+
+    # REST and gRPC calls of one principal draw on one budget.
+    assert _list_rest(limited_gateway, "heidi").status_code == 200
+    codes = [_list_grpc(limited_gateway, "heidi") for _ in range(2)]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+
+
+@pytest.mark.e2e
+def test_unauthenticated_requests_use_no_ones_budget(limited_gateway: str) -> None:
+    for _ in range(5):
+        assert_error(_list_rest(limited_gateway, None), 401, grpc.StatusCode.UNAUTHENTICATED)
+    bad_signature = token(["viewer"], sub="erin", secret="another-secret-0123456789abcdefgh")
+    r = requests.get(f"http://{limited_gateway}/v1/models", headers=bearer(bad_signature), timeout=10)
+    assert_error(r, 401, grpc.StatusCode.UNAUTHENTICATED)
+    assert _list_rest(limited_gateway, "erin").status_code == 200

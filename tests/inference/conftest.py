@@ -69,7 +69,9 @@ def start_inference(registry: Registry, home: Path, workers: int = 1, **env: str
 
 @pytest.fixture(scope="package")
 def inference(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inference]:
-    srv = start_inference(registry, tmp_path_factory.mktemp("inference"))
+    # Batch jobs may name the tests' own files (tmp paths), nothing else on the host.
+    srv = start_inference(registry, tmp_path_factory.mktemp("inference"),
+                          STRATA_INFERENCE_BATCH_PATHS=str(tmp_path_factory.getbasetemp()))
     try:
         yield srv
     finally:

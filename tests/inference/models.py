@@ -64,3 +64,11 @@ def fixed_batch(features: int = 4) -> bytes:
     return _model([helper.make_node("MatMul", ["x", "W"], ["y"])],
                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, features])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+
+
+def log(features: int = 4) -> bytes:
+    """y = log(x) element-wise, [batch, features] -> [batch, features]: finite inputs give
+    non-finite outputs (log(0) = -inf, log(-1) = NaN)."""
+    return _model([helper.make_node("Log", ["x"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])], [])

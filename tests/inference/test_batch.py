@@ -88,7 +88,7 @@ def store(tmp_path: Path) -> BatchJobStore:
 
 def make_runner(store: BatchJobStore, runtime: ModelRuntime, tmp_path: Path, worker: str = "w1") -> BatchRunner:
     return BatchRunner(store, OneModel(runtime), LocalArtifactStore(tmp_path / "artifacts"), worker,
-                       scratch_dir=tmp_path / "scratch")
+                       scratch_dir=tmp_path / "scratch", local_paths=[str(tmp_path)])
 
 
 @pytest.fixture
@@ -329,7 +329,8 @@ async def test_cancel_mid_run_writes_nothing(store: BatchJobStore, mlp_path: Pat
 
 async def test_jobs_beyond_max_running_wait_pending(store: BatchJobStore, mlp_path: Path, tmp_path: Path) -> None:
     gated = Gated(mlp_path)
-    runner = BatchRunner(store, OneModel(gated), None, "w1", scratch_dir=tmp_path / "scratch", max_running=1)
+    runner = BatchRunner(store, OneModel(gated), None, "w1", scratch_dir=tmp_path / "scratch", max_running=1,
+                         local_paths=[str(tmp_path)])
     pq.write_table(feature_table(features(3000)), tmp_path / "in.parquet")
     first, second = (store.create(model="mlp", input_uri=str(tmp_path / "in.parquet"),
                                   output_uri=str(tmp_path / f"o{i}.parquet"), chunk_rows=1000, principal="alice",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+
+import grpc
+import pytest
 
 import numpy as np
 import onnxruntime as ort
@@ -36,3 +40,28 @@ def test_batch_job_scores_a_parquet_file(inference: Inference, registry: Registr
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert scored.column("id").to_pylist() == list(range(5000))
     assert job.job_id in [j.job_id for j in stub.ListBatchJobs(pb.ListBatchJobsRequest()).jobs]
+
+
+@pytest.mark.parametrize("field, path", [
+    ("input_uri", "/etc/passwd.parquet"), ("input_uri", "/etc/missing.parquet"), ("input_uri", "{out}/x.parquet"),
+    ("input_uri", "{tmp}/link/x.parquet"), ("input_uri", "{tmp}/*/../../x.parquet"), ("input_uri", "../x.parquet"),
+    ("output_uri", "/tmp/strata-escape.parquet"), ("output_uri", "{out}/x.parquet"),
+    ("output_uri", "{tmp}/link/escape.parquet"), ("output_uri", "{tmp}/*.parquet"), ("output_uri", "a/../../x.parquet"),
+])
+def test_batch_jobs_touch_only_the_allowed_places(inference: Inference, tmp_path: Path, field: str, path: str) -> None:
+    """Input and output are confined to the artifact store and STRATA_INFERENCE_BATCH_PATHS; the
+    answer is the same whether or not a file is there, and nothing is written outside."""
+    outside = Path(f"/tmp/strata-outside-{os.getpid()}")
+    outside.mkdir(exist_ok=True)
+    (outside / "x.parquet").write_bytes(b"PAR1")
+    (tmp_path / "link").symlink_to(outside)
+    pq.write_table(pa.table({"f0": [1.0]}), tmp_path / "in.parquet")
+    uris = {"input_uri": str(tmp_path / "in.parquet"), "output_uri": str(tmp_path / "out.parquet")}
+    uris[field] = path.format(tmp=tmp_path, out=outside)
+    with pytest.raises(grpc.RpcError) as err:
+        inference.stub().CreateBatchJob(pb.CreateBatchJobRequest(job=pb.BatchJob(model="mlp", version=2, **uris)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith(f"job.{field}: "), err.value.details()
+    assert "no file" not in err.value.details()  # nothing said about what lies on the host
+    assert sorted(p.name for p in outside.iterdir()) == ["x.parquet"]
+    assert not Path("/tmp/strata-escape.parquet").exists()

@@ -236,3 +236,38 @@ def test_metrics_per_endpoint_and_version_summed_over_processes(serving: Inferen
     while total() < 200 and time.time() < deadline:
         time.sleep(0.2)
     assert total() == 200
+
+
+def test_statistics_table_is_pruned_on_a_schedule(registry: Registry,
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Per-target statistics are kept for the newest revisions only, and the figures a serving
+    process reports after its endpoint was deleted do not stay behind: the table stays bounded."""
+    import sqlite3
+    srv = start_inference(registry, tmp_path_factory.mktemp("inference-prune"),
+                          STRATA_INFERENCE_STATS_KEEP_REVISIONS="2", STRATA_INFERENCE_STATS_PRUNE_SECONDS="0.2")
+    try:
+        stub = srv.stub()
+        _create(stub, "churn", policy(("mlp", 1, 1)))
+        for i in range(6):
+            for _ in range(5):
+                stub.Predict(_request("churn"))
+            stub.GetEndpointStats(pb.GetEndpointStatsRequest(endpoint="churn"))  # writes this revision's rows
+            stub.SetTrafficPolicy(pb.SetTrafficPolicyRequest(endpoint="churn",
+                                                             policy=policy(("mlp", 1 + i % 3, 1))))
+        _create(stub, "doomed", policy(("mlp", 1, 1)))
+        for _ in range(5):
+            stub.Predict(_request("doomed"))
+        stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="doomed"))
+        time.sleep(1.5)  # the process reports its last figures of the deleted endpoint meanwhile
+
+        def rows() -> list[tuple[str, int]]:
+            with sqlite3.connect(srv.home / "inference.db") as db:
+                return db.execute("SELECT endpoint, revision FROM target_stats").fetchall()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(e == "doomed" for e, _ in rows()):
+            time.sleep(0.1)
+        left = rows()
+        assert left and {e for e, _ in left} == {"churn"}
+        assert min(r for _, r in left) >= 7 - 2 + 1, left  # revision 7 is current; 2 are kept
+    finally:
+        stop_process(srv.proc)

@@ -1,5 +1,6 @@
 """Killing the registry (SIGKILL) during an upload or its commit leaves no visible partial
-artifact and no version pointing at a missing file; after a restart the upload can be redone."""
+artifact and no version pointing at a missing file; after a restart the same upload resumes
+(acknowledged chunks survive) and its commit makes the version READY."""
 
 from __future__ import annotations
 
@@ -28,19 +29,25 @@ def _artifact_files(home: Path) -> list[Path]:
     return [f for f in root.rglob("*") if f.is_file()] if root.exists() else []
 
 
-def _assert_consistent(client: RegistryClient, home: Path, name: str, data: bytes) -> pb.ModelVersion:
-    """Either no artifact at all, or a complete one that downloads byte-exact; and no file in
-    the artifact tree that no version points at."""
-    v = client.resolve(name, 1)
-    files = _artifact_files(home)
-    if v.status == pb.MODEL_VERSION_STATUS_READY:
-        assert v.artifact.sha256 == hashlib.sha256(data).hexdigest()
-        got = b"".join(b.data for b in client.stub.DownloadArtifact(pb.DownloadArtifactRequest(name=name, version=1)))
-        assert got == data
-        assert [f.name for f in files] == ["model.onnx"]
-    else:
-        assert v.status == pb.MODEL_VERSION_STATUS_PENDING_UPLOAD and not v.artifact.sha256
-        assert files == []
+def _assert_consistent(client: RegistryClient, home: Path, name: str, data: bytes) -> pb.ModelVersion | None:
+    """Either the version is invisible (NOT_FOUND: not committed yet) and no artifact file is
+    partial, or it is READY with a complete artifact that downloads byte-exact and is the only
+    file in the artifact tree."""
+    try:
+        v = client.resolve(name, 1)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        # A commit killed after publishing leaves the whole object for the re-commit to record;
+        # never a partial one (temp files of an interrupted publish are removed at start-up).
+        assert all(f.read_bytes() == data for f in _artifact_files(home))
+        assert client.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=name)).registered_model \
+            .latest_version == 0
+        return None
+    assert v.status == pb.MODEL_VERSION_STATUS_READY
+    assert v.artifact.sha256 == hashlib.sha256(data).hexdigest()
+    got = b"".join(b.data for b in client.stub.DownloadArtifact(pb.DownloadArtifactRequest(name=name, version=1)))
+    assert got == data
+    assert [f.name for f in _artifact_files(home)] == ["model.onnx"]
     return v
 
 
@@ -70,7 +77,7 @@ def test_kill_during_upload_keeps_acknowledged_chunks_and_the_upload_resumes(tmp
     proc = _start(home, port)
     try:
         with RegistryClient(f"127.0.0.1:{port}") as c:
-            _assert_consistent(c, home, "crash-upload", data)  # nothing visible, version still pending
+            assert _assert_consistent(c, home, "crash-upload", data) is None  # nothing visible yet
             # Every acknowledged chunk survived the crash: the client resumes where it stopped.
             up = c.stub.GetArtifactUpload(pb.GetArtifactUploadRequest(upload_id=upload_id)).upload
             assert up.received_bytes == 4 * CHUNK
@@ -82,8 +89,24 @@ def test_kill_during_upload_keeps_acknowledged_chunks_and_the_upload_resumes(tmp
         stop_process(proc)
 
 
-@pytest.mark.parametrize("delay", [0.02, 0.08, 0.2])
-def test_kill_during_commit_never_leaves_a_dangling_or_partial_artifact(tmp_path: Path, delay: float) -> None:
+def _kill_when(proc, moment: str, home: Path) -> None:  # noqa: ANN001
+    """SIGKILL the registry at a moment of the commit: a fixed delay into it, or as soon as the
+    publish has started (its temp file appears) or has finished (the final file appears)."""
+    if moment.startswith("after-"):
+        time.sleep(float(moment.removeprefix("after-").removesuffix("s")))
+    else:
+        root = home / "artifacts" / "models"
+        wanted = (lambda f: f.name.startswith(".tmp-")) if moment == "publishing" else (lambda f: f.name == "model.onnx")
+        deadline = time.monotonic() + 60
+        while not (root.exists() and any(wanted(f) for f in root.rglob("*"))):
+            assert time.monotonic() < deadline, f"the commit never reached {moment!r}"
+            time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("moment", ["after-0.02s", "after-0.08s", "after-0.2s", "publishing", "published"])
+def test_kill_during_commit_keeps_the_upload_and_a_recommit_makes_it_ready(tmp_path: Path, moment: str) -> None:
     home, port = tmp_path / "home", free_port()
     data = make_onnx_model(pad_bytes=50 << 20)
     proc = _start(home, port)
@@ -99,18 +122,24 @@ def test_kill_during_commit_never_leaves_a_dangling_or_partial_artifact(tmp_path
 
         t = threading.Thread(target=commit)
         t.start()
-        time.sleep(delay)  # somewhere in hashing, validation, publishing or recording
-        proc.kill()
-        proc.wait()
+        _kill_when(proc, moment, home)  # somewhere in hashing, validation, publishing or recording
         t.join(30)
     proc = _start(home, port)
     try:
         with RegistryClient(f"127.0.0.1:{port}") as c:
-            v = _assert_consistent(c, home, "crash-commit", data)
-            if v.status != pb.MODEL_VERSION_STATUS_READY:  # the commit lost: redo the upload
-                path = tmp_path / "model.onnx"
-                path.write_bytes(data)
-                c.upload_artifact("crash-commit", 1, path)
-                _assert_consistent(c, home, "crash-commit", data)
+            if _assert_consistent(c, home, "crash-commit", data) is None:
+                # The commit did not finish: the upload survived with every acknowledged byte,
+                # and committing it again (what a client does after UNAVAILABLE) completes it.
+                up = c.stub.GetArtifactUpload(pb.GetArtifactUploadRequest(upload_id=upload_id)).upload
+                assert up.received_bytes == up.size_bytes == len(data)
+                v = c.stub.CommitArtifactUpload(pb.CommitArtifactUploadRequest(upload_id=upload_id)).model_version
+                assert v.status == pb.MODEL_VERSION_STATUS_READY
+                assert _assert_consistent(c, home, "crash-commit", data) is not None
+            else:  # the commit won before the kill: the upload is gone, as after any commit
+                with pytest.raises(grpc.RpcError) as e:
+                    c.stub.GetArtifactUpload(pb.GetArtifactUploadRequest(upload_id=upload_id))
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert not (home / "artifacts" / ".staging").exists() or \
+                not any((home / "artifacts" / ".staging").iterdir())
     finally:
         stop_process(proc)

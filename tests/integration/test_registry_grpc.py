@@ -76,6 +76,26 @@ def test_full_flow_over_grpc(server: Server, tmp_path: Path) -> None:
         assert out.read_bytes() == data
 
 
+def test_a_failed_registration_is_invisible_over_grpc(server: Server, tmp_path: Path) -> None:
+    bad, good = tmp_path / "bad.onnx", tmp_path / "good.onnx"
+    bad.write_bytes(b"not an onnx model" * 64)
+    good.write_bytes(make_onnx_model())
+    with server.client("alice", "developer") as dev:
+        with pytest.raises(grpc.RpcError) as e:
+            dev.register_onnx("atomic", bad, create_model=True)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("artifact:")
+        assert _code(lambda: dev.stub.GetModelVersion(pb.GetModelVersionRequest(name="atomic", version=1))) \
+            == grpc.StatusCode.NOT_FOUND
+        assert list(dev.list_all_versions("atomic")) == []
+        model = dev.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name="atomic")).registered_model
+        assert model.latest_version == 0
+        v = dev.register_onnx("atomic", good)
+        assert (v.version, v.status) == (2, pb.MODEL_VERSION_STATUS_READY)  # 1 is never reused
+        assert [x.version for x in dev.list_all_versions("atomic")] == [2]
+        assert dev.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name="atomic")).registered_model \
+            .latest_version == 2
+
+
 def test_authentication_and_roles_are_enforced(server: Server) -> None:
     anonymous = RegistryClient(server.addr)
     req = pb.CreateRegisteredModelRequest(registered_model=pb.RegisteredModel(name="guarded"))

@@ -20,14 +20,6 @@ from services.registry.core import Lineage, Model, Registry
 from tests.conftest import make_onnx_model
 
 
-@pytest.fixture
-def registry(database_url: str, tmp_path: Path) -> Registry:
-    db = Database(database_url)
-    db.migrate(MIGRATIONS)
-    yield Registry(db, LocalArtifactStore(tmp_path / "artifacts"))
-    db.dispose()
-
-
 def _ready_version(r: Registry, name: str, data: bytes | None = None, principal: str = "alice") -> core.Version:
     data = data if data is not None else make_onnx_model()
     try:
@@ -88,7 +80,7 @@ def test_request_id_makes_create_idempotent(registry: Registry) -> None:
     v1 = registry.create_version("idem", framework="onnx", principal="alice", request_id="v-req")
     v1b = registry.create_version("idem", framework="onnx", principal="alice", request_id="v-req")
     assert v1.version == v1b.version == 1
-    assert registry.get_model("idem").latest_version == 1
+    assert registry.get_model("idem").latest_version == 0  # nothing committed yet
     with pytest.raises(InvalidArgument) as e:
         registry.create_version("idem", framework="sklearn", principal="alice", request_id="v-req")
     assert e.value.field == "request_id"
@@ -193,8 +185,11 @@ def test_wrong_offset_is_refused(registry: Registry) -> None:
 
 
 def _nothing_stored(r: Registry, name: str) -> None:
-    v = r.get_version(name, 1)
-    assert v.status == core.STATUS_PENDING_UPLOAD and v.sha256 == "" and v.artifact_key == ""
+    """A failed upload leaves no visible version, latest unchanged, no bytes anywhere."""
+    with pytest.raises(NotFound):
+        r.get_version(name, 1)
+    assert r.list_versions(name)[0] == []
+    assert r.get_model(name).latest_version == 0
     assert r.store.list_keys("models/") == []
     assert r.store.list_staged() == []
 
@@ -250,26 +245,203 @@ def test_commit_after_restart_rehashes_the_staged_bytes(registry: Registry) -> N
     assert restarted.commit_upload(up.upload_id).sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_recover_cleans_orphans_and_interrupted_commits(registry: Registry) -> None:
-    registry.store.stage_part("orphan0001", 0, b"left by a crash")
+def _pending_upload(r: Registry, name: str, data: bytes, request_id: str = "") -> core.Upload:
+    """A model (created if needed), a new version and an upload holding every byte of `data`."""
+    try:
+        r.create_model(Model(name=name), "alice")
+    except AlreadyExists:
+        pass
+    v = r.create_version(name, framework="onnx", principal="alice", request_id=request_id)
+    up = r.begin_upload(name, v.version, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                        filename="model.onnx", principal="alice")
+    r.append_chunk(up.upload_id, 0, data)
+    return r.get_upload(up.upload_id)
+
+
+def _mark_publishing(r: Registry, up: core.Upload) -> str:
+    """What a commit writes just before publishing (the crash tests stop the commit there)."""
+    from sqlalchemy import update
+    key = f"models/{up.name}/{up.version}/{up.upload_id}/{up.filename}"
+    with r.db.session() as s:
+        s.execute(update(tables.uploads).where(tables.uploads.c.upload_id == up.upload_id).values(publish_key=key))
+    return key
+
+
+def test_a_version_is_invisible_until_its_artifact_commits(registry: Registry) -> None:
+    _ready_version(registry, "vis")
+    pending = registry.create_version("vis", framework="onnx", principal="alice")
+    assert (pending.version, pending.status) == (2, core.STATUS_PENDING_UPLOAD)  # the creator sees it
+    with pytest.raises(NotFound, match="version 2 of model 'vis' not found"):
+        registry.get_version("vis", 2)
+    assert [v.version for v in registry.list_versions("vis")[0]] == [1]
+    assert [v.version for v in registry.list_versions("-")[0]] == [1]
+    assert registry.list_versions("vis", status=core.STATUS_PENDING_UPLOAD)[0] == []
+    assert registry.get_model("vis").latest_version == 1
+    assert registry.list_models()[0][0].latest_version == 1
+    for call in (lambda: registry.set_alias("vis", "challenger", 2, "alice"),
+                 lambda: registry.request_promotion("vis", 2, "production", "", "alice"),
+                 lambda: registry.update_version("vis", 2, {"description"}, description="x"),
+                 lambda: registry.transition_stage("vis", 2, core.STAGE_STAGING),
+                 lambda: registry.read_artifact("vis", 2)):
+        with pytest.raises(NotFound):
+            call()
     data = make_onnx_model()
-    registry.create_model(Model(name="rec"), "alice")
-    registry.create_version("rec", framework="onnx", principal="alice")
-    up = registry.begin_upload("rec", 1, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+    up = registry.begin_upload("vis", 2, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                filename="model.onnx", principal="alice")
     registry.append_chunk(up.upload_id, 0, data)
-    # Simulate a crash between publishing and recording: the object exists, the version does not
-    # point at it.
-    key = f"models/rec/1/{up.upload_id}/model.onnx"
-    from sqlalchemy import update
-    with registry.db.session() as s:
-        s.execute(update(tables.uploads).where(tables.uploads.c.upload_id == up.upload_id).values(publish_key=key))
+    assert registry.commit_upload(up.upload_id).status == core.STATUS_READY
+    assert registry.get_version("vis", 2).status == core.STATUS_READY
+    assert [v.version for v in registry.list_versions("vis")[0]] == [2, 1]
+    assert registry.get_model("vis").latest_version == 2
+
+
+@pytest.mark.parametrize("failure", ["bad-onnx", "sha256-mismatch", "aborted"])
+def test_a_failed_registration_leaves_no_visible_version_and_latest_unchanged(registry: Registry,
+                                                                              failure: str) -> None:
+    _ready_version(registry, "atomic")
+    v = registry.create_version("atomic", framework="onnx", principal="alice")
+    data = b"this is not a protobuf model" * 10 if failure == "bad-onnx" else make_onnx_model()
+    declared = hashlib.sha256(b"other" if failure == "sha256-mismatch" else data).hexdigest()
+    up = registry.begin_upload("atomic", v.version, size_bytes=len(data), sha256=declared,
+                               filename="model.onnx", principal="alice")
+    registry.append_chunk(up.upload_id, 0, data)
+    if failure == "aborted":
+        registry.abort_upload(up.upload_id)
+    else:
+        with pytest.raises(InvalidArgument):
+            registry.commit_upload(up.upload_id)
+    with pytest.raises(NotFound):
+        registry.get_version("atomic", v.version)
+    assert [x.version for x in registry.list_versions("atomic")[0]] == [1]
+    assert registry.get_model("atomic").latest_version == 1
+    # Numbers stay monotonic and are never reused: the next registration takes 3, not 2.
+    assert _ready_version(registry, "atomic").version == 3
+    assert registry.get_model("atomic").latest_version == 3
+
+
+def test_latest_version_is_the_highest_committed_one_left(registry: Registry) -> None:
+    for _ in range(3):
+        _ready_version(registry, "lat")
+    registry.delete_version("lat", 3)
+    assert registry.get_model("lat").latest_version == 2  # always a version Get can return
+    registry.delete_version("lat", 1)
+    assert registry.get_model("lat").latest_version == 2
+    assert _ready_version(registry, "lat").version == 4
+
+
+def test_a_retried_request_id_resumes_a_failed_registration(registry: Registry) -> None:
+    registry.create_model(Model(name="retry"), "alice")
+    v = registry.create_version("retry", framework="onnx", principal="alice", request_id="reg-1")
+    bad = b"not onnx" * 10
+    up = registry.begin_upload("retry", v.version, size_bytes=len(bad), sha256=hashlib.sha256(bad).hexdigest(),
+                               filename="model.onnx", principal="alice")
+    registry.append_chunk(up.upload_id, 0, bad)
+    with pytest.raises(InvalidArgument):
+        registry.commit_upload(up.upload_id)
+    again = registry.create_version("retry", framework="onnx", principal="alice", request_id="reg-1")
+    assert (again.version, again.status) == (1, core.STATUS_PENDING_UPLOAD)  # same draft, no new number
+    data = make_onnx_model()
+    up = registry.begin_upload("retry", 1, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                               filename="model.onnx", principal="alice")
+    registry.append_chunk(up.upload_id, 0, data)
+    registry.commit_upload(up.upload_id)
+    done = registry.create_version("retry", framework="onnx", principal="alice", request_id="reg-1")
+    assert (done.version, done.status) == (1, core.STATUS_READY)
+    assert registry.get_model("retry").latest_version == 1
+
+
+def test_commit_killed_before_publishing_resumes_after_recover(registry: Registry) -> None:
+    data = make_onnx_model(pad_bytes=1 << 20)
+    up = _pending_upload(registry, "crash-pre", data)
+    key = _mark_publishing(registry, up)
+    # The publish had started: a temp file beside the key, the staged bytes still whole.
+    tmp = registry.store.root / f"models/crash-pre/1/{up.upload_id}/.tmp-interrupted"
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(data[:1000])
+    restarted = Registry(registry.db, registry.store)  # no in-memory state
+    restarted.recover(timedelta(0))
+    assert not tmp.exists()
+    assert restarted.get_upload(up.upload_id).received_bytes == len(data)
+    v = restarted.commit_upload(up.upload_id)
+    assert (v.status, v.artifact_key, v.sha256) == (core.STATUS_READY, key, hashlib.sha256(data).hexdigest())
+    assert restarted.store.list_keys("models/") == [key]
+    assert restarted.store.list_staged() == []
+    assert restarted.get_model("crash-pre").latest_version == 1
+
+
+def test_commit_killed_after_publishing_resumes_after_recover(registry: Registry) -> None:
+    data = make_onnx_model(n_inputs=8, pad_bytes=1 << 20)
+    up = _pending_upload(registry, "crash-post", data)
+    key = _mark_publishing(registry, up)
+    registry.store.publish(up.upload_id, key)  # published (staged copy gone), not yet recorded
+    restarted = Registry(registry.db, registry.store)
+    restarted.recover(timedelta(0))
+    with pytest.raises(NotFound):
+        restarted.get_version("crash-post", 1)  # still invisible until the commit is recorded
+    assert restarted.get_upload(up.upload_id).received_bytes == len(data)
+    v = restarted.commit_upload(up.upload_id)  # the client re-commits
+    assert (v.status, v.artifact_key, v.sha256) == (core.STATUS_READY, key, hashlib.sha256(data).hexdigest())
+    assert [(t.name, t.shape) for t in v.signature.inputs] == [("x", (-1, 8))]
+    assert b"".join(restarted.read_artifact("crash-post", 1)[1]) == data
+    assert restarted.store.list_keys("models/") == [key]
+    with pytest.raises(NotFound):
+        restarted.get_upload(up.upload_id)
+
+
+def test_two_replicas_committing_one_upload_keep_the_winners_artifact(registry: Registry) -> None:
+    data = make_onnx_model()
+    up = _pending_upload(registry, "race-commit", data)
+    other = Registry(registry.db, registry.store)  # another replica: its own upload locks
+
+    class SlowReplicaStore(LocalArtifactStore):
+        def publish(self, upload_id: str, key: str) -> int:
+            size = super().publish(upload_id, key)
+            other.commit_upload(upload_id)  # the other replica records while this one is here
+            return size
+
+    slow = Registry(registry.db, SlowReplicaStore(registry.store.root))
+    with pytest.raises(FailedPrecondition, match="already has an artifact"):
+        slow.commit_upload(up.upload_id)
+    v = registry.get_version("race-commit", 1)
+    assert b"".join(registry.read_artifact("race-commit", 1)[1]) == data
+    assert registry.store.list_keys("models/") == [v.artifact_key]
+
+
+def test_recover_leaves_uploads_of_other_replicas_alone(registry: Registry) -> None:
+    registry.store.stage_part("orphan0001", 0, b"left by a crash")
+    up = _pending_upload(registry, "busy", make_onnx_model())
+    key = _mark_publishing(registry, up)
     registry.store.publish(up.upload_id, key)
-    assert registry.recover(timedelta(minutes=10)) == {"unpublished": 0, "stale_uploads": 0, "orphan_staged": 0}
+    assert registry.recover(timedelta(minutes=10)) == {"interrupted_commits": 0, "stale_uploads": 0,
+                                                       "orphan_staged": 0, "abandoned_versions": 0}
+    assert registry.store.list_keys("models/") == [key]
+    assert [s.upload_id for s in registry.store.list_staged()] == ["orphan0001"]
     counts = registry.recover(timedelta(0))  # a restarted single registry
-    assert counts == {"unpublished": 1, "stale_uploads": 0, "orphan_staged": 1}
-    _nothing_stored(registry, "rec")
-    assert _ready_version(registry, "rec").status == core.STATUS_READY  # a new attempt works
+    assert counts == {"interrupted_commits": 1, "stale_uploads": 0, "orphan_staged": 1, "abandoned_versions": 0}
+    assert registry.commit_upload(up.upload_id).status == core.STATUS_READY
+
+
+def test_recover_removes_stale_uploads_and_abandoned_versions(registry: Registry) -> None:
+    _ready_version(registry, "stale")
+    published = _pending_upload(registry, "stale", make_onnx_model(), request_id="reg-2")
+    registry.store.publish(published.upload_id, _mark_publishing(registry, published))
+    staged = _pending_upload(registry, "stale", make_onnx_model())
+    registry.create_version("stale", framework="onnx", principal="alice")  # never uploaded
+    fresh = Registry(registry.db, registry.store, core.RegistryConfig(stale_upload_after=timedelta(hours=1)))
+    assert fresh.recover(timedelta(0)) == {"interrupted_commits": 1, "stale_uploads": 0, "orphan_staged": 0,
+                                           "abandoned_versions": 0}
+    old = Registry(registry.db, registry.store, core.RegistryConfig(stale_upload_after=timedelta(0)))
+    assert old.recover(timedelta(0)) == {"interrupted_commits": 0, "stale_uploads": 2, "orphan_staged": 0,
+                                         "abandoned_versions": 3}
+    for upload_id in (published.upload_id, staged.upload_id):
+        with pytest.raises(NotFound):
+            old.get_upload(upload_id)
+    ready = old.get_version("stale", 1)
+    assert old.store.list_keys("models/") == [ready.artifact_key]
+    assert old.store.list_staged() == []
+    assert [v.version for v in old.list_versions("stale")[0]] == [1]
+    # The request id of an abandoned registration starts afresh, with a new number.
+    assert old.create_version("stale", framework="onnx", principal="alice", request_id="reg-2").version == 5
 
 
 def test_promotion_needs_a_different_approver(registry: Registry) -> None:

@@ -26,8 +26,8 @@ from .base import ArtifactNotFound, ArtifactStore, StagedUpload
 
 STAGING_DIR = ".staging"
 TMP_PREFIX = ".tmp-"
-_PART_NAME = re.compile(r"^\d{8}$")
-_UPLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PART_NAME = re.compile(r"^\d{8}\Z")
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 def check_key(key: str) -> str:

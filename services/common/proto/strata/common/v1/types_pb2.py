@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstrata/common/v1/types.proto\x12\x10strata.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.strata.common.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"m\n\x0eModelSignature\x12,\n\x06inputs\x18\x01 \x03(\x0b\x32\x1c.strata.common.v1.TensorSpec\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.strata.common.v1.TensorSpec\"\xad\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t*\xd6\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\n\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x0b\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x0c\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\r\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstrata/common/v1/types.proto\x12\x10strata.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.strata.common.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x80\x01\n\x0eModelSignature\x12,\n\x06inputs\x18\x01 \x03(\x0b\x32\x1c.strata.common.v1.TensorSpec\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.strata.common.v1.TensorSpec\x12\x11\n\tallow_nan\x18\x03 \x01(\x08\"\xad\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t*\xd6\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\n\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x0b\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x0c\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\r\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.common.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=457
-  _globals['_DATATYPE']._serialized_end=799
+  _globals['_DATATYPE']._serialized_start=477
+  _globals['_DATATYPE']._serialized_end=819
   _globals['_TENSORSPEC']._serialized_start=83
   _globals['_TENSORSPEC']._serialized_end=167
-  _globals['_MODELSIGNATURE']._serialized_start=169
-  _globals['_MODELSIGNATURE']._serialized_end=278
-  _globals['_AUDITEVENT']._serialized_start=281
-  _globals['_AUDITEVENT']._serialized_end=454
+  _globals['_MODELSIGNATURE']._serialized_start=170
+  _globals['_MODELSIGNATURE']._serialized_end=298
+  _globals['_AUDITEVENT']._serialized_start=301
+  _globals['_AUDITEVENT']._serialized_end=474
 # @@protoc_insertion_point(module_scope)

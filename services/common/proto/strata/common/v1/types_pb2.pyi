@@ -132,6 +132,14 @@ class ModelSignature(_message.Message):
 
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    ALLOW_NAN_FIELD_NUMBER: _builtins.int
+    allow_nan: _builtins.bool
+    """Whether the model takes NaN and infinities in its float inputs (a tree
+    ensemble that reads NaN as "missing", say). False, the default: inference
+    refuses such inputs with INVALID_ARGUMENT naming the input. Set at
+    registration (CreateModelVersionRequest.signature); for ONNX models the
+    tensors are read from the graph and this flag is kept as declared.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Inputs in the model's order."""
@@ -145,10 +153,11 @@ class ModelSignature(_message.Message):
         *,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        allow_nan: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nan", b"allow_nan", "inputs", b"inputs", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1402,7 +1402,6 @@ class GetHistoricalFeaturesRequest(_message.Message):
     ENTITY_ARROW_FIELD_NUMBER: _builtins.int
     ENTITY_URI_FIELD_NUMBER: _builtins.int
     TIMESTAMP_COLUMN_FIELD_NUMBER: _builtins.int
-    OUTPUT_URI_FIELD_NUMBER: _builtins.int
     FILTER_BY_CREATED_TIMESTAMP_FIELD_NUMBER: _builtins.int
     FEATURE_SET_FIELD_NUMBER: _builtins.int
     entity_arrow: _builtins.bytes
@@ -1413,10 +1412,6 @@ class GetHistoricalFeaturesRequest(_message.Message):
     """Or the entity table as a Parquet file: a local path or an artifact-store key."""
     timestamp_column: _builtins.str
     """Name of the entity table's timestamp column (default "event_timestamp")."""
-    output_uri: _builtins.str
-    """When set, the result is written here as Parquet (a local path or an
-    artifact-store key) instead of being streamed.
-    """
     filter_by_created_timestamp: _builtins.bool
     """Also require a value to have been created at or before the row's
     timestamp (views with a created timestamp column; a null created time
@@ -1436,21 +1431,110 @@ class GetHistoricalFeaturesRequest(_message.Message):
         entity_arrow: _builtins.bytes = ...,
         entity_uri: _builtins.str = ...,
         timestamp_column: _builtins.str = ...,
-        output_uri: _builtins.str = ...,
         filter_by_created_timestamp: _builtins.bool = ...,
         feature_set: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "feature_set", b"feature_set", "features", b"features", "filter_by_created_timestamp", b"filter_by_created_timestamp", "output_uri", b"output_uri", "timestamp_column", b"timestamp_column"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "feature_set", b"feature_set", "features", b"features", "filter_by_created_timestamp", b"filter_by_created_timestamp", "timestamp_column", b"timestamp_column"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetHistoricalFeaturesRequest: _TypeAlias = GetHistoricalFeaturesRequest  # noqa: Y015
 
 @_typing.final
+class CreateTrainingSetRequest(_message.Message):
+    """CreateTrainingSetRequest is a GetHistoricalFeatures query plus where to
+    write its result.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
+    ENTITY_ARROW_FIELD_NUMBER: _builtins.int
+    ENTITY_URI_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_COLUMN_FIELD_NUMBER: _builtins.int
+    FILTER_BY_CREATED_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    OUTPUT_URI_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    feature_set: _builtins.str
+    """Or the name of a feature set instead of features."""
+    entity_arrow: _builtins.bytes
+    """The entity table as an Arrow IPC stream: join key columns plus the
+    timestamp column.
+    """
+    entity_uri: _builtins.str
+    """Or the entity table as a Parquet file: an artifact-store key or an
+    allowed local path.
+    """
+    timestamp_column: _builtins.str
+    """Name of the entity table's timestamp column (default "event_timestamp")."""
+    filter_by_created_timestamp: _builtins.bool
+    """As in GetHistoricalFeaturesRequest."""
+    output_uri: _builtins.str
+    """Where the Parquet file goes: an artifact-store key under "training-sets/"
+    (or the same place as an absolute path or s3:// URI), ending in .parquet.
+    """
+    overwrite: _builtins.bool
+    """Replace an existing training set at output_uri (only one this principal
+    wrote).
+    """
+    request_id: _builtins.str
+    """Idempotency key: a retry with the same id answers the first result."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Feature references "{view}:{feature}" (current view versions)."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        feature_set: _builtins.str = ...,
+        entity_arrow: _builtins.bytes = ...,
+        entity_uri: _builtins.str = ...,
+        timestamp_column: _builtins.str = ...,
+        filter_by_created_timestamp: _builtins.bool = ...,
+        output_uri: _builtins.str = ...,
+        overwrite: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_arrow", b"entity_arrow", "entity_uri", b"entity_uri", "feature_set", b"feature_set", "features", b"features", "filter_by_created_timestamp", b"filter_by_created_timestamp", "output_uri", b"output_uri", "overwrite", b"overwrite", "request_id", b"request_id", "timestamp_column", b"timestamp_column"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTrainingSetRequest: _TypeAlias = CreateTrainingSetRequest  # noqa: Y015
+
+@_typing.final
+class CreateTrainingSetResponse(_message.Message):
+    """CreateTrainingSetResponse describes what was written."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The training set."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTrainingSetResponse: _TypeAlias = CreateTrainingSetResponse  # noqa: Y015
+
+@_typing.final
 class Dataset(_message.Message):
-    """Dataset describes a training set written to output_uri."""
+    """Dataset describes a training set written by CreateTrainingSet."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1460,6 +1544,8 @@ class Dataset(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     FEATURE_SET_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """Content-derived id ("ds-" + the first 16 hex digits of the sha256)."""
     uri: _builtins.str
@@ -1470,9 +1556,15 @@ class Dataset(_message.Message):
     """Rows."""
     feature_set: _builtins.str
     """The feature set it was built from, when the request named one."""
+    created_by: _builtins.str
+    """The principal that wrote it (the only one that may replace it)."""
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature references it holds, with the view versions used ("view:feature@v2")."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was written."""
 
     def __init__(
         self,
@@ -1483,10 +1575,12 @@ class Dataset(_message.Message):
         rows: _builtins.int = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         feature_set: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "feature_set", b"feature_set", "features", b"features", "rows", b"rows", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "dataset_id", b"dataset_id", "feature_set", b"feature_set", "features", b"features", "rows", b"rows", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1499,25 +1593,19 @@ class GetHistoricalFeaturesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARROW_IPC_FIELD_NUMBER: _builtins.int
-    DATASET_FIELD_NUMBER: _builtins.int
     arrow_ipc: _builtins.bytes
     """A self-contained Arrow IPC stream (schema and record batches) of some rows,
     in the entity table's order; columns: the entity table's, then one per
     feature named "{view}__{feature}".
     """
-    @_builtins.property
-    def dataset(self) -> Global___Dataset:
-        """Set on the only message when output_uri was given."""
-
     def __init__(
         self,
         *,
         arrow_ipc: _builtins.bytes = ...,
-        dataset: Global___Dataset | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_ipc", b"arrow_ipc", "dataset", b"dataset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_ipc", b"arrow_ipc"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,6 +96,11 @@ class FeatureServiceStub:
                 request_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.SerializeToString,
                 response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.FromString,
                 _registered_method=True)
+        self.CreateTrainingSet = channel.unary_unary(
+                '/strata.features.v1.FeatureService/CreateTrainingSet',
+                request_serializer=strata_dot_features_dot_v1_dot_features__pb2.CreateTrainingSetRequest.SerializeToString,
+                response_deserializer=strata_dot_features_dot_v1_dot_features__pb2.CreateTrainingSetResponse.FromString,
+                _registered_method=True)
         self.ApplyFeatureSet = channel.unary_unary(
                 '/strata.features.v1.FeatureService/ApplyFeatureSet',
                 request_serializer=strata_dot_features_dot_v1_dot_features__pb2.ApplyFeatureSetRequest.SerializeToString,
@@ -208,9 +213,20 @@ class FeatureServiceServicer:
     def GetHistoricalFeatures(self, request, context):
         """Point-in-time-correct training data: for every entity row (keys plus an
         event timestamp) and feature, the latest value at or before the row's
-        time and within the view's ttl (null when there is none). Streams the
-        result as Arrow IPC, or writes it as Parquet to output_uri and answers the
-        dataset's id and sha256 for lineage.
+        time and within the view's ttl (null when there is none), streamed as
+        Arrow IPC. A read: it writes nothing (CreateTrainingSet writes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTrainingSet(self, request, context):
+        """Writes the same point-in-time result as Parquet under the artifact
+        store's training-sets/ prefix and answers the dataset's id and sha256 for
+        lineage. A write: developer role, audited. An existing training set is
+        replaced only with overwrite set, and only by the principal that wrote it
+        (ALREADY_EXISTS, PERMISSION_DENIED otherwise); the file appears whole or
+        not at all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -297,6 +313,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetHistoricalFeatures,
                     request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.FromString,
                     response_serializer=strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.SerializeToString,
+            ),
+            'CreateTrainingSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingSet,
+                    request_deserializer=strata_dot_features_dot_v1_dot_features__pb2.CreateTrainingSetRequest.FromString,
+                    response_serializer=strata_dot_features_dot_v1_dot_features__pb2.CreateTrainingSetResponse.SerializeToString,
             ),
             'ApplyFeatureSet': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyFeatureSet,
@@ -618,6 +639,33 @@ class FeatureService:
             '/strata.features.v1.FeatureService/GetHistoricalFeatures',
             strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesRequest.SerializeToString,
             strata_dot_features_dot_v1_dot_features__pb2.GetHistoricalFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTrainingSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.features.v1.FeatureService/CreateTrainingSet',
+            strata_dot_features_dot_v1_dot_features__pb2.CreateTrainingSetRequest.SerializeToString,
+            strata_dot_features_dot_v1_dot_features__pb2.CreateTrainingSetResponse.FromString,
             options,
             channel_credentials,
             insecure,

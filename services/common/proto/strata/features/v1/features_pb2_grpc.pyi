@@ -80,9 +80,16 @@ class FeatureServiceStub:
     GetHistoricalFeatures: _grpc.UnaryStreamMultiCallable[_features_pb2.GetHistoricalFeaturesRequest, _features_pb2.GetHistoricalFeaturesResponse]
     """Point-in-time-correct training data: for every entity row (keys plus an
     event timestamp) and feature, the latest value at or before the row's
-    time and within the view's ttl (null when there is none). Streams the
-    result as Arrow IPC, or writes it as Parquet to output_uri and answers the
-    dataset's id and sha256 for lineage.
+    time and within the view's ttl (null when there is none), streamed as
+    Arrow IPC. A read: it writes nothing (CreateTrainingSet writes).
+    """
+    CreateTrainingSet: _grpc.UnaryUnaryMultiCallable[_features_pb2.CreateTrainingSetRequest, _features_pb2.CreateTrainingSetResponse]
+    """Writes the same point-in-time result as Parquet under the artifact
+    store's training-sets/ prefix and answers the dataset's id and sha256 for
+    lineage. A write: developer role, audited. An existing training set is
+    replaced only with overwrite set, and only by the principal that wrote it
+    (ALREADY_EXISTS, PERMISSION_DENIED otherwise); the file appears whole or
+    not at all.
     """
     ApplyFeatureSet: _grpc.UnaryUnaryMultiCallable[_features_pb2.ApplyFeatureSetRequest, _features_pb2.ApplyFeatureSetResponse]
     """Creates or updates a feature set: a named list of feature references that
@@ -147,9 +154,16 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     GetHistoricalFeatures: _aio.UnaryStreamMultiCallable[_features_pb2.GetHistoricalFeaturesRequest, _features_pb2.GetHistoricalFeaturesResponse]  # type: ignore[assignment]
     """Point-in-time-correct training data: for every entity row (keys plus an
     event timestamp) and feature, the latest value at or before the row's
-    time and within the view's ttl (null when there is none). Streams the
-    result as Arrow IPC, or writes it as Parquet to output_uri and answers the
-    dataset's id and sha256 for lineage.
+    time and within the view's ttl (null when there is none), streamed as
+    Arrow IPC. A read: it writes nothing (CreateTrainingSet writes).
+    """
+    CreateTrainingSet: _aio.UnaryUnaryMultiCallable[_features_pb2.CreateTrainingSetRequest, _features_pb2.CreateTrainingSetResponse]  # type: ignore[assignment]
+    """Writes the same point-in-time result as Parquet under the artifact
+    store's training-sets/ prefix and answers the dataset's id and sha256 for
+    lineage. A write: developer role, audited. An existing training set is
+    replaced only with overwrite set, and only by the principal that wrote it
+    (ALREADY_EXISTS, PERMISSION_DENIED otherwise); the file appears whole or
+    not at all.
     """
     ApplyFeatureSet: _aio.UnaryUnaryMultiCallable[_features_pb2.ApplyFeatureSetRequest, _features_pb2.ApplyFeatureSetResponse]  # type: ignore[assignment]
     """Creates or updates a feature set: a named list of feature references that
@@ -277,9 +291,22 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_features_pb2.GetHistoricalFeaturesResponse], _abc.AsyncIterator[_features_pb2.GetHistoricalFeaturesResponse]]:
         """Point-in-time-correct training data: for every entity row (keys plus an
         event timestamp) and feature, the latest value at or before the row's
-        time and within the view's ttl (null when there is none). Streams the
-        result as Arrow IPC, or writes it as Parquet to output_uri and answers the
-        dataset's id and sha256 for lineage.
+        time and within the view's ttl (null when there is none), streamed as
+        Arrow IPC. A read: it writes nothing (CreateTrainingSet writes).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateTrainingSet(
+        self,
+        request: _features_pb2.CreateTrainingSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_features_pb2.CreateTrainingSetResponse, _abc.Awaitable[_features_pb2.CreateTrainingSetResponse]]:
+        """Writes the same point-in-time result as Parquet under the artifact
+        store's training-sets/ prefix and answers the dataset's id and sha256 for
+        lineage. A write: developer role, audited. An existing training set is
+        replaced only with overwrite set, and only by the principal that wrote it
+        (ALREADY_EXISTS, PERMISSION_DENIED otherwise); the file appears whole or
+        not at all.
         """
 
     @_abc_1.abstractmethod

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -147,7 +148,11 @@ class PredictRequest(_message.Message):
 
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
-        """Rows: each maps input name to the row's value (a number, a list, a string)."""
+        """Rows: each maps input name to the row's value (a number, a list, a string).
+        JSON has no NaN: write "NaN", "Infinity" or "-Infinity" (or null for NaN).
+        NaN and infinities in inputs are refused (INVALID_ARGUMENT) unless the
+        model's signature has allow_nan.
+        """
 
     @_builtins.property
     def output_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -200,7 +205,10 @@ class PredictResponse(_message.Message):
 
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
-        """Outputs as rows when the request sent rows."""
+        """Outputs as rows when the request sent rows. NaN and infinities are the
+        strings "NaN", "Infinity" and "-Infinity", as proto3 JSON writes them in
+        double fields (a JSON number cannot hold them).
+        """
 
     def __init__(
         self,
@@ -431,6 +439,7 @@ class Endpoint(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PRODUCTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, [a-z0-9][a-z0-9-_.]{0,62}."""
     description: _builtins.str
@@ -439,6 +448,12 @@ class Endpoint(_message.Message):
     """Current revision number."""
     created_by: _builtins.str
     """Who created it."""
+    production: _builtins.bool
+    """A production endpoint's policy routes returned traffic only to versions
+    approved through the registry's promotion workflow (shadows exempt). Any
+    developer may set it (the current policy must then pass the check); only
+    an approver may lift it or delete the endpoint.
+    """
     @_builtins.property
     def policy(self) -> Global___TrafficPolicy:
         """Current policy."""
@@ -461,10 +476,11 @@ class Endpoint(_message.Message):
         created_by: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        production: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "policy", b"policy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "name", b"name", "policy", b"policy", "revision", b"revision", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "name", b"name", "policy", b"policy", "production", b"production", "revision", b"revision", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -521,6 +537,60 @@ class CreateEndpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateEndpointResponse: _TypeAlias = CreateEndpointResponse  # noqa: Y015
+
+@_typing.final
+class UpdateEndpointRequest(_message.Message):
+    """UpdateEndpointRequest changes the fields named in update_mask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___Endpoint:
+        """The endpoint: its name, and the new values of the fields in update_mask."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths among "description" and "production"."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___Endpoint | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateEndpointRequest: _TypeAlias = UpdateEndpointRequest  # noqa: Y015
+
+@_typing.final
+class UpdateEndpointResponse(_message.Message):
+    """UpdateEndpointResponse holds the updated endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___Endpoint:
+        """The endpoint."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___Endpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateEndpointResponse: _TypeAlias = UpdateEndpointResponse  # noqa: Y015
 
 @_typing.final
 class GetEndpointRequest(_message.Message):

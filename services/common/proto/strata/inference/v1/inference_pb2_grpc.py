@@ -34,6 +34,12 @@ class InferenceServiceStub:
     is rolled back automatically. Every policy change creates a new revision; a
     rollback restores the previous revision's policy in one call.
 
+    An endpoint marked production routes returned traffic only to model versions
+    that went through the registry's promotion approval (RequestPromotion, then
+    ApprovePromotion by another principal with the approver role); shadow
+    versions are exempt. Every policy change of such an endpoint -- create, set,
+    rollback, automatic canary rollback -- is checked against the registry.
+
     Resource names: endpoints/{endpoint}, endpoints/{endpoint}/revisions/{revision},
     models/{model}/versions/{version}, batchJobs/{job_id}.
     """
@@ -63,6 +69,11 @@ class InferenceServiceStub:
                 '/strata.inference.v1.InferenceService/ListEndpoints',
                 request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListEndpointsRequest.SerializeToString,
                 response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListEndpointsResponse.FromString,
+                _registered_method=True)
+        self.UpdateEndpoint = channel.unary_unary(
+                '/strata.inference.v1.InferenceService/UpdateEndpoint',
+                request_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.UpdateEndpointRequest.SerializeToString,
+                response_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.UpdateEndpointResponse.FromString,
                 _registered_method=True)
         self.DeleteEndpoint = channel.unary_unary(
                 '/strata.inference.v1.InferenceService/DeleteEndpoint',
@@ -135,6 +146,12 @@ class InferenceServiceServicer:
     is rolled back automatically. Every policy change creates a new revision; a
     rollback restores the previous revision's policy in one call.
 
+    An endpoint marked production routes returned traffic only to model versions
+    that went through the registry's promotion approval (RequestPromotion, then
+    ApprovePromotion by another principal with the approver role); shadow
+    versions are exempt. Every policy change of such an endpoint -- create, set,
+    rollback, automatic canary rollback -- is checked against the registry.
+
     Resource names: endpoints/{endpoint}, endpoints/{endpoint}/revisions/{revision},
     models/{model}/versions/{version}, batchJobs/{job_id}.
     """
@@ -168,9 +185,20 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateEndpoint(self, request, context):
+        """Updates an endpoint's description or production flag (update_mask paths
+        "description", "production"; the policy changes only through
+        SetTrafficPolicy). Marking an endpoint production checks its current
+        policy against the registry's approvals (FAILED_PRECONDITION naming the
+        version); lifting the flag needs the approver role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteEndpoint(self, request, context):
         """Deletes an endpoint. Its models stay loaded until the memory budget needs
-        the room.
+        the room. A production endpoint is deleted only by an approver.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -285,6 +313,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListEndpointsRequest.FromString,
                     response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.ListEndpointsResponse.SerializeToString,
             ),
+            'UpdateEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEndpoint,
+                    request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.UpdateEndpointRequest.FromString,
+                    response_serializer=strata_dot_inference_dot_v1_dot_inference__pb2.UpdateEndpointResponse.SerializeToString,
+            ),
             'DeleteEndpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEndpoint,
                     request_deserializer=strata_dot_inference_dot_v1_dot_inference__pb2.DeleteEndpointRequest.FromString,
@@ -361,6 +394,12 @@ class InferenceService:
     whose results are logged but never returned, and limits under which a canary
     is rolled back automatically. Every policy change creates a new revision; a
     rollback restores the previous revision's policy in one call.
+
+    An endpoint marked production routes returned traffic only to model versions
+    that went through the registry's promotion approval (RequestPromotion, then
+    ApprovePromotion by another principal with the approver role); shadow
+    versions are exempt. Every policy change of such an endpoint -- create, set,
+    rollback, automatic canary rollback -- is checked against the registry.
 
     Resource names: endpoints/{endpoint}, endpoints/{endpoint}/revisions/{revision},
     models/{model}/versions/{version}, batchJobs/{job_id}.
@@ -464,6 +503,33 @@ class InferenceService:
             '/strata.inference.v1.InferenceService/ListEndpoints',
             strata_dot_inference_dot_v1_dot_inference__pb2.ListEndpointsRequest.SerializeToString,
             strata_dot_inference_dot_v1_dot_inference__pb2.ListEndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.inference.v1.InferenceService/UpdateEndpoint',
+            strata_dot_inference_dot_v1_dot_inference__pb2.UpdateEndpointRequest.SerializeToString,
+            strata_dot_inference_dot_v1_dot_inference__pb2.UpdateEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

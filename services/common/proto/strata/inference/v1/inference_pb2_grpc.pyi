@@ -35,6 +35,12 @@ class InferenceServiceStub:
     is rolled back automatically. Every policy change creates a new revision; a
     rollback restores the previous revision's policy in one call.
 
+    An endpoint marked production routes returned traffic only to model versions
+    that went through the registry's promotion approval (RequestPromotion, then
+    ApprovePromotion by another principal with the approver role); shadow
+    versions are exempt. Every policy change of such an endpoint -- create, set,
+    rollback, automatic canary rollback -- is checked against the registry.
+
     Resource names: endpoints/{endpoint}, endpoints/{endpoint}/revisions/{revision},
     models/{model}/versions/{version}, batchJobs/{job_id}.
     """
@@ -53,9 +59,16 @@ class InferenceServiceStub:
     """Gets an endpoint with its current policy."""
     ListEndpoints: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListEndpointsRequest, _inference_pb2.ListEndpointsResponse]
     """Lists endpoints, ordered by name."""
+    UpdateEndpoint: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UpdateEndpointRequest, _inference_pb2.UpdateEndpointResponse]
+    """Updates an endpoint's description or production flag (update_mask paths
+    "description", "production"; the policy changes only through
+    SetTrafficPolicy). Marking an endpoint production checks its current
+    policy against the registry's approvals (FAILED_PRECONDITION naming the
+    version); lifting the flag needs the approver role.
+    """
     DeleteEndpoint: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteEndpointRequest, _inference_pb2.DeleteEndpointResponse]
     """Deletes an endpoint. Its models stay loaded until the memory budget needs
-    the room.
+    the room. A production endpoint is deleted only by an approver.
     """
     SetTrafficPolicy: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SetTrafficPolicyRequest, _inference_pb2.SetTrafficPolicyResponse]
     """Replaces an endpoint's traffic policy in one atomic step (A/B weights,
@@ -104,6 +117,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     is rolled back automatically. Every policy change creates a new revision; a
     rollback restores the previous revision's policy in one call.
 
+    An endpoint marked production routes returned traffic only to model versions
+    that went through the registry's promotion approval (RequestPromotion, then
+    ApprovePromotion by another principal with the approver role); shadow
+    versions are exempt. Every policy change of such an endpoint -- create, set,
+    rollback, automatic canary rollback -- is checked against the registry.
+
     Resource names: endpoints/{endpoint}, endpoints/{endpoint}/revisions/{revision},
     models/{model}/versions/{version}, batchJobs/{job_id}.
     """
@@ -119,9 +138,16 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Gets an endpoint with its current policy."""
     ListEndpoints: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListEndpointsRequest, _inference_pb2.ListEndpointsResponse]  # type: ignore[assignment]
     """Lists endpoints, ordered by name."""
+    UpdateEndpoint: _aio.UnaryUnaryMultiCallable[_inference_pb2.UpdateEndpointRequest, _inference_pb2.UpdateEndpointResponse]  # type: ignore[assignment]
+    """Updates an endpoint's description or production flag (update_mask paths
+    "description", "production"; the policy changes only through
+    SetTrafficPolicy). Marking an endpoint production checks its current
+    policy against the registry's approvals (FAILED_PRECONDITION naming the
+    version); lifting the flag needs the approver role.
+    """
     DeleteEndpoint: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteEndpointRequest, _inference_pb2.DeleteEndpointResponse]  # type: ignore[assignment]
     """Deletes an endpoint. Its models stay loaded until the memory budget needs
-    the room.
+    the room. A production endpoint is deleted only by an approver.
     """
     SetTrafficPolicy: _aio.UnaryUnaryMultiCallable[_inference_pb2.SetTrafficPolicyRequest, _inference_pb2.SetTrafficPolicyResponse]  # type: ignore[assignment]
     """Replaces an endpoint's traffic policy in one atomic step (A/B weights,
@@ -169,6 +195,12 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     is rolled back automatically. Every policy change creates a new revision; a
     rollback restores the previous revision's policy in one call.
 
+    An endpoint marked production routes returned traffic only to model versions
+    that went through the registry's promotion approval (RequestPromotion, then
+    ApprovePromotion by another principal with the approver role); shadow
+    versions are exempt. Every policy change of such an endpoint -- create, set,
+    rollback, automatic canary rollback -- is checked against the registry.
+
     Resource names: endpoints/{endpoint}, endpoints/{endpoint}/revisions/{revision},
     models/{model}/versions/{version}, batchJobs/{job_id}.
     """
@@ -208,13 +240,26 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists endpoints, ordered by name."""
 
     @_abc_1.abstractmethod
+    def UpdateEndpoint(
+        self,
+        request: _inference_pb2.UpdateEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UpdateEndpointResponse, _abc.Awaitable[_inference_pb2.UpdateEndpointResponse]]:
+        """Updates an endpoint's description or production flag (update_mask paths
+        "description", "production"; the policy changes only through
+        SetTrafficPolicy). Marking an endpoint production checks its current
+        policy against the registry's approvals (FAILED_PRECONDITION naming the
+        version); lifting the flag needs the approver role.
+        """
+
+    @_abc_1.abstractmethod
     def DeleteEndpoint(
         self,
         request: _inference_pb2.DeleteEndpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.DeleteEndpointResponse, _abc.Awaitable[_inference_pb2.DeleteEndpointResponse]]:
         """Deletes an endpoint. Its models stay loaded until the memory budget needs
-        the room.
+        the room. A production endpoint is deleted only by an approver.
         """
 
     @_abc_1.abstractmethod

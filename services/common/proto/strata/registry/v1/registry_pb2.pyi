@@ -31,7 +31,9 @@ class _ModelVersionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Mo
     MODEL_VERSION_STATUS_UNSPECIFIED: _ModelVersionStatus.ValueType  # 0
     """Not set."""
     MODEL_VERSION_STATUS_PENDING_UPLOAD: _ModelVersionStatus.ValueType  # 1
-    """Created; the artifact has not been committed yet."""
+    """Created; the artifact has not been committed yet. Only the creator's
+    CreateModelVersion reply shows a version in this status.
+    """
     MODEL_VERSION_STATUS_READY: _ModelVersionStatus.ValueType  # 2
     """The artifact is committed and verified."""
 
@@ -41,7 +43,9 @@ class ModelVersionStatus(_ModelVersionStatus, metaclass=_ModelVersionStatusEnumT
 MODEL_VERSION_STATUS_UNSPECIFIED: ModelVersionStatus.ValueType  # 0
 """Not set."""
 MODEL_VERSION_STATUS_PENDING_UPLOAD: ModelVersionStatus.ValueType  # 1
-"""Created; the artifact has not been committed yet."""
+"""Created; the artifact has not been committed yet. Only the creator's
+CreateModelVersion reply shows a version in this status.
+"""
 MODEL_VERSION_STATUS_READY: ModelVersionStatus.ValueType  # 2
 """The artifact is committed and verified."""
 Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
@@ -165,7 +169,9 @@ class RegisteredModel(_message.Message):
     owner: _builtins.str
     """Owning team or person; defaults to the creator."""
     latest_version: _builtins.int
-    """Highest version number ever created (0 when none)."""
+    """Highest committed (READY) version number, 0 when none. Numbers of
+    versions that never committed are not reused, so versions may skip some.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Searchable key/value labels."""
@@ -977,7 +983,9 @@ class ListModelVersionsRequest(_message.Message):
     stage: Global___Stage.ValueType
     """Only versions in this stage."""
     status: Global___ModelVersionStatus.ValueType
-    """Only versions with this status."""
+    """Only versions with this status (only READY versions are listed, so
+    PENDING_UPLOAD matches none).
+    """
     def __init__(
         self,
         *,

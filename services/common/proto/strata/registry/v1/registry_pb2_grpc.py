@@ -219,21 +219,27 @@ class RegistryServiceServicer:
 
     def CreateModelVersion(self, request, context):
         """Creates the next version of a model (numbers are monotonic and never
-        reused). The version is PENDING_UPLOAD until its artifact is committed.
+        reused). The version is PENDING_UPLOAD until its artifact is committed
+        and until then only its upload sees it: Get, List, aliases, promotions
+        and latest_version show it once committed, and a registration that never
+        commits leaves nothing visible (its number stays unused). A retry with the
+        same request_id returns the same version, to resume its upload.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelVersion(self, request, context):
-        """Gets one model version.
+        """Gets one committed model version; NOT_FOUND for a version whose artifact
+        has not been committed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListModelVersions(self, request, context):
-        """Lists versions of one model, or of all models with name "-", newest first.
+        """Lists the committed versions of one model, or of all models with name
+        "-", newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

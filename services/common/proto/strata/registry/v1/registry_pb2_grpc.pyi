@@ -55,12 +55,20 @@ class RegistryServiceStub:
     """
     CreateModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateModelVersionRequest, _registry_pb2.CreateModelVersionResponse]
     """Creates the next version of a model (numbers are monotonic and never
-    reused). The version is PENDING_UPLOAD until its artifact is committed.
+    reused). The version is PENDING_UPLOAD until its artifact is committed
+    and until then only its upload sees it: Get, List, aliases, promotions
+    and latest_version show it once committed, and a registration that never
+    commits leaves nothing visible (its number stays unused). A retry with the
+    same request_id returns the same version, to resume its upload.
     """
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionRequest, _registry_pb2.GetModelVersionResponse]
-    """Gets one model version."""
+    """Gets one committed model version; NOT_FOUND for a version whose artifact
+    has not been committed.
+    """
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListModelVersionsRequest, _registry_pb2.ListModelVersionsResponse]
-    """Lists versions of one model, or of all models with name "-", newest first."""
+    """Lists the committed versions of one model, or of all models with name
+    "-", newest first.
+    """
     UpdateModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelVersionRequest, _registry_pb2.UpdateModelVersionResponse]
     """Updates the description, tags or metrics of a version."""
     DeleteModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelVersionRequest, _registry_pb2.DeleteModelVersionResponse]
@@ -149,12 +157,20 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     CreateModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateModelVersionRequest, _registry_pb2.CreateModelVersionResponse]  # type: ignore[assignment]
     """Creates the next version of a model (numbers are monotonic and never
-    reused). The version is PENDING_UPLOAD until its artifact is committed.
+    reused). The version is PENDING_UPLOAD until its artifact is committed
+    and until then only its upload sees it: Get, List, aliases, promotions
+    and latest_version show it once committed, and a registration that never
+    commits leaves nothing visible (its number stays unused). A retry with the
+    same request_id returns the same version, to resume its upload.
     """
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionRequest, _registry_pb2.GetModelVersionResponse]  # type: ignore[assignment]
-    """Gets one model version."""
+    """Gets one committed model version; NOT_FOUND for a version whose artifact
+    has not been committed.
+    """
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListModelVersionsRequest, _registry_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
-    """Lists versions of one model, or of all models with name "-", newest first."""
+    """Lists the committed versions of one model, or of all models with name
+    "-", newest first.
+    """
     UpdateModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelVersionRequest, _registry_pb2.UpdateModelVersionResponse]  # type: ignore[assignment]
     """Updates the description, tags or metrics of a version."""
     DeleteModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelVersionRequest, _registry_pb2.DeleteModelVersionResponse]  # type: ignore[assignment]
@@ -276,7 +292,11 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.CreateModelVersionResponse, _abc.Awaitable[_registry_pb2.CreateModelVersionResponse]]:
         """Creates the next version of a model (numbers are monotonic and never
-        reused). The version is PENDING_UPLOAD until its artifact is committed.
+        reused). The version is PENDING_UPLOAD until its artifact is committed
+        and until then only its upload sees it: Get, List, aliases, promotions
+        and latest_version show it once committed, and a registration that never
+        commits leaves nothing visible (its number stays unused). A retry with the
+        same request_id returns the same version, to resume its upload.
         """
 
     @_abc_1.abstractmethod
@@ -285,7 +305,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.GetModelVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.GetModelVersionResponse, _abc.Awaitable[_registry_pb2.GetModelVersionResponse]]:
-        """Gets one model version."""
+        """Gets one committed model version; NOT_FOUND for a version whose artifact
+        has not been committed.
+        """
 
     @_abc_1.abstractmethod
     def ListModelVersions(
@@ -293,7 +315,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListModelVersionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListModelVersionsResponse, _abc.Awaitable[_registry_pb2.ListModelVersionsResponse]]:
-        """Lists versions of one model, or of all models with name "-", newest first."""
+        """Lists the committed versions of one model, or of all models with name
+        "-", newest first.
+        """
 
     @_abc_1.abstractmethod
     def UpdateModelVersion(

@@ -1,0 +1,42 @@
+"""Bounds on request values, one per kind, shared by every service. A value beyond one is refused
+with INVALID_ARGUMENT naming the field before it reaches a database or another service, where
+it would fail as INTERNAL: a version past int32 in the registry's contract, a LIKE pattern that
+SQLite calls too complex (over 50,000 bytes), a query with more terms than SQLite's expression
+depth allows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.common.errors import InvalidArgument
+
+#: Model and feature view versions: int32 in the registry's contract (docs/design.md), so every
+#: service takes the same range, whatever the width of its own field.
+MAX_VERSION = 2**31 - 1
+#: One search text or filter value of a List call (query, owner, tag, entity, prefix...):
+#: longer than any name the platform accepts (128) or a useful description search.
+MAX_FILTER_CHARS = 1024
+#: Repeated filters of one List call (tags: each one is a join).
+MAX_FILTER_TERMS = 32
+
+
+def check_version(value: int, field: str, *, optional: bool = False) -> int:
+    """A version number 1..MAX_VERSION; with `optional`, 0 (none given: latest, or an alias)."""
+    if 0 < value <= MAX_VERSION or (optional and value == 0):
+        return value
+    allowed = f"1..{MAX_VERSION}" + (" (or 0 for none)" if optional else "")
+    raise InvalidArgument(field, f"must be a version number within {allowed}, got {value}")
+
+
+def check_filter(value: str, field: str) -> str:
+    if len(value) > MAX_FILTER_CHARS:
+        raise InvalidArgument(field, f"is {len(value)} characters; a filter is at most {MAX_FILTER_CHARS}")
+    return value
+
+
+def check_filters(values: Sequence[str], field: str) -> list[str]:
+    if len(values) > MAX_FILTER_TERMS:
+        raise InvalidArgument(field, f"{len(values)} filters; at most {MAX_FILTER_TERMS} in one call")
+    for i, value in enumerate(values):
+        check_filter(value, f"{field}[{i}]")
+    return list(values)
