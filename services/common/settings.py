@@ -122,6 +122,32 @@ class ServiceSettings(CommonSettings):
         return settings
 
 
+#: STRATA_<NAME>_* variables every service reads besides its own config class: where it listens
+#: and where clients find it (the functions below), its database (ServiceSettings), its serving
+#: processes (services/common/workers.py; ROLE and WORKER_ID are set by the parent).
+SERVICE_KEYS = frozenset({"HOST", "PORT", "METRICS_PORT", "ADDR", "DATABASE_URL", "WORKERS", "ROLE", "WORKER_ID"})
+
+
+class ServiceConfig(BaseSettings):
+    """A service's own STRATA_<NAME>_* knobs, typed (subclasses declare the fields and set
+    `model_config = SettingsConfigDict(env_prefix="STRATA_<NAME>_", extra="ignore")`). A bad value
+    stops the service at start naming the variable, and so does a variable of the prefix that
+    nothing reads: a misspelt knob (STRATA_FEATURES_ONLNE_STORE) must not silently leave the
+    default in place."""
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> ServiceConfig:
+        prefix = str(self.model_config.get("env_prefix", "")).upper()
+        if not prefix.startswith("STRATA_") or prefix == "STRATA_":
+            return self
+        known = {f.upper() for f in type(self).model_fields} | SERVICE_KEYS
+        unknown = sorted(k for k in os.environ if k.upper().startswith(prefix) and k.upper()[len(prefix):] not in known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; {prefix}* variables this service reads: "
+                             + ", ".join(prefix + k for k in sorted(known)))
+        return self
+
+
 def _env(name: str, key: str, env: Mapping[str, str] | None) -> str | None:
     return (os.environ if env is None else env).get(f"STRATA_{name.upper()}_{key}")
 

@@ -20,10 +20,10 @@ from services.common.server import Service
 from services.common.settings import ServiceSettings, peer_address
 from services.common.workers import shares_port, worker_count, worker_id
 from services.inference import tables
-from services.inference.batch import BatchJobStore, BatchRunner
+from services.inference.batch_jobs import BatchJobStore, BatchRunner
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import STATS_KEEP_REVISIONS, EndpointStore
-from services.inference.models import ModelStore, RegistrySource
+from services.inference.model_store import ModelStore, RegistrySource
 from services.inference.predlog import FileSink, PredictionLog
 from services.inference.routing import Engine
 from services.inference.runtime import default_intra_op_threads

@@ -32,7 +32,7 @@ from services.common.errors import (
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import LATENCY_BUCKETS_MS, EndpointStore, p99_ms
 from services.inference.governance import drain_canary, require_approved
-from services.inference.models import LoadedModel, ModelRef, ModelStore
+from services.inference.model_store import LoadedModel, ModelRef, ModelStore
 from services.inference.predlog import PredictionLog
 from services.inference.runtime import ModelRuntime
 

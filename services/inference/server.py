@@ -1,5 +1,6 @@
 """gRPC servicer of strata.inference.v1.InferenceService (the V2 protocol is in v2.py).
-Translation between protos and the engine only; the work is in routing.py and models.py."""
+Translation between protos and the engine only; the work is in routing.py and model_store.py
+(batch jobs: batch_servicer.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from services.common.errors import InvalidArgument, NotFound, PermissionDenied, 
 from services.common.limits import check_version
 from services.common.telemetry import request_id_var
 from services.inference import codec
-from services.inference.batch import BatchJobsServicer, BatchJobStore, BatchRunner
+from services.inference.batch_jobs import BatchJobStore, BatchRunner
+from services.inference.batch_servicer import BatchJobsServicer
 from services.inference.endpoints import EndpointRecord, validate_name, validate_policy
 from services.inference.governance import is_approver, require_approved
-from services.inference.models import LoadedModel, ModelRef
+from services.inference.model_store import LoadedModel, ModelRef
 from services.inference.routing import Engine
 from services.inference.runtime import ModelRuntime, TensorInfo
 

@@ -74,7 +74,7 @@ target_stats = Table(
 
 audit_events = audit_table(metadata)
 
-# Batch scoring jobs (batch.py). `worker_id` is the serving process that runs the job: when it
+# Batch scoring jobs (batch_jobs/). `worker_id` is the serving process that runs the job: when it
 # is gone, the job is marked failed (BatchJobStore.recover). rows_total is NULL until known.
 batch_jobs = Table(
     "batch_jobs", metadata,
@@ -86,7 +86,7 @@ batch_jobs = Table(
     Column("output_uri", Text, nullable=False),
     Column("input_columns", Text, nullable=False, default="[]"),  # JSON list of column names
     Column("chunk_rows", Integer, nullable=False),
-    Column("state", Integer, nullable=False),  # strata.inference.v1.BatchJobState
+    Column("state", Integer, nullable=False),  # batch_jobs.store.BatchJobState (the proto's numbers)
     Column("rows_total", BigInteger, nullable=True),
     Column("rows_done", BigInteger, nullable=False, default=0),
     Column("error", Text, nullable=False, default=""),

@@ -21,7 +21,7 @@ from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.limits import check_version
 from services.common.telemetry import request_id_var
 from services.inference.codec import count, from_raw, reshape, serialize_bytes, shape_of
-from services.inference.models import LoadedModel, ModelRef
+from services.inference.model_store import LoadedModel, ModelRef
 from services.inference.routing import Engine
 from services.inference.runtime import NUMPY_TO_V2, V2_TO_NUMPY, TensorInfo
 

@@ -8,6 +8,9 @@ download and sha256 check (covered by the service tests) with a ModelRuntime bui
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -22,15 +25,17 @@ from strata.inference.v1 import inference_pb2 as pb
 from services.common.artifacts import LocalArtifactStore
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.inference import batch
-from services.inference.batch import (
-    CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, SUCCEEDED, BatchJobsServicer, BatchJobStore, BatchRunner,
+from services.inference import tables
+from services.inference.batch_jobs.runner import BatchRunner
+from services.inference.batch_jobs.store import (
+    CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, SUCCEEDED, BatchJobState, BatchJobStore,
 )
-from services.inference.models import LoadedModel, ModelRef
+from services.inference.batch_servicer import BatchJobsServicer, job_pb
+from services.inference.model_store import LoadedModel, ModelRef
 from services.inference.runtime import ModelRuntime
 from tests.inference import models
 
-MIGRATIONS = Path(batch.__file__).parent / "migrations"  # as app.py (not imported: it wires the whole service)
+MIGRATIONS = tables.MIGRATIONS  # as app.py (not imported: it wires the whole service)
 FEATURES = [f"f{i}" for i in range(32)]
 
 
@@ -471,3 +476,25 @@ async def test_servicer(store: BatchJobStore, runner: BatchRunner, tmp_path: Pat
         await svc.CreateBatchJob(pb.CreateBatchJobRequest(job=pb.BatchJob(
             model="mlp", input_uri=str(tmp_path / "missing.parquet"), output_uri=str(tmp_path / "x.parquet"))), None)
     assert e.value.field == "job.input_uri"
+
+
+def test_job_states_keep_the_numbers_the_table_stores(store: BatchJobStore) -> None:
+    """The batch_jobs.state column holds the proto's numbers (no migration when the domain got
+    its own enum); the servicer's converter maps every state to the proto enum of that name."""
+    for state in BatchJobState:
+        assert int(state) == pb.BatchJobState.Value(f"BATCH_JOB_STATE_{state.name}")
+    job, _ = store.create(model="mlp", input_uri="in.parquet", output_uri="out.parquet", principal="p",
+                          worker_id="w")
+    assert job.state is BatchJobState.PENDING
+    for state in BatchJobState:
+        assert job_pb(dataclasses.replace(job, state=state)).state == int(state)
+
+
+def test_batch_job_modules_import_no_protobuf() -> None:
+    """The domain of batch jobs (services/inference/batch_jobs/) knows nothing of protobuf: the
+    RPCs and their converters are in batch_servicer.py."""
+    code = ("import sys, services.inference.batch_jobs.store, services.inference.batch_jobs.feeds, "
+            "services.inference.batch_jobs.output, services.inference.batch_jobs.runner\n"
+            "print(sorted(m for m in sys.modules if m.endswith(('_pb2', '_pb2_grpc'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
