@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
@@ -14,95 +13,48 @@ from strata.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.artifacts import open_artifact_store
 from services.common.audit import AuditLog
-from services.common.auth import mint_token
 from services.common.db import Database
 from services.common.server import Service
 from services.common.settings import ServiceSettings, peer_address
-from services.common.workers import shares_port, worker_count, worker_id
-from services.inference import tables
+from services.common.workers import shares_port
+from services.inference import batching, tables
+from services.inference.access import V2_POLICIES
 from services.inference.batch_jobs import BatchJobStore, BatchRunner
-from services.inference.batching import BatchingConfig
-from services.inference.endpoints import STATS_KEEP_REVISIONS, EndpointStore
+from services.inference.config import InferenceConfig
+from services.inference.endpoints import EndpointStore
 from services.inference.model_store import ModelStore, RegistrySource
 from services.inference.predlog import FileSink, PredictionLog
 from services.inference.routing import Engine
-from services.inference.runtime import default_intra_op_threads
 from services.inference.server import InferenceServicer
-from services.inference.access import V2_POLICIES
 from services.inference.v2 import V2Servicer
 from services.registry.client import RegistryClient
 
 log = logging.getLogger("strata.inference")
 
 
-@dataclass(frozen=True)
-class InferenceConfig:
-    """STRATA_INFERENCE_* knobs beyond the common service settings."""
-
-    workers: int
-    worker_id: str
-    intra_op_threads: int
-    device: str
-    memory_budget_bytes: int
-    batching: BatchingConfig
-    prediction_log: str
-    poll_seconds: float
-    registry_addr: str
-    registry_token: str | None
-    stats_keep_revisions: int = STATS_KEEP_REVISIONS  # per endpoint, in the statistics table
-    stats_prune_seconds: float = 60.0  # how often a serving process prunes that table
-    batch_paths: tuple[str, ...] = ()  # local directories batch jobs may name besides the artifact store
-
-    @classmethod
-    def from_env(cls, settings: ServiceSettings) -> InferenceConfig:
-        env = os.environ
-        workers = worker_count("inference")
-        token = env.get("STRATA_INFERENCE_REGISTRY_TOKEN")
-        if token is None and settings.auth == "enabled" and settings.jwt_secret is not None:
-            # The service's own identity towards the registry: read-only.
-            token = mint_token(settings.jwt_secret.get_secret_value(), "strata-inference", ["viewer"],
-                               ttl_seconds=365 * 86400, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-        return cls(
-            workers=max(1, workers),
-            worker_id=worker_id("inference"),
-            intra_op_threads=int(env.get("STRATA_INFERENCE_INTRA_OP_THREADS", default_intra_op_threads(workers))),
-            device=env.get("STRATA_INFERENCE_DEVICE", "auto"),
-            memory_budget_bytes=int(float(env.get("STRATA_INFERENCE_MEMORY_BUDGET_MB", "4096")) * (1 << 20)),
-            batching=BatchingConfig(
-                max_batch_size=int(env.get("STRATA_INFERENCE_MAX_BATCH_SIZE", "64")),
-                max_queue_delay_us=int(env.get("STRATA_INFERENCE_MAX_QUEUE_DELAY_US", "0")),
-                max_queue_size=int(env.get("STRATA_INFERENCE_MAX_QUEUE_SIZE", "1024"))),
-            prediction_log=env.get("STRATA_INFERENCE_PREDICTION_LOG", ""),
-            poll_seconds=float(env.get("STRATA_INFERENCE_POLL_SECONDS", "0.2")),
-            registry_addr=peer_address("registry"),
-            registry_token=token,
-            stats_keep_revisions=int(env.get("STRATA_INFERENCE_STATS_KEEP_REVISIONS",
-                                             str(STATS_KEEP_REVISIONS))),
-            stats_prune_seconds=float(env.get("STRATA_INFERENCE_STATS_PRUNE_SECONDS", "60")),
-            batch_paths=tuple(p for p in env.get("STRATA_INFERENCE_BATCH_PATHS", "").split(os.pathsep) if p),
-        )
-
-
 def build_service(settings: ServiceSettings | None = None, config: InferenceConfig | None = None) -> Service:
     settings = settings or ServiceSettings.for_service("inference")
-    config = config or InferenceConfig.from_env(settings)
+    config = config or InferenceConfig()
+    batching.INLINE_SECONDS = config.inline_us / 1e6  # process-wide, read when a model's batcher is made
+    worker = config.worker_id
+    registry_addr, registry_token = peer_address("registry"), config.registry_credentials(settings)
     db = Database(settings.database_url)
     db.migrate(tables.MIGRATIONS)
     home = (settings.home / "inference").resolve()
-    source = RegistrySource(lambda: RegistryClient(config.registry_addr, config.registry_token))
+    source = RegistrySource(lambda: RegistryClient(registry_addr, registry_token))
     store = ModelStore(source, home / "cache", memory_budget_bytes=config.memory_budget_bytes,
-                       intra_op_threads=config.intra_op_threads, device=config.device)
+                       intra_op_threads=config.threads, device=config.device)
     if config.prediction_log == "disabled":
         log.warning("PREDICTION LOGGING IS DISABLED (STRATA_INFERENCE_PREDICTION_LOG=disabled)")
     log_dir = Path(config.prediction_log) if config.prediction_log not in ("", "disabled") else home / "predictions"
-    sink = FileSink(log_dir / f"{config.worker_id}.binpb")
+    sink = FileSink(log_dir / f"{worker}.binpb")
     predlog = PredictionLog(sink, log_dir / "spool", capacity=0 if config.prediction_log == "disabled" else 100_000)
     endpoints = EndpointStore(db, keep_revisions=config.stats_keep_revisions)
-    engine = Engine(store, endpoints, predlog, worker_id=config.worker_id, default_batching=config.batching,
+    engine = Engine(store, endpoints, predlog, worker_id=worker, default_batching=config.batching,
                     poll_seconds=config.poll_seconds)
     jobs = BatchJobStore(db)
-    runner = BatchRunner(jobs, store, open_artifact_store(settings.artifact_store_url), config.worker_id,
-                         scratch_dir=home / "batch-scratch", local_paths=config.batch_paths)
+    runner = BatchRunner(jobs, store, open_artifact_store(settings.artifact_store_url), worker,
+                         scratch_dir=home / "batch-scratch", local_paths=config.local_batch_paths)
     ready = asyncio.Event()
     audit = AuditLog(db, tables.audit_events)
     background: list[asyncio.Task] = []
@@ -113,9 +65,9 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         counts as gone too: it may be reused from an earlier life."""
         live = {w for w, _, _ in await asyncio.to_thread(endpoints.live_workers, 10.0)}
         if including_mine:
-            live.discard(config.worker_id)
+            live.discard(worker)
         else:
-            live.add(config.worker_id)
+            live.add(worker)
         await runner.recover(live.__contains__)
 
     async def watch_jobs() -> None:

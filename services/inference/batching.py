@@ -16,7 +16,6 @@ Outputs go back to each request as numpy views of the batch's output (no copies)
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,9 @@ COMPUTE_SECONDS = Histogram("strata_inference_compute_seconds", "Model execution
                             buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
 
 
-# Models whose largest warm-up batch took less than this run inline on the event loop.
-INLINE_SECONDS = float(os.environ.get("STRATA_INFERENCE_INLINE_US", "1000")) / 1e6
+# Models whose largest warm-up batch took less than this run inline on the event loop
+# (STRATA_INFERENCE_INLINE_US, set by the service's wiring from its typed settings).
+INLINE_SECONDS = 0.001
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,14 @@ def test_a_bad_value_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None
 def test_other_services_variables_are_not_this_ones_business(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STRATA_INFERENCE_WHATEVER", "1")
     FeaturesConfig()
+
+
+def test_inference_settings_refuse_a_misspelt_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.inference.config import InferenceConfig
+    monkeypatch.setenv("STRATA_INFERENCE_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("STRATA_INFERENCE_BATCH_PATHS", "/data/in:/data/out")
+    config = InferenceConfig()
+    assert (config.batching.max_batch_size, config.local_batch_paths) == (16, ("/data/in", "/data/out"))
+    monkeypatch.setenv("STRATA_INFERENCE_MAX_BATCHSIZE", "16")
+    with pytest.raises(ValidationError, match="STRATA_INFERENCE_MAX_BATCHSIZE"):
+        InferenceConfig()
