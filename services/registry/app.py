@@ -4,40 +4,57 @@ domain -> servicer -> the shared server bootstrap."""
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from strata.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.artifacts import open_artifact_store
 from services.common.audit import AuditLog
 from services.common.db import Database
 from services.common.server import Service
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceConfig, ServiceSettings
 from services.registry import tables
-from services.registry.core import Registry, RegistryConfig
+from services.registry.domain import Registry, RegistryConfig
 from services.registry.server import RegistryServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger("strata.registry")
 
 
-def build_registry(settings: ServiceSettings) -> Registry:
-    db = Database(settings.database_url)
-    db.migrate(MIGRATIONS)
-    protected = os.environ.get("STRATA_REGISTRY_PROTECTED_ALIASES", "production,champion")
-    config = RegistryConfig(protected_aliases=frozenset(a.strip() for a in protected.split(",") if a.strip()))
-    return Registry(db, open_artifact_store(settings.artifact_store_url), config)
+class RegistrySettings(ServiceConfig):
+    """STRATA_REGISTRY_* knobs beyond the common service settings, typed: a bad value, or a
+    STRATA_REGISTRY_ variable nothing reads, stops the service at start naming the variable."""
 
+    model_config = SettingsConfigDict(env_prefix="STRATA_REGISTRY_", extra="ignore")
 
-def build_service(settings: ServiceSettings | None = None) -> Service:
-    settings = settings or ServiceSettings.for_service("registry")
-    registry = build_registry(settings)
+    protected_aliases: str = Field("production,champion", description="comma-separated aliases that move "
+                                                                       "only through an approved promotion")
     # One registry per database (the embedded default) can clean up at once; with replicas set
     # a settle time so a starting replica leaves the others' uploads in progress alone.
-    settle = float(os.environ.get("STRATA_REGISTRY_RECOVERY_SETTLE_SECONDS", "0"))
-    counts = registry.recover(timedelta(seconds=settle))
+    recovery_settle_seconds: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                           description="uploads idle for less than this are left to other replicas")
+
+    @property
+    def domain(self) -> RegistryConfig:
+        return RegistryConfig(protected_aliases=frozenset(
+            a.strip() for a in self.protected_aliases.split(",") if a.strip()))
+
+
+def build_registry(settings: ServiceSettings, config: RegistrySettings | None = None) -> Registry:
+    db = Database(settings.database_url)
+    db.migrate(MIGRATIONS)
+    config = config or RegistrySettings()
+    return Registry(db, open_artifact_store(settings.artifact_store_url), config.domain)
+
+
+def build_service(settings: ServiceSettings | None = None, config: RegistrySettings | None = None) -> Service:
+    settings = settings or ServiceSettings.for_service("registry")
+    config = config or RegistrySettings()
+    registry = build_registry(settings, config)
+    counts = registry.recover(timedelta(seconds=config.recovery_settle_seconds))
     if any(counts.values()):
         log.warning("recovered after an interrupted run", extra={"fields": counts})
     audit = AuditLog(registry.db, tables.audit_events)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.registry.core import STAGE_ARCHIVED, STAGE_PRODUCTION, STAGE_STAGING, Model, Promotion, Version
+from services.registry.domain import (
+    STAGE_ARCHIVED, STAGE_PRODUCTION, STAGE_STAGING, Model, Promotion, Version,
+)
 
 _STAGES = {STAGE_STAGING: "Staging", STAGE_PRODUCTION: "Production", STAGE_ARCHIVED: "Archived"}
 

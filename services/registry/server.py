@@ -1,4 +1,4 @@
-"""gRPC servicer of the registry: translation between protobuf and the domain (core.py)
+"""gRPC servicer of the registry: translation between protobuf and the domain (domain/)
 only. Domain calls are synchronous database/storage work, so they run in worker threads."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from services.common.audit import AuditLog, current_resource
 from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
 from services.common.limits import check_filter
-from services.registry import core
+from services.registry import domain
 from services.registry.card import render_model_card
 from services.registry.onnx_check import Signature, TensorSpec
 
@@ -35,7 +35,7 @@ def _ts(t: datetime | None) -> timestamp_pb2.Timestamp | None:
     return out
 
 
-def model_pb(m: core.Model) -> pb.RegisteredModel:
+def model_pb(m: domain.Model) -> pb.RegisteredModel:
     return pb.RegisteredModel(name=m.name, description=m.description, tags=m.tags, owner=m.owner,
                               create_time=_ts(m.create_time), update_time=_ts(m.update_time),
                               latest_version=m.latest_version, aliases=m.aliases)
@@ -61,7 +61,7 @@ def signature_from_pb(sig: types_pb2.ModelSignature) -> Signature:
 _DTYPES = {v.number: v.name.removeprefix("DATA_TYPE_") for v in types_pb2.DataType.DESCRIPTOR.values}
 
 
-def version_pb(v: core.Version) -> pb.ModelVersion:
+def version_pb(v: domain.Version) -> pb.ModelVersion:
     lin = v.lineage
     return pb.ModelVersion(
         name=v.name, version=v.version, framework=v.framework, status=v.status, stage=v.stage,
@@ -75,12 +75,12 @@ def version_pb(v: core.Version) -> pb.ModelVersion:
         create_time=_ts(v.create_time), update_time=_ts(v.update_time))
 
 
-def upload_pb(u: core.Upload) -> pb.ArtifactUpload:
+def upload_pb(u: domain.Upload) -> pb.ArtifactUpload:
     return pb.ArtifactUpload(upload_id=u.upload_id, name=u.name, version=u.version, size_bytes=u.size_bytes,
                              received_bytes=u.received_bytes, sha256=u.sha256, filename=u.filename)
 
 
-def promotion_pb(p: core.Promotion) -> pb.Promotion:
+def promotion_pb(p: domain.Promotion) -> pb.Promotion:
     return pb.Promotion(promotion_id=p.promotion_id, name=p.name, version=p.version, alias=p.alias, state=p.state,
                         requested_by=p.requested_by, reason=p.reason, decided_by=p.decided_by,
                         decision_comment=p.decision_comment, request_time=_ts(p.request_time),
@@ -96,7 +96,7 @@ def _resource(*parts: object) -> None:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: core.Registry, audit_log: AuditLog) -> None:
+    def __init__(self, registry: domain.Registry, audit_log: AuditLog) -> None:
         self.r = registry
         self.audit = audit_log
 
@@ -108,7 +108,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def CreateRegisteredModel(self, request: pb.CreateRegisteredModelRequest, context) -> pb.CreateRegisteredModelResponse:
         m = request.registered_model
         _resource("models", m.name)
-        created = await self._run(self.r.create_model, core.Model(
+        created = await self._run(self.r.create_model, domain.Model(
             name=m.name, description=m.description, owner=m.owner, tags=dict(m.tags)), _principal(),
             request.request_id)
         return pb.CreateRegisteredModelResponse(registered_model=model_pb(created))
@@ -140,9 +140,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         v = await self._run(
             self.r.create_version, request.name, framework=request.framework, principal=_principal(),
             description=request.description, tags=dict(request.tags), metrics=dict(request.metrics),
-            lineage=core.Lineage(mlflow_run_id=lin.mlflow_run_id, training_job_id=lin.training_job_id,
-                                 feature_views=list(lin.feature_views), dataset_hash=lin.dataset_hash,
-                                 dataset_uri=lin.dataset_uri),
+            lineage=domain.Lineage(mlflow_run_id=lin.mlflow_run_id, training_job_id=lin.training_job_id,
+                                   feature_views=list(lin.feature_views), dataset_hash=lin.dataset_hash,
+                                   dataset_uri=lin.dataset_uri),
             signature=signature_from_pb(request.signature), request_id=request.request_id)
         _resource("models", v.name, "versions", v.version)
         return pb.CreateModelVersionResponse(model_version=version_pb(v))
@@ -257,7 +257,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         def build() -> str:
             model = self.r.get_model(request.name)
             version = self.r.get_version(request.name, request.version)
-            promotions, _ = self.r.list_promotions(name=request.name, size=core.MAX_PAGE_SIZE)
+            promotions, _ = self.r.list_promotions(name=request.name, size=domain.MAX_PAGE_SIZE)
             return render_model_card(model, version, [p for p in promotions if p.version == request.version])
         markdown = await self._run(build)
         return httpbody_pb2.HttpBody(content_type="text/markdown; charset=utf-8", data=markdown.encode())
@@ -265,9 +265,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context) -> pb.ListAuditEventsResponse:
         check_filter(request.resource_prefix, "resource_prefix")
         check_filter(request.principal, "principal")
-        n = core.page_size(request.page_size)
+        n = domain.page_size(request.page_size)
         q_key = {"resource_prefix": request.resource_prefix, "principal": request.principal}
-        after = core.PageToken.decode(request.page_token, q_key)
+        after = domain.PageToken.decode(request.page_token, q_key)
         records = await self._run(self.audit.list, resource_prefix=request.resource_prefix,
                                   principal=request.principal, before_id=after, limit=n + 1)
         more = len(records) > n
@@ -276,4 +276,4 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                        request_id=r.request_id, time=_ts(r.time), outcome=r.outcome,
                                        message=r.message) for r in records]
         return pb.ListAuditEventsResponse(
-            audit_events=events, next_page_token=core.PageToken.encode(records[-1].id, q_key) if more else "")
+            audit_events=events, next_page_token=domain.PageToken.encode(records[-1].id, q_key) if more else "")

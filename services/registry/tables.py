@@ -25,7 +25,7 @@ registered_models = Table(
     Column("owner", String(256), nullable=False, default=""),
     # The counter that hands out version numbers: the highest ever issued, committed or not.
     # Never decremented, so numbers are never reused. The API's latest_version is the highest
-    # committed (READY) version, computed from model_versions (core.Registry._models_from_rows).
+    # committed (READY) version, computed from model_versions (domain/rows.py, models_from_rows).
     Column("last_issued_version", Integer, nullable=False, default=0),
     _ts("create_time"), _ts("update_time"),
 )

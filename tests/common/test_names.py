@@ -8,7 +8,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.features.definitions import NAME_RE as FEATURE_NAME_RE
 from services.inference.endpoints import validate_name as endpoint_name
-from services.registry.core import check_alias, check_name
+from services.registry.domain import check_alias, check_name
 
 
 @pytest.mark.parametrize("check", [check_name, check_alias, endpoint_name])

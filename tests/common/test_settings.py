@@ -43,3 +43,12 @@ def test_inference_settings_refuse_a_misspelt_knob(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("STRATA_INFERENCE_MAX_BATCHSIZE", "16")
     with pytest.raises(ValidationError, match="STRATA_INFERENCE_MAX_BATCHSIZE"):
         InferenceConfig()
+
+
+def test_registry_settings_refuse_a_misspelt_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.registry.app import RegistrySettings
+    monkeypatch.setenv("STRATA_REGISTRY_PROTECTED_ALIASES", "prod, gold")
+    assert RegistrySettings().domain.protected_aliases == {"prod", "gold"}
+    monkeypatch.setenv("STRATA_REGISTRY_PROTECTED_ALIAS", "prod")
+    with pytest.raises(ValidationError, match="STRATA_REGISTRY_PROTECTED_ALIAS"):
+        RegistrySettings()

@@ -10,7 +10,7 @@ import pytest
 from services.common.artifacts import LocalArtifactStore
 from services.common.db import Database
 from services.registry.app import MIGRATIONS
-from services.registry.core import Registry
+from services.registry.domain import Registry
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from services.common.limits import MAX_FILTER_TERMS, MAX_VERSION
 from services.common.server import serve
 from services.common.settings import ServiceSettings
 from services.registry.app import MIGRATIONS, build_service
-from services.registry.core import Model, Registry
+from services.registry.domain import Model, Registry
 from services.registry.onnx_check import Signature
 from tests.conftest import make_onnx_model
 from tests.processes import free_port

@@ -13,14 +13,14 @@ from services.common.artifacts import LocalArtifactStore
 from services.common.audit import AuditLog, AuditRecord
 from services.common.db import Database
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from services.registry import core, tables
+from services.registry import domain, tables
 from services.registry.app import MIGRATIONS
 from services.registry.card import render_model_card
-from services.registry.core import Lineage, Model, Registry
+from services.registry.domain import Lineage, Model, Registry
 from tests.conftest import make_onnx_model
 
 
-def _ready_version(r: Registry, name: str, data: bytes | None = None, principal: str = "alice") -> core.Version:
+def _ready_version(r: Registry, name: str, data: bytes | None = None, principal: str = "alice") -> domain.Version:
     data = data if data is not None else make_onnx_model()
     try:
         r.create_model(Model(name=name), principal)
@@ -163,7 +163,7 @@ def test_protected_alias_needs_a_promotion(registry: Registry) -> None:
 
 def test_upload_commit_extracts_the_onnx_signature(registry: Registry) -> None:
     v = _ready_version(registry, "sig", make_onnx_model(n_inputs=32, n_outputs=2))
-    assert v.status == core.STATUS_READY
+    assert v.status == domain.STATUS_READY
     assert [(t.name, t.dtype, t.shape) for t in v.signature.inputs] == [("x", "FLOAT32", (-1, 32))]
     assert [(t.name, t.dtype, t.shape) for t in v.signature.outputs] == [("y", "FLOAT32", (-1, 2))]
     chunks = b"".join(registry.read_artifact("sig", 1)[1])
@@ -229,7 +229,7 @@ def test_other_frameworks_skip_onnx_validation(registry: Registry) -> None:
     up = registry.begin_upload("skl", 1, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                filename="model.pkl", principal="alice")
     registry.append_chunk(up.upload_id, 0, data)
-    assert registry.commit_upload(up.upload_id).status == core.STATUS_READY
+    assert registry.commit_upload(up.upload_id).status == domain.STATUS_READY
 
 
 def test_commit_after_restart_rehashes_the_staged_bytes(registry: Registry) -> None:
@@ -245,7 +245,7 @@ def test_commit_after_restart_rehashes_the_staged_bytes(registry: Registry) -> N
     assert restarted.commit_upload(up.upload_id).sha256 == hashlib.sha256(data).hexdigest()
 
 
-def _pending_upload(r: Registry, name: str, data: bytes, request_id: str = "") -> core.Upload:
+def _pending_upload(r: Registry, name: str, data: bytes, request_id: str = "") -> domain.Upload:
     """A model (created if needed), a new version and an upload holding every byte of `data`."""
     try:
         r.create_model(Model(name=name), "alice")
@@ -258,7 +258,7 @@ def _pending_upload(r: Registry, name: str, data: bytes, request_id: str = "") -
     return r.get_upload(up.upload_id)
 
 
-def _mark_publishing(r: Registry, up: core.Upload) -> str:
+def _mark_publishing(r: Registry, up: domain.Upload) -> str:
     """What a commit writes just before publishing (the crash tests stop the commit there)."""
     from sqlalchemy import update
     key = f"models/{up.name}/{up.version}/{up.upload_id}/{up.filename}"
@@ -270,18 +270,18 @@ def _mark_publishing(r: Registry, up: core.Upload) -> str:
 def test_a_version_is_invisible_until_its_artifact_commits(registry: Registry) -> None:
     _ready_version(registry, "vis")
     pending = registry.create_version("vis", framework="onnx", principal="alice")
-    assert (pending.version, pending.status) == (2, core.STATUS_PENDING_UPLOAD)  # the creator sees it
+    assert (pending.version, pending.status) == (2, domain.STATUS_PENDING_UPLOAD)  # the creator sees it
     with pytest.raises(NotFound, match="version 2 of model 'vis' not found"):
         registry.get_version("vis", 2)
     assert [v.version for v in registry.list_versions("vis")[0]] == [1]
     assert [v.version for v in registry.list_versions("-")[0]] == [1]
-    assert registry.list_versions("vis", status=core.STATUS_PENDING_UPLOAD)[0] == []
+    assert registry.list_versions("vis", status=domain.STATUS_PENDING_UPLOAD)[0] == []
     assert registry.get_model("vis").latest_version == 1
     assert registry.list_models()[0][0].latest_version == 1
     for call in (lambda: registry.set_alias("vis", "challenger", 2, "alice"),
                  lambda: registry.request_promotion("vis", 2, "production", "", "alice"),
                  lambda: registry.update_version("vis", 2, {"description"}, description="x"),
-                 lambda: registry.transition_stage("vis", 2, core.STAGE_STAGING),
+                 lambda: registry.transition_stage("vis", 2, domain.STAGE_STAGING),
                  lambda: registry.read_artifact("vis", 2)):
         with pytest.raises(NotFound):
             call()
@@ -289,8 +289,8 @@ def test_a_version_is_invisible_until_its_artifact_commits(registry: Registry) -
     up = registry.begin_upload("vis", 2, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                filename="model.onnx", principal="alice")
     registry.append_chunk(up.upload_id, 0, data)
-    assert registry.commit_upload(up.upload_id).status == core.STATUS_READY
-    assert registry.get_version("vis", 2).status == core.STATUS_READY
+    assert registry.commit_upload(up.upload_id).status == domain.STATUS_READY
+    assert registry.get_version("vis", 2).status == domain.STATUS_READY
     assert [v.version for v in registry.list_versions("vis")[0]] == [2, 1]
     assert registry.get_model("vis").latest_version == 2
 
@@ -339,14 +339,14 @@ def test_a_retried_request_id_resumes_a_failed_registration(registry: Registry) 
     with pytest.raises(InvalidArgument):
         registry.commit_upload(up.upload_id)
     again = registry.create_version("retry", framework="onnx", principal="alice", request_id="reg-1")
-    assert (again.version, again.status) == (1, core.STATUS_PENDING_UPLOAD)  # same draft, no new number
+    assert (again.version, again.status) == (1, domain.STATUS_PENDING_UPLOAD)  # same draft, no new number
     data = make_onnx_model()
     up = registry.begin_upload("retry", 1, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                filename="model.onnx", principal="alice")
     registry.append_chunk(up.upload_id, 0, data)
     registry.commit_upload(up.upload_id)
     done = registry.create_version("retry", framework="onnx", principal="alice", request_id="reg-1")
-    assert (done.version, done.status) == (1, core.STATUS_READY)
+    assert (done.version, done.status) == (1, domain.STATUS_READY)
     assert registry.get_model("retry").latest_version == 1
 
 
@@ -363,7 +363,7 @@ def test_commit_killed_before_publishing_resumes_after_recover(registry: Registr
     assert not tmp.exists()
     assert restarted.get_upload(up.upload_id).received_bytes == len(data)
     v = restarted.commit_upload(up.upload_id)
-    assert (v.status, v.artifact_key, v.sha256) == (core.STATUS_READY, key, hashlib.sha256(data).hexdigest())
+    assert (v.status, v.artifact_key, v.sha256) == (domain.STATUS_READY, key, hashlib.sha256(data).hexdigest())
     assert restarted.store.list_keys("models/") == [key]
     assert restarted.store.list_staged() == []
     assert restarted.get_model("crash-pre").latest_version == 1
@@ -380,7 +380,7 @@ def test_commit_killed_after_publishing_resumes_after_recover(registry: Registry
         restarted.get_version("crash-post", 1)  # still invisible until the commit is recorded
     assert restarted.get_upload(up.upload_id).received_bytes == len(data)
     v = restarted.commit_upload(up.upload_id)  # the client re-commits
-    assert (v.status, v.artifact_key, v.sha256) == (core.STATUS_READY, key, hashlib.sha256(data).hexdigest())
+    assert (v.status, v.artifact_key, v.sha256) == (domain.STATUS_READY, key, hashlib.sha256(data).hexdigest())
     assert [(t.name, t.shape) for t in v.signature.inputs] == [("x", (-1, 8))]
     assert b"".join(restarted.read_artifact("crash-post", 1)[1]) == data
     assert restarted.store.list_keys("models/") == [key]
@@ -418,7 +418,7 @@ def test_recover_leaves_uploads_of_other_replicas_alone(registry: Registry) -> N
     assert [s.upload_id for s in registry.store.list_staged()] == ["orphan0001"]
     counts = registry.recover(timedelta(0))  # a restarted single registry
     assert counts == {"interrupted_commits": 1, "stale_uploads": 0, "orphan_staged": 1, "abandoned_versions": 0}
-    assert registry.commit_upload(up.upload_id).status == core.STATUS_READY
+    assert registry.commit_upload(up.upload_id).status == domain.STATUS_READY
 
 
 def test_recover_removes_stale_uploads_and_abandoned_versions(registry: Registry) -> None:
@@ -427,10 +427,10 @@ def test_recover_removes_stale_uploads_and_abandoned_versions(registry: Registry
     registry.store.publish(published.upload_id, _mark_publishing(registry, published))
     staged = _pending_upload(registry, "stale", make_onnx_model())
     registry.create_version("stale", framework="onnx", principal="alice")  # never uploaded
-    fresh = Registry(registry.db, registry.store, core.RegistryConfig(stale_upload_after=timedelta(hours=1)))
+    fresh = Registry(registry.db, registry.store, domain.RegistryConfig(stale_upload_after=timedelta(hours=1)))
     assert fresh.recover(timedelta(0)) == {"interrupted_commits": 1, "stale_uploads": 0, "orphan_staged": 0,
                                            "abandoned_versions": 0}
-    old = Registry(registry.db, registry.store, core.RegistryConfig(stale_upload_after=timedelta(0)))
+    old = Registry(registry.db, registry.store, domain.RegistryConfig(stale_upload_after=timedelta(0)))
     assert old.recover(timedelta(0)) == {"interrupted_commits": 0, "stale_uploads": 2, "orphan_staged": 0,
                                          "abandoned_versions": 3}
     for upload_id in (published.upload_id, staged.upload_id):
@@ -451,13 +451,13 @@ def test_promotion_needs_a_different_approver(registry: Registry) -> None:
     with pytest.raises(PermissionDenied, match="self-approval"):
         registry.decide_promotion(p.promotion_id, "alice", approve=True)
     p, v = registry.decide_promotion(p.promotion_id, "bob", approve=True, comment="ok")
-    assert p.state == core.PROMOTION_APPROVED and p.decided_by == "bob"
-    assert v.stage == core.STAGE_PRODUCTION and v.aliases == ["production"]
+    assert p.state == domain.PROMOTION_APPROVED and p.decided_by == "bob"
+    assert v.stage == domain.STAGE_PRODUCTION and v.aliases == ["production"]
     with pytest.raises(FailedPrecondition, match="already decided"):
         registry.decide_promotion(p.promotion_id, "carol", approve=False)
     p2 = registry.request_promotion("promo", 2, "production", "better", "alice")
     registry.decide_promotion(p2.promotion_id, "bob", approve=True)
-    assert registry.get_version("promo", 1).stage == core.STAGE_ARCHIVED
+    assert registry.get_version("promo", 1).stage == domain.STAGE_ARCHIVED
     assert registry.get_by_alias("promo", "production").version == 2
     with pytest.raises(AlreadyExists):
         registry.request_promotion("promo", 1, "production", "", "alice")
@@ -466,9 +466,9 @@ def test_promotion_needs_a_different_approver(registry: Registry) -> None:
 
 def test_production_stage_only_through_promotion(registry: Registry) -> None:
     _ready_version(registry, "stage")
-    assert registry.transition_stage("stage", 1, core.STAGE_STAGING).stage == core.STAGE_STAGING
+    assert registry.transition_stage("stage", 1, domain.STAGE_STAGING).stage == domain.STAGE_STAGING
     with pytest.raises(FailedPrecondition, match="approved promotion"):
-        registry.transition_stage("stage", 1, core.STAGE_PRODUCTION)
+        registry.transition_stage("stage", 1, domain.STAGE_PRODUCTION)
 
 
 def test_model_card_carries_signature_metrics_and_lineage(registry: Registry) -> None:
