@@ -30,7 +30,7 @@ up: .venv/.installed
 demo: .venv/.installed
 	.venv/bin/strata demo
 
-# Regenerate Python stubs and the gateway descriptor set from protos/.
+# Regenerate the Python stubs (gen/python/) and the gateway descriptor set (gateway/strata.pb) from protos/
 protos: .venv/.installed
 	$(PY) scripts/genproto.py
 

@@ -24,6 +24,11 @@ JSON body service errors carry through the transcoder, {"code", "message", "deta
 gRPC code a service would have used; gRPC callers get a gRPC status as before. Reflection from
 any grpcurl goes to one backend, which answers for every service the gateway routes
 (services/common/reflection.py).
+
+Dependencies: the gateway imports services/common only, for what the edge and the services must
+agree on (the token format, client TLS, the access policy table and the V2 protocol's rules, the
+reflection header), and never a service's package: it is built from the descriptor set and the
+shared runtime, not from the services (tests/gateway/test_dependencies.py).
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ from google.protobuf import descriptor_pb2
 
 from services.common.auth import hs256_jwks
 from services.common.client import ClientTLS
+from services.common.kserve_access import V2_POLICIES, V2_SERVICE
 from services.common.policy import MethodPolicy, policies_from_descriptor_set
 from services.common.reflection import GATEWAY_SERVICES_HEADER, HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA
-from services.inference.access import V2_POLICIES, V2_SERVICE
 
 JWT_PROVIDER = "strata"
 JWT_FILTER = "envoy.filters.http.jwt_authn"

@@ -1,12 +1,15 @@
 """Regenerate the Python stubs and the gateway descriptor set from protos/.
 
-    python scripts/genproto.py           # write services/common/proto/ and gateway/strata.pb
+    python scripts/genproto.py           # write gen/python/ and gateway/strata.pb
     python scripts/genproto.py --check   # exit 1 when the committed output is stale (CI)
 
-Python modules (with mypy-protobuf .pyi stubs) go to services/common/proto/, an import
-root of their own (see pyproject.toml), so generated imports such as
-`from strata.common.v1 import types_pb2` resolve. googleapis types (google.api, google.rpc)
-come from the googleapis-common-protos package at run time and are not generated here.
+Python modules (with mypy-protobuf .pyi stubs) go to gen/python/, an import root of their own
+(see pyproject.toml) that holds generated code only, so generated imports such as
+`from strata.common.v1 import types_pb2` resolve. Everything generated is under the one
+top-level package `strata`: the KServe V2 protocol too (protos/strata/kserve/v2/, imported as
+`strata.kserve.v2.grpc_service_pb2`), whose proto package stays `inference` as the protocol
+fixes it. googleapis types (google.api, google.rpc) come from the googleapis-common-protos
+package at run time and are not generated here.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-PY_OUT = ROOT / "services" / "common" / "proto"
+PY_OUT = ROOT / "gen" / "python"
 DESCRIPTOR = ROOT / "gateway" / "strata.pb"
-# Top-level proto packages that belong to Strata (generated); the rest is vendored.
-OWN_ROOTS = ("strata", "inference")
+# Top-level proto directories that belong to Strata (generated); the rest is vendored.
+OWN_ROOTS = ("strata",)
 # Error detail types must be in Envoy's descriptor set, or convert_grpc_status cannot turn a
 # status with details (google.rpc.BadRequest) into a JSON body and the REST client gets none.
 DESCRIPTOR_EXTRAS = ("google/rpc/status.proto", "google/rpc/error_details.proto")

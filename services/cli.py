@@ -31,10 +31,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from strata.registry.v1 import registry_pb2 as pb
 
+from services.clients.registry import RegistryClient
 from services.common.settings import admin_port, listen_port, peer_address
 from services.features import cli as features_cli
 from services.inference import cli as inference_cli
-from services.registry.client import RegistryClient
 
 
 def parse_pairs(items: Iterable[str], what: str, value: Callable[[str], object] = str) -> dict:

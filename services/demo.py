@@ -26,11 +26,11 @@ from strata.inference.v1 import inference_pb2 as ipb
 from strata.inference.v1 import inference_pb2_grpc
 from strata.registry.v1 import registry_pb2 as pb
 
+from services.clients.registry import RegistryClient
 from services.common.auth import mint_token
 from services.common.client import ClientTLS, open_channel
 from services.common.settings import peer_address
-from services.launcher import dev_secret
-from services.registry.client import RegistryClient
+from services.dev_credentials import dev_secret
 
 
 def build_model(path: Path) -> None:

@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text, insert, select
 
 from services.common.db import Database
+from services.common.timeutil import as_utc
 
 # The resource a call acts on: named from the request by the interceptor before the role check
 # (request_resource, for mutating methods), then named more exactly by the servicer where it
@@ -119,5 +120,5 @@ class AuditLog:
         return [AuditRecord(
             id=r["id"], principal=r["principal"], method=r["method"], resource=r["resource"],
             request_id=r["request_id"], outcome=r["outcome"], message=r["message"],
-            time=r["time"] if r["time"].tzinfo else r["time"].replace(tzinfo=UTC),
+            time=as_utc(r["time"]),
         ) for r in rows]

@@ -35,7 +35,7 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # The contracts the gateway routes (what scripts/genproto.py puts in gateway/strata.pb).
 CONTRACT_MODULES = ("strata.registry.v1.registry_pb2", "strata.features.v1.features_pb2",
-                    "strata.inference.v1.inference_pb2", "inference.grpc_service_pb2")
+                    "strata.inference.v1.inference_pb2", "strata.kserve.v2.grpc_service_pb2")
 
 
 def _v1_file() -> descriptor_pb2.FileDescriptorProto:

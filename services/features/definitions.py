@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +20,8 @@ from strata.features.v1 import features_pb2 as pb
 from services.common.db import Database
 from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.limits import check_filter
+from services.common.paging import PageRequest
+from services.common.timeutil import utc_now
 from services.features import tables as t
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,62}\Z")
@@ -40,14 +41,6 @@ class ViewDef:
     @property
     def join_keys(self) -> tuple[str, ...]:
         return tuple(e.join_key for e in self.entities)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _ts(spec, field: str, when: datetime) -> None:  # noqa: ANN001
-    getattr(spec, field).FromDatetime(when)
 
 
 def parse_refs(refs: list[str], field: str = "features") -> list[tuple[str, str]]:
@@ -132,11 +125,11 @@ class Definitions:
         spec.join_key = e.join_key or e.name
         if not NAME_RE.match(spec.join_key):
             raise InvalidArgument("entity.join_key", f"{quote(spec.join_key)} is not a valid column name")
-        now = _now()
+        now = utc_now()
         with self.db.session() as c:
             row = c.execute(select(t.entities).where(t.entities.c.name == e.name)).one_or_none()
             if row is None:
-                _ts(spec, "create_time", now)
+                spec.create_time.FromDatetime(now)
                 c.execute(insert(t.entities).values(name=e.name, spec=spec.SerializeToString(), create_time=now,
                                                     update_time=now))
                 return spec
@@ -149,9 +142,15 @@ class Definitions:
                       .values(spec=spec.SerializeToString(), update_time=now))
         return spec
 
-    def entities(self) -> list[pb.Entity]:
+    def entities(self, size: int = 0, token: str = "") -> tuple[list[pb.Entity], str]:
+        """One page of entities by name, and the next page's token (services/common/paging.py)."""
+        page = PageRequest.parse("ListEntities", size, token, key=str)
+        stmt = select(t.entities).order_by(t.entities.c.name).limit(page.limit)
+        if page.after is not None:
+            stmt = stmt.where(t.entities.c.name > page.after)
         with self.db.read() as c:
-            return [pb.Entity.FromString(r.spec) for r in c.execute(select(t.entities).order_by(t.entities.c.name))]
+            rows, next_token = page.cut(c.execute(stmt).all(), lambda r: r.name)
+        return [pb.Entity.FromString(r.spec) for r in rows], next_token
 
     def _entities(self, c, names) -> tuple[pb.Entity, ...]:  # noqa: ANN001
         rows = {r.name: pb.Entity.FromString(r.spec) for r in
@@ -171,7 +170,7 @@ class Definitions:
         spec.ClearField("update_time")
         spec.version = 0
         digest = schema_hash(spec)
-        now = _now()
+        now = utc_now()
         with self.db.session() as c:
             ents = self._entities(c, list(spec.entities))
             keys = {e.join_key for e in ents}
@@ -191,7 +190,7 @@ class Definitions:
                 same.update_time.CopyFrom(old.update_time)
                 if same.SerializeToString(deterministic=True) == old.SerializeToString(deterministic=True):
                     return old, "UNCHANGED"
-                _ts(spec, "update_time", now)
+                spec.update_time.FromDatetime(now)
                 c.execute(update(t.feature_views).where(t.feature_views.c.name == spec.name,
                                                         t.feature_views.c.version == old.version)
                           .values(spec=spec.SerializeToString(), update_time=now))
@@ -199,8 +198,8 @@ class Definitions:
                 return spec, "UPDATED"
             spec.version = (head or 0) + 1
             spec.created_by = principal
-            _ts(spec, "create_time", now)
-            _ts(spec, "update_time", now)
+            spec.create_time.FromDatetime(now)
+            spec.update_time.FromDatetime(now)
             try:
                 c.execute(insert(t.feature_views).values(
                     name=spec.name, version=spec.version, spec=spec.SerializeToString(), schema_hash=digest,
@@ -236,13 +235,19 @@ class Definitions:
             spec = pb.FeatureView.FromString(row)
             return ViewDef(spec, self._entities(c, list(spec.entities)))
 
-    def versions(self, name: str) -> list[pb.FeatureView]:
+    def versions(self, name: str, size: int = 0, token: str = "") -> tuple[list[pb.FeatureView], str]:
+        """One page of a view's versions, newest first, and the next page's token."""
+        page = PageRequest.parse("ListFeatureViewVersions", size, token, {"name": name}, key=int)
+        v = t.feature_views.c
+        stmt = select(v.version, v.spec).where(v.name == name).order_by(v.version.desc()).limit(page.limit)
+        if page.after is not None:
+            stmt = stmt.where(v.version < page.after)
         with self.db.read() as c:
-            rows = c.execute(select(t.feature_views.c.spec).where(t.feature_views.c.name == name)
-                             .order_by(t.feature_views.c.version.desc())).scalars().all()
-        if not rows:
-            raise NotFound(f"featureViews/{quote(name, bare=True)} not found")
-        return [pb.FeatureView.FromString(r) for r in rows]
+            rows, next_token = page.cut(c.execute(stmt).all(), lambda r: r.version)
+            if not rows and not c.execute(select(t.feature_view_heads.c.name).where(
+                    t.feature_view_heads.c.name == name)).first():
+                raise NotFound(f"featureViews/{quote(name, bare=True)} not found")
+        return [pb.FeatureView.FromString(r.spec) for r in rows], next_token
 
     # -- feature sets --------------------------------------------------------------------------
     def apply_feature_set(self, fs: pb.FeatureSet) -> tuple[pb.FeatureSet, str]:
@@ -268,12 +273,12 @@ class Definitions:
                     raise NotFound(f"{e} (feature_set.features[{i}])") from None
             if feature not in features[view]:
                 raise InvalidArgument(f"feature_set.features[{i}]", f"view {quote(view)} has no feature {quote(feature)}")
-        now = _now()
+        now = utc_now()
         with self.db.session() as c:
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == fs.name)).scalar_one_or_none()
             if row is None:
-                _ts(spec, "create_time", now)
-                _ts(spec, "update_time", now)
+                spec.create_time.FromDatetime(now)
+                spec.update_time.FromDatetime(now)
                 c.execute(insert(t.feature_sets).values(name=fs.name, spec=spec.SerializeToString(),
                                                         create_time=now, update_time=now))
                 return spec, "CREATED"
@@ -281,7 +286,7 @@ class Definitions:
             if _set_definition(old) == spec:
                 return old, "UNCHANGED"
             spec.create_time.CopyFrom(old.create_time)
-            _ts(spec, "update_time", now)
+            spec.update_time.FromDatetime(now)
             c.execute(update(t.feature_sets).where(t.feature_sets.c.name == fs.name)
                       .values(spec=spec.SerializeToString(), update_time=now))
         return spec, "UPDATED"
@@ -293,10 +298,25 @@ class Definitions:
             raise NotFound(f"featureSets/{quote(name, bare=True)} not found")
         return pb.FeatureSet.FromString(row)
 
-    def feature_sets(self) -> list[pb.FeatureSet]:
+    def feature_sets(self, size: int = 0, token: str = "") -> tuple[list[pb.FeatureSet], str]:
+        """One page of feature sets by name, and the next page's token."""
+        page = PageRequest.parse("ListFeatureSets", size, token, key=str)
+        s = t.feature_sets.c
+        stmt = select(s.name, s.spec).order_by(s.name).limit(page.limit)
+        if page.after is not None:
+            stmt = stmt.where(s.name > page.after)
         with self.db.read() as c:
-            rows = c.execute(select(t.feature_sets.c.spec).order_by(t.feature_sets.c.name)).scalars().all()
-        return [pb.FeatureSet.FromString(r) for r in rows]
+            rows, next_token = page.cut(c.execute(stmt).all(), lambda r: r.name)
+        return [pb.FeatureSet.FromString(r.spec) for r in rows], next_token
+
+    def list_views(self, *, query: str = "", tag: str = "", owner: str = "", entity: str = "", size: int = 0,
+                   token: str = "") -> tuple[list[pb.FeatureView], str]:
+        """One page of `search` (current versions by name), and the next page's token."""
+        page = PageRequest.parse("ListFeatureViews", size, token,
+                                 {"query": query, "tag": tag, "owner": owner, "entity": entity}, key=str)
+        views = self.search(query=query, tag=tag, owner=owner, entity=entity, page_size=page.limit,
+                            after=page.after or "")
+        return page.cut(views, lambda v: v.name)
 
     def search(self, *, query: str = "", tag: str = "", owner: str = "", entity: str = "", page_size: int = 50,
                after: str = "") -> list[pb.FeatureView]:

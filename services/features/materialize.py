@@ -27,6 +27,7 @@ from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.timeutil import as_utc
 from services.features import tables as t
 from services.features.definitions import Definitions, ViewDef
 from services.features.files import OfflineFiles
@@ -137,8 +138,7 @@ class Materializer:
             rows = c.execute(select(m.start_us, m.end_us, m.rows, m.finish_time, m.stats.is_not(None))
                              .where(m.view == view, m.version == version)
                              .order_by(m.finish_time.desc(), m.end_us.desc())).all()
-        return [Run(r[0], r[1], r[2], r[3] if r[3].tzinfo else r[3].replace(tzinfo=UTC), bool(r[4]))
-                for r in rows]
+        return [Run(r[0], r[1], r[2], as_utc(r[3]), bool(r[4])) for r in rows]
 
     def _latest_rows(self, view: ViewDef, start_us: int, end_us: int) -> pa.Table:
         spec = view.spec

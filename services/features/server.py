@@ -10,7 +10,6 @@ from strata.features.v1 import features_pb2_grpc
 
 from services.common.audit import current_resource
 from services.common.auth import current_principal
-from services.common.errors import InvalidArgument
 from services.common.limits import check_version
 from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
@@ -34,8 +33,9 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         current_resource.set(f"entities/{request.entity.name}")
         return pb.ApplyEntityResponse(entity=await asyncio.to_thread(self.definitions.apply_entity, request.entity))
 
-    async def ListEntities(self, request, context) -> pb.ListEntitiesResponse:  # noqa: ANN001, N802
-        return pb.ListEntitiesResponse(entities=await asyncio.to_thread(self.definitions.entities))
+    async def ListEntities(self, request: pb.ListEntitiesRequest, context) -> pb.ListEntitiesResponse:  # noqa: ANN001, N802
+        entities, token = await asyncio.to_thread(self.definitions.entities, request.page_size, request.page_token)
+        return pb.ListEntitiesResponse(entities=entities, next_page_token=token)
 
     async def ApplyFeatureView(self, request: pb.ApplyFeatureViewRequest, context) -> pb.ApplyFeatureViewResponse:  # noqa: ANN001, N802
         current_resource.set(f"featureViews/{request.feature_view.name}")
@@ -57,7 +57,8 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                                                                             request.name))
 
     async def ListFeatureSets(self, request: pb.ListFeatureSetsRequest, context) -> pb.ListFeatureSetsResponse:  # noqa: ANN001, N802
-        return pb.ListFeatureSetsResponse(feature_sets=await asyncio.to_thread(self.definitions.feature_sets))
+        sets, token = await asyncio.to_thread(self.definitions.feature_sets, request.page_size, request.page_token)
+        return pb.ListFeatureSetsResponse(feature_sets=sets, next_page_token=token)
 
     async def GetFeatureView(self, request: pb.GetFeatureViewRequest, context) -> pb.GetFeatureViewResponse:  # noqa: ANN001, N802
         check_version(request.version, "version", optional=True)
@@ -65,19 +66,15 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         return pb.GetFeatureViewResponse(feature_view=view.spec)
 
     async def ListFeatureViews(self, request: pb.ListFeatureViewsRequest, context) -> pb.ListFeatureViewsResponse:  # noqa: ANN001, N802
-        if not 0 <= request.page_size <= 500:
-            raise InvalidArgument("page_size", "must be within 0..500")
-        size = request.page_size or 50
-        views = await asyncio.to_thread(self.definitions.search, query=request.query, tag=request.tag,
-                                        owner=request.owner, entity=request.entity, page_size=size + 1,
-                                        after=request.page_token)
-        more = len(views) > size
-        views = views[:size]
-        return pb.ListFeatureViewsResponse(feature_views=views, next_page_token=views[-1].name if more else "")
+        views, token = await asyncio.to_thread(
+            self.definitions.list_views, query=request.query, tag=request.tag, owner=request.owner,
+            entity=request.entity, size=request.page_size, token=request.page_token)
+        return pb.ListFeatureViewsResponse(feature_views=views, next_page_token=token)
 
-    async def ListFeatureViewVersions(self, request, context) -> pb.ListFeatureViewVersionsResponse:  # noqa: ANN001, N802
-        return pb.ListFeatureViewVersionsResponse(
-            feature_views=await asyncio.to_thread(self.definitions.versions, request.name))
+    async def ListFeatureViewVersions(self, request: pb.ListFeatureViewVersionsRequest, context) -> pb.ListFeatureViewVersionsResponse:  # noqa: ANN001, N802, E501
+        views, token = await asyncio.to_thread(self.definitions.versions, request.name, request.page_size,
+                                               request.page_token)
+        return pb.ListFeatureViewVersionsResponse(feature_views=views, next_page_token=token)
 
     async def GetOnlineFeatures(self, request: pb.GetOnlineFeaturesRequest, context) -> pb.GetOnlineFeaturesResponse:  # noqa: ANN001, N802
         # Redis: read on the event loop, pipelined with the other calls in flight. SQLite: the

@@ -11,8 +11,6 @@ written; the first problem is reported with its row and feature, and nothing is 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +21,12 @@ from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound, quote
+from services.common.swr_cache import NotCached, SwrCache
 from services.features import wire
 from services.features.definitions import Definitions, ViewDef, one_feature_list, parse_refs
 from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
 
 _DT = types_pb2.DataType
-log = logging.getLogger("strata.features")
 KEY_SEP = "\x1f"
 # Enum values as plain ints (an attribute lookup on the generated enum costs a Python call).
 PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(pb.FEATURE_STATUS_PRESENT), int(pb.FEATURE_STATUS_NOT_FOUND),
@@ -47,7 +45,6 @@ DEFAULT_MAX_FUTURE_SKEW_SECONDS = 300
 class _Cached:
     view: ViewDef
     codec: RowCodec
-    loaded: float
     types: dict[str, int] = field(init=False)  # feature name -> DataType
     # Feature name -> the encoded FeatureValues.name field ("{view}:{feature}"), for raw answers.
     name_fields: dict[str, bytes] = field(init=False)
@@ -64,10 +61,6 @@ def _string_value(data: bytes) -> tuple[bytes, bytes, bytes]:
     return _STRING_TAG, wire.varint(len(data)), data
 
 
-class _Stale(Exception):
-    """A view's cached definition is missing or older than the cache's max age."""
-
-
 @dataclass
 class _Step:
     """One view's part of a read: its definition, the wanted (position, feature), the row keys."""
@@ -77,82 +70,24 @@ class _Step:
     keys: list[str]
 
 
-class ViewCache:
+class ViewCache(SwrCache[str, _Cached]):
     """Current view definitions, re-read at most every `max_age` seconds (definitions change
-    rarely; a process that applied a change drops its entry at once)."""
+    rarely; a process that applied a change drops its entry at once). Stale-while-revalidate
+    (services/common/swr_cache.py): `fresh` on the event loop, `current` in worker threads, `get`
+    to read a missing or old definition now; a re-read that finds the same version and update
+    time keeps the entry (its codec and encoded names)."""
 
     def __init__(self, definitions: Definitions, max_age: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(self._read, max_age, clock, what="feature view")
         self.definitions = definitions
-        self.max_age = max_age
-        self._clock = clock
-        self._views: dict[str, _Cached] = {}
-        self._refreshing: set[str] = set()  # views being re-read (by any thread)
-        self._claims = threading.Lock()
 
-    def get(self, name: str) -> _Cached:
-        c = self._views.get(name)
-        if not self._young(c):
-            view = self.definitions.get_view(name)
-            if c is not None and (c.view.spec.version, c.view.spec.update_time) == \
-                    (view.spec.version, view.spec.update_time):
-                c.loaded = self._clock()
-                return c
-            c = self._views[name] = _Cached(view, RowCodec(view.spec), self._clock())
-        return c
-
-    def fresh(self, name: str) -> _Cached:
-        """On the event loop, without a database read: the cached entry, or `_Stale` when there is
-        none. An entry older than `max_age` is still served while one re-read per view runs in a
-        worker thread (stale-while-revalidate): otherwise every call arriving during the re-read
-        would start its own, and a registry database that is briefly unreachable would stop
-        online serving of views whose definitions have not changed."""
-        c = self._views.get(name)
-        if c is None:
-            raise _Stale(name)
-        if not self._young(c) and self._claim(name):
-            done = asyncio.get_running_loop().run_in_executor(None, self._refresh, name)
-            done.add_done_callback(lambda _: self._release(name))
-        return c
-
-    def current(self, name: str) -> _Cached:
-        """For reads in worker threads (SQLite): as `fresh`, but a missing entry is read now and
-        the one re-read of a stale entry runs in the thread that claimed it."""
-        c = self._views.get(name)
-        if c is None:
-            return self.get(name)
-        if self._young(c) or not self._claim(name):
-            return c
-        try:
-            self._refresh(name)
-        finally:
-            self._release(name)
-        return self._views.get(name) or self.get(name)  # dropped (deleted): get says NOT_FOUND
-
-    def _claim(self, name: str) -> bool:
-        with self._claims:
-            if name in self._refreshing:
-                return False
-            self._refreshing.add(name)
-            return True
-
-    def _release(self, name: str) -> None:
-        with self._claims:
-            self._refreshing.discard(name)
-
-    def _refresh(self, name: str) -> None:
-        try:
-            self.get(name)
-        except NotFound:
-            self._views.pop(name, None)  # deleted: the next call reports NOT_FOUND
-        except Exception:  # keep serving the cached definition; the next call tries again
-            log.warning("re-reading feature view %s failed", name, exc_info=True)
-
-    def _young(self, c: _Cached | None) -> bool:
-        return c is not None and self._clock() - c.loaded <= self.max_age
-
-    def drop(self, name: str) -> None:
-        self._views.pop(name, None)
+    def _read(self, name: str, cached: _Cached | None) -> _Cached:
+        view = self.definitions.get_view(name)
+        if cached is not None and (cached.view.spec.version, cached.view.spec.update_time) == \
+                (view.spec.version, view.spec.update_time):
+            return cached
+        return _Cached(view, RowCodec(view.spec))
 
     def warm(self, limit: int = 1000) -> int:
         """Load the current definitions of up to `limit` views (in name order) before the first
@@ -174,49 +109,13 @@ class ViewCache:
         return loaded
 
 
-class FeatureSetCache:
-    """Feature set name -> its references, for reads by set. As ViewCache: re-read at most every
-    `max_age` seconds, on the event loop in the background while the cached list keeps serving."""
+class FeatureSetCache(SwrCache[str, tuple[str, ...]]):
+    """Feature set name -> its references, for reads by set; re-read as ViewCache."""
 
     def __init__(self, definitions: Definitions, max_age: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.definitions = definitions
-        self.max_age = max_age
-        self._clock = clock
-        self._sets: dict[str, tuple[tuple[str, ...], float]] = {}
-        self._refreshing: set[str] = set()  # touched on the event loop only
-
-    def refs(self, name: str) -> tuple[str, ...]:
-        """Blocking (worker threads): the cached list, or read now when missing or old."""
-        hit = self._sets.get(name)
-        if hit is None or self._clock() - hit[1] > self.max_age:
-            hit = self._load(name)
-        return hit[0]
-
-    async def refs_async(self, name: str) -> tuple[str, ...]:
-        hit = self._sets.get(name)
-        if hit is None:
-            return (await asyncio.to_thread(self._load, name))[0]
-        if self._clock() - hit[1] > self.max_age and name not in self._refreshing:
-            self._refreshing.add(name)
-            done = asyncio.get_running_loop().run_in_executor(None, self._refresh, name)
-            done.add_done_callback(lambda _: self._refreshing.discard(name))
-        return hit[0]
-
-    def _load(self, name: str) -> tuple[tuple[str, ...], float]:
-        hit = self._sets[name] = (tuple(self.definitions.get_feature_set(name).features), self._clock())
-        return hit
-
-    def _refresh(self, name: str) -> None:
-        try:
-            self._load(name)
-        except NotFound:
-            self._sets.pop(name, None)  # deleted: the next call reports NOT_FOUND
-        except Exception:  # keep serving the cached list; the next call tries again
-            log.warning("re-reading feature set %s failed", name, exc_info=True)
-
-    def drop(self, name: str) -> None:
-        self._sets.pop(name, None)
+        super().__init__(lambda name, _cached: tuple(definitions.get_feature_set(name).features),
+                         max_age, clock, what="feature set")
 
 
 def with_feature_set(request: pb.GetOnlineFeaturesRequest, refs: Sequence[str]) -> pb.GetOnlineFeaturesRequest:
@@ -273,7 +172,7 @@ class FeatureServer:
         """Blocking: for worker threads and stores without async reads. With `encoded`, a raw
         request's answer comes back as the serialized response (what the servicer sends)."""
         if request.feature_set:
-            request = with_feature_set(request, self.sets.refs(request.feature_set))
+            request = with_feature_set(request, self.sets.current(request.feature_set))
         plan = self._plan(request, self.views.current)
         return self._answer(request, plan, self.store.read_many(self._reads(plan)), encoded)
 
@@ -283,10 +182,10 @@ class FeatureServer:
         flight), the decode runs inline. Only a view not cached yet sends the planning (a
         database read) to a worker thread; cached ones are re-read in the background."""
         if request.feature_set:
-            request = with_feature_set(request, await self.sets.refs_async(request.feature_set))
+            request = with_feature_set(request, await self.sets.get_async(request.feature_set))
         try:
             plan = self._plan(request, self.views.fresh)
-        except _Stale:
+        except NotCached:
             plan = await asyncio.to_thread(self._plan, request, self.views.get)
         return self._answer(request, plan, await self.store.read_many_async(self._reads(plan)), encoded)
 

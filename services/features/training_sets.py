@@ -9,11 +9,15 @@ principal that wrote it; a file there that no CreateTrainingSet wrote is never r
 `training_sets` row claims the place before the (expensive) join runs, so two writers cannot both
 take it; the file itself appears whole or not at all (offline.write_parquet / the S3 store's
 put), and a failed run gives the place back as it was.
+
+Request ids follow the platform's rule (services/common/idempotency.py: bounded ids, a retry
+with the same id and payload answers the first result, another payload is INVALID_ARGUMENT
+naming request_id); the id and the payload's digest are kept on the training set's own row,
+which is what claims the place, so the claim and the id are one write.
 """
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, insert, select, update
@@ -23,6 +27,8 @@ from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import Aborted, AlreadyExists, InvalidArgument, PermissionDenied, quote
+from services.common.fingerprint import fingerprint
+from services.common.idempotency import check_request_id, reused
 from services.features import tables as t
 from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
@@ -32,11 +38,12 @@ PENDING, READY = "PENDING", "READY"
 
 
 def _fingerprint(request: pb.CreateTrainingSetRequest) -> str:
-    """What a retry with the same request id must repeat (everything but the id)."""
+    """What a retry with the same request id must repeat (everything but the id), as the digest
+    stored in training_sets.request_hash."""
     payload = pb.CreateTrainingSetRequest()
     payload.CopyFrom(request)
     payload.request_id = ""
-    return hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
+    return fingerprint(payload.SerializeToString(deterministic=True))
 
 
 class TrainingSets:
@@ -52,16 +59,15 @@ class TrainingSets:
         place = self.files.writable(request.output_uri, "output_uri", under=TRAINING_SETS)
         if not place.endswith(".parquet"):
             raise InvalidArgument("output_uri", "must end with .parquet")
-        if len(request.request_id) > 128:
-            raise InvalidArgument("request_id", "at most 128 characters")
-        fingerprint = _fingerprint(request)
+        check_request_id(request.request_id)
+        payload_hash = _fingerprint(request)
         if request.request_id and (prior := self._by_request_id(request.request_id)) is not None:
-            if prior.request_hash != fingerprint or prior.created_by != principal:
-                raise InvalidArgument("request_id", "was used for a different request")
+            if prior.request_hash != payload_hash or prior.created_by != principal:
+                raise reused(request.request_id)
             if prior.state != READY:
                 raise Aborted(f"training set {quote(request.output_uri)} is still being written; retry later")
             return pb.Dataset.FromString(prior.dataset)
-        previous = self._claim(place, request, principal, fingerprint)
+        previous = self._claim(place, request, principal, payload_hash)
         try:
             result, features = self.historical.compute(request)
             digest = self.files.write_parquet(result, request.output_uri, "output_uri", under=TRAINING_SETS)
@@ -84,11 +90,11 @@ class TrainingSets:
                              .where(t.training_sets.c.request_id == request_id)).one_or_none()
 
     def _claim(self, place: str, request: pb.CreateTrainingSetRequest, principal: str,
-               fingerprint: str) -> Row | None:
+               payload_hash: str) -> Row | None:
         """Take `place` for this request (PENDING); returns the row it had before (None: new)."""
         now = datetime.now(UTC)
         claim = {"state": PENDING, "created_by": principal, "request_id": request.request_id or None,
-                 "request_hash": fingerprint, "update_time": now}
+                 "request_hash": payload_hash, "update_time": now}
         shown = quote(request.output_uri)
         try:
             with self.db.session() as c:

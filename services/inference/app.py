@@ -8,17 +8,18 @@ import logging
 import os
 from pathlib import Path
 
-from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from strata.inference.v1 import inference_pb2, inference_pb2_grpc
+from strata.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 
+from services.clients.registry import RegistryClient
 from services.common.artifacts import open_artifact_store
 from services.common.audit import AuditLog
 from services.common.db import Database
+from services.common.kserve_access import V2_POLICIES
 from services.common.server import Service
 from services.common.settings import ServiceSettings, peer_address
 from services.common.workers import shares_port
 from services.inference import batching, tables
-from services.inference.access import V2_POLICIES
 from services.inference.batch_jobs import BatchJobStore, BatchRunner
 from services.inference.config import InferenceConfig
 from services.inference.endpoints import EndpointStore
@@ -27,7 +28,6 @@ from services.inference.predlog import FileSink, PredictionLog
 from services.inference.routing import Engine
 from services.inference.server import InferenceServicer
 from services.inference.v2 import V2Servicer
-from services.registry.client import RegistryClient
 
 log = logging.getLogger("strata.inference")
 
@@ -97,7 +97,7 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         loop = asyncio.get_running_loop()
         background.append(loop.create_task(watch_jobs()))
         background.append(loop.create_task(prune_stats()))
-        ready.set()  # (the process-wide latency settings follow in services/common/server.py)
+        ready.set()  # (the process-wide latency settings follow: services/common/process_tuning.py)
 
     async def stop() -> None:
         ready.clear()

@@ -4,13 +4,12 @@ translation between the protos and services/inference/batch_jobs/ only."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
-from google.protobuf import timestamp_pb2
 from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.audit import current_resource
 from services.common.auth import current_principal
+from services.common.convert import timestamp_pb
 from services.common.errors import InvalidArgument
 from services.inference.batch_jobs.runner import BatchRunner
 from services.inference.batch_jobs.store import BatchJobRecord, BatchJobState, BatchJobStore, validate_job
@@ -24,18 +23,13 @@ _STATE_PB = {
 }
 
 
-def _ts(ts: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(ts if ts.tzinfo else ts.replace(tzinfo=UTC))  # SQLite returns naive UTC
-    return out
-
-
 def job_pb(r: BatchJobRecord) -> pb.BatchJob:
     return pb.BatchJob(
         job_id=r.job_id, model=r.model, version=r.version, alias=r.alias, input_uri=r.input_uri,
         output_uri=r.output_uri, input_columns=list(r.input_columns), state=_STATE_PB[r.state],
         rows_total=r.rows_total or 0, rows_done=r.rows_done, error=r.error, created_by=r.created_by,
-        create_time=_ts(r.create_time), update_time=_ts(r.update_time), chunk_rows=r.chunk_rows)
+        create_time=timestamp_pb(r.create_time), update_time=timestamp_pb(r.update_time),
+        chunk_rows=r.chunk_rows)
 
 
 class BatchJobsServicer:
@@ -52,8 +46,9 @@ class BatchJobsServicer:
         spec = {"model": j.model, "version": j.version, "alias": j.alias, "input_uri": j.input_uri,
                 "output_uri": j.output_uri, "input_columns": list(j.input_columns), "chunk_rows": j.chunk_rows}
         validate_job(**spec)
-        if rid and (prior := await asyncio.to_thread(self.batch_jobs.by_request_id, rid)) is not None:
-            current_resource.set(f"batchJobs/{prior.job_id}")
+        principal = current_principal.get().subject
+        if (prior := await asyncio.to_thread(self.batch_jobs.created, principal, rid, spec)) is not None:
+            current_resource.set(f"batchJobs/{prior.job_id}")  # a retry: the first job
             return pb.CreateBatchJobResponse(job=job_pb(prior))
         # Fail fast on what would only fail the job later: an unknown model, a missing input.
         self.batch_runner.check_paths(j.input_uri, j.output_uri)  # before anything looks at the host
@@ -61,7 +56,7 @@ class BatchJobsServicer:
         if not await asyncio.to_thread(self.batch_runner.input_exists, j.input_uri):
             raise InvalidArgument("job.input_uri", f"no file at '{j.input_uri}'")
         rec, created = await asyncio.to_thread(
-            self.batch_jobs.create, **spec, principal=current_principal.get().subject,
+            self.batch_jobs.create, **spec, principal=principal,
             worker_id=self.batch_runner.worker_id, request_id=rid, resolved_version=ref.version)
         current_resource.set(f"batchJobs/{rec.job_id}")
         if created:

@@ -31,7 +31,10 @@ from services.common.db import Database
 from services.common.errors import (
     Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, quote,
 )
+from services.common.idempotency import RequestIds, check_request_id
 from services.common.limits import check_version
+from services.common.paging import PageRequest
+from services.common.timeutil import as_utc
 from services.inference import tables as t
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -114,6 +117,15 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
         raise InvalidArgument(f"{field}.batching.max_queue_size", f"must be within 0..{MAX_QUEUE_SIZE}")
 
 
+_request_ids = RequestIds(t.idempotency_keys)
+
+
+def create_payload(name: str, description: str, policy: pb.TrafficPolicy, production: bool) -> dict:
+    """What a retried CreateEndpoint must repeat for its request id to answer the first result."""
+    return {"name": name, "description": description, "production": production,
+            "policy": policy.SerializeToString(deterministic=True).hex()}
+
+
 class EndpointStore:
     def __init__(self, db: Database, keep_revisions: int = STATS_KEEP_REVISIONS) -> None:
         self.db = db
@@ -131,18 +143,27 @@ class EndpointStore:
         return EndpointRecord(row.name, row.description, row.revision, rev.policy, row.created_by,
                               row.create_time, row.update_time, bool(row.production))
 
-    def list(self, page_size: int = 50, after: str = "") -> list[EndpointRecord]:
+    def list(self, size: int = 0, token: str = "") -> tuple[list[EndpointRecord], str]:
+        """One page of endpoints by name, and the next page's token (services/common/paging.py)."""
+        page = PageRequest.parse("ListEndpoints", size, token, key=str)
+        stmt = select(t.endpoints.c.name).order_by(t.endpoints.c.name).limit(page.limit)
+        if page.after is not None:
+            stmt = stmt.where(t.endpoints.c.name > page.after)
         with self.db.read() as c:
-            rows = c.execute(select(t.endpoints.c.name).where(t.endpoints.c.name > after)
-                             .order_by(t.endpoints.c.name).limit(page_size)).scalars().all()
-        return [self.get(n) for n in rows]
+            names, next_token = page.cut(c.execute(stmt).scalars().all(), lambda n: n)
+        return [self.get(n) for n in names], next_token
 
-    def revisions(self, name: str, limit: int = 50) -> list[RevisionRecord]:
+    def revisions(self, name: str, size: int = 0, token: str = "") -> tuple[list[RevisionRecord], str]:
+        """One page of an endpoint's policy revisions, newest first, and the next page's token."""
+        page = PageRequest.parse("ListPolicyRevisions", size, token, {"endpoint": name}, key=int)
         self.get(name)
+        r = t.policy_revisions.c
+        stmt = select(t.policy_revisions).where(r.endpoint == name).order_by(r.revision.desc()).limit(page.limit)
+        if page.after is not None:
+            stmt = stmt.where(r.revision < page.after)
         with self.db.read() as c:
-            rows = c.execute(select(t.policy_revisions).where(t.policy_revisions.c.endpoint == name)
-                             .order_by(t.policy_revisions.c.revision.desc()).limit(limit)).all()
-        return [_revision_record(r) for r in rows]
+            rows, next_token = page.cut(c.execute(stmt).all(), lambda row: row.revision)
+        return [_revision_record(row) for row in rows], next_token
 
     def pointers(self) -> dict[str, int]:
         """{endpoint: current revision}: what serving processes poll (one small query)."""
@@ -160,30 +181,43 @@ class EndpointStore:
         return _revision_record(row)
 
     # -- changes -----------------------------------------------------------------------------
+    def created(self, principal: str, request_id: str, payload: dict) -> EndpointRecord | None:
+        """The endpoint a first CreateEndpoint with this request id made (None: no id, or not seen);
+        INVALID_ARGUMENT naming request_id when it carried another payload (`create_payload`)."""
+        check_request_id(request_id)
+        with self.db.read() as c:
+            prior = _request_ids.lookup(c, principal, "CreateEndpoint", request_id, payload)
+        return None if prior is None else self.get(prior)
+
     def create(self, name: str, description: str, policy: pb.TrafficPolicy, principal: str,
-               request_id: str = "", *, production: bool = False) -> EndpointRecord:
-        """`production`: the caller has checked the policy against the registry's approvals."""
+               request_id: str = "", *, production: bool = False, payload: dict | None = None) -> EndpointRecord:
+        """`production`: the caller has checked the policy against the registry's approvals.
+        `payload`: what a retry with request_id must repeat (`create_payload` of the request as
+        given, before aliases were resolved; by default of these arguments). A retry returns the
+        first call's endpoint (services/common/idempotency.py)."""
         validate_name(name)
         validate_policy(policy, "endpoint.policy")
+        check_request_id(request_id)
+        if payload is None:
+            payload = create_payload(name, description, policy, production)
         now = datetime.now(UTC)
-        if request_id:
-            with self.db.read() as c:
-                prior = c.execute(select(t.endpoints.c.name).where(
-                    t.endpoints.c.create_request_id == request_id)).scalar_one_or_none()
-            if prior is not None:
-                return self.get(prior)
         try:
             with self.db.session() as c:
-                c.execute(insert(t.endpoints).values(
-                    name=name, description=description, revision=1, created_by=principal,
-                    create_request_id=request_id or None, create_time=now, update_time=now,
-                    production=production))
-                c.execute(insert(t.policy_revisions).values(
-                    endpoint=name, revision=1, policy=policy.SerializeToString(deterministic=True),
-                    created_by=principal, reason="created", create_time=now))
+                prior = _request_ids.lookup(c, principal, "CreateEndpoint", request_id, payload)
+                if prior is None:
+                    c.execute(insert(t.endpoints).values(
+                        name=name, description=description, revision=1, created_by=principal,
+                        create_time=now, update_time=now, production=production))
+                    c.execute(insert(t.policy_revisions).values(
+                        endpoint=name, revision=1, policy=policy.SerializeToString(deterministic=True),
+                        created_by=principal, reason="created", create_time=now))
+                    _request_ids.remember(c, principal, "CreateEndpoint", request_id, payload, name)
         except IntegrityError:
+            # The name is taken, or a concurrent call with the same request id got there first.
+            if (first := self.created(principal, request_id, payload)) is not None:
+                return first
             raise AlreadyExists(f"endpoints/{name} already exists") from None
-        return self.get(name)
+        return self.get(prior or name)
 
     def set_policy(self, name: str, policy: pb.TrafficPolicy, principal: str, *, expected_revision: int = 0,
                    reason: str = "", approved: bool = False) -> EndpointRecord:
@@ -272,6 +306,7 @@ class EndpointStore:
                 raise NotFound(f"endpoints/{quote(name, bare=True)} not found")
             c.execute(delete(t.policy_revisions).where(t.policy_revisions.c.endpoint == name))
             c.execute(delete(t.target_stats).where(t.target_stats.c.endpoint == name))
+            _request_ids.forget(c, "CreateEndpoint", [name])  # a retry of its create makes a new one
 
     # -- serving processes -------------------------------------------------------------------
     def report(self, worker_id: str, pid: int, applied: dict[str, int], failures: dict[str, str],
@@ -294,7 +329,7 @@ class EndpointStore:
         with self.db.read() as c:
             rows = c.execute(select(t.workers)).all()
         return [(r.worker_id, json.loads(r.applied), json.loads(r.failures)) for r in rows
-                if _aware(r.heartbeat).timestamp() >= since]
+                if as_utc(r.heartbeat).timestamp() >= since]
 
     def forget_worker(self, worker_id: str) -> None:
         with self.db.session() as c:
@@ -336,10 +371,6 @@ def p99_ms(hist: list[int]) -> float:
         if seen >= need:
             return bound
     return LATENCY_BUCKETS_MS[-1]
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def _revision_record(row) -> RevisionRecord:  # noqa: ANN001

@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 from strata.registry.v1 import registry_pb2 as rpb
 
+from services.clients.registry import RegistryClient
 from services.common.errors import (
     FailedPrecondition, InvalidArgument, NotFound, StrataError, Unavailable, quote,
 )
 from services.common.limits import check_version
 from services.inference.batching import Batcher, BatchingConfig
 from services.inference.runtime import ModelRuntime
-from services.registry.client import RegistryClient
 
 log = logging.getLogger("strata.inference.models")
 

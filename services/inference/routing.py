@@ -25,7 +25,6 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 from strata.inference.v1 import inference_pb2 as pb
 
-from services.common import telemetry
 from services.common.errors import (
     Aborted, FailedPrecondition, NotFound, ResourceExhausted, StrataError, Unavailable, quote,
 )
@@ -387,6 +386,3 @@ class Engine:
                                       errors=errors, p99_ms=p99_ms(hist)))
         return out
 
-
-def request_id() -> str:
-    return telemetry.request_id_var.get()

@@ -5,22 +5,22 @@ Translation between protos and the engine only; the work is in routing.py and mo
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 
-from google.protobuf import timestamp_pb2
 from strata.common.v1 import types_pb2
 from strata.inference.v1 import inference_pb2 as pb
 from strata.inference.v1 import inference_pb2_grpc
 
 from services.common.audit import current_resource
 from services.common.auth import current_principal
+from services.common.convert import timestamp_pb
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, quote
 from services.common.limits import check_version
+from services.common.paging import PageRequest
 from services.common.telemetry import request_id_var
 from services.inference import codec
 from services.inference.batch_jobs import BatchJobStore, BatchRunner
 from services.inference.batch_servicer import BatchJobsServicer
-from services.inference.endpoints import EndpointRecord, validate_name, validate_policy
+from services.inference.endpoints import EndpointRecord, create_payload, validate_name, validate_policy
 from services.inference.governance import is_approver, require_approved
 from services.inference.model_store import LoadedModel, ModelRef
 from services.inference.routing import Engine
@@ -28,16 +28,14 @@ from services.inference.runtime import ModelRuntime, TensorInfo
 
 
 
-def _ts(t: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(t)
-    return ts
-
-
 def endpoint_pb(e: EndpointRecord) -> pb.Endpoint:
     return pb.Endpoint(name=e.name, description=e.description, revision=e.revision, policy=e.policy,
-                       created_by=e.created_by, create_time=_ts(e.create_time), update_time=_ts(e.update_time),
-                       production=e.production)
+                       created_by=e.created_by, create_time=timestamp_pb(e.create_time),
+                       update_time=timestamp_pb(e.update_time), production=e.production)
+
+
+def _loaded_key(m: pb.LoadedModel) -> tuple:
+    return (m.model, m.version, m.state)
 
 
 def _signature(rt: ModelRuntime) -> types_pb2.ModelSignature:
@@ -122,12 +120,17 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
             raise InvalidArgument("endpoint.name", "endpoint name is required")
         validate_name(e.name)
         validate_policy(e.policy, "endpoint.policy")  # before the registry is asked anything
+        principal = current_principal.get().subject
+        payload = create_payload(e.name, e.description, e.policy, e.production)  # as given: aliases unresolved
+        first = await asyncio.to_thread(self.endpoints.created, principal, request.request_id, payload)
+        if first is not None:
+            return pb.CreateEndpointResponse(endpoint=endpoint_pb(first))  # a retry: the first result
         policy = await self._resolve_policy(e.policy, "endpoint.policy")
         if e.production:
             await self._require_approved(e.name, policy, field="endpoint.policy")
         await self._preload(policy)
-        rec = await asyncio.to_thread(self.endpoints.create, e.name, e.description, policy,
-                                      current_principal.get().subject, request.request_id, production=e.production)
+        rec = await asyncio.to_thread(self.endpoints.create, e.name, e.description, policy, principal,
+                                      request.request_id, production=e.production, payload=payload)
         await self.engine.publish(rec.name, rec.revision)
         return pb.CreateEndpointResponse(endpoint=endpoint_pb(rec))
 
@@ -136,14 +139,8 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         return pb.GetEndpointResponse(endpoint=endpoint_pb(rec))
 
     async def ListEndpoints(self, request: pb.ListEndpointsRequest, context) -> pb.ListEndpointsResponse:  # noqa: ANN001, N802
-        if not 0 <= request.page_size <= 500:
-            raise InvalidArgument("page_size", "must be within 0..500")
-        size = request.page_size or 50
-        recs = await asyncio.to_thread(self.endpoints.list, size + 1, request.page_token)
-        more = len(recs) > size
-        recs = recs[:size]
-        return pb.ListEndpointsResponse(endpoints=[endpoint_pb(r) for r in recs],
-                                        next_page_token=recs[-1].name if more else "")
+        recs, token = await asyncio.to_thread(self.endpoints.list, request.page_size, request.page_token)
+        return pb.ListEndpointsResponse(endpoints=[endpoint_pb(r) for r in recs], next_page_token=token)
 
     async def UpdateEndpoint(self, request: pb.UpdateEndpointRequest, context) -> pb.UpdateEndpointResponse:  # noqa: ANN001, N802
         e = request.endpoint
@@ -208,12 +205,11 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         return pb.RollbackTrafficPolicyResponse(endpoint=endpoint_pb(rec))
 
     async def ListPolicyRevisions(self, request: pb.ListPolicyRevisionsRequest, context) -> pb.ListPolicyRevisionsResponse:  # noqa: ANN001, N802, E501
-        if not 0 <= request.page_size <= 500:
-            raise InvalidArgument("page_size", "must be within 0..500")
-        revs = await asyncio.to_thread(self.endpoints.revisions, request.endpoint, request.page_size or 50)
-        return pb.ListPolicyRevisionsResponse(revisions=[
+        revs, token = await asyncio.to_thread(self.endpoints.revisions, request.endpoint, request.page_size,
+                                              request.page_token)
+        return pb.ListPolicyRevisionsResponse(next_page_token=token, revisions=[
             pb.PolicyRevision(revision=r.revision, policy=r.policy, created_by=r.created_by,
-                              create_time=_ts(r.create_time), reason=r.reason) for r in revs])
+                              create_time=timestamp_pb(r.create_time), reason=r.reason) for r in revs])
 
     async def GetEndpointStats(self, request: pb.GetEndpointStatsRequest, context) -> pb.GetEndpointStatsResponse:  # noqa: ANN001, N802
         rec = await asyncio.to_thread(self.endpoints.get, request.endpoint)
@@ -237,9 +233,18 @@ class InferenceServicer(BatchJobsServicer, inference_pb2_grpc.InferenceServiceSe
         return pb.UnloadModelResponse()
 
     async def ListLoadedModels(self, request: pb.ListLoadedModelsRequest, context) -> pb.ListLoadedModelsResponse:  # noqa: ANN001, N802
+        # This process's models, paged like every list: by (model, version, state).
+        page = PageRequest.parse("ListLoadedModels", request.page_size, request.page_token, key=list)
         models = [loaded_pb(m) for m in self.engine.store.loaded()]
         models += [pb.LoadedModel(model=r.model, version=r.version, state="LOADING")
                    for r in self.engine.store.loading()]
         models += [pb.LoadedModel(model=r.model, version=r.version, state="FAILED", reason=why)
                    for r, why in self.engine.store.failures.items()]
-        return pb.ListLoadedModelsResponse(models=models)
+        models.sort(key=_loaded_key)
+        if page.after is not None:
+            after = tuple(page.after)
+            if [type(v) for v in after] != [str, int, str]:
+                raise InvalidArgument("page_token", "is not a token returned by this list with these filters")
+            models = [m for m in models if _loaded_key(m) > after]
+        models, token = page.cut(models, lambda m: list(_loaded_key(m)))
+        return pb.ListLoadedModelsResponse(models=models, next_page_token=token)

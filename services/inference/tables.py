@@ -12,6 +12,7 @@ from sqlalchemy import (
 )
 
 from services.common.audit import audit_table
+from services.common.idempotency import idempotency_table
 
 MIGRATIONS = Path(__file__).parent / "migrations"  # the Alembic scripts of this schema
 
@@ -28,6 +29,7 @@ endpoints = Table(
     Column("description", Text, nullable=False, default=""),
     Column("revision", BigInteger, nullable=False),
     Column("created_by", String(256), nullable=False),
+    # Superseded by idempotency_keys (migration 0004); no longer written, kept so old rows read.
     Column("create_request_id", String(128), nullable=True, unique=True),
     _ts("create_time"), _ts("update_time"),
     # Routes returned traffic only to versions approved in the registry (governance.py).
@@ -74,6 +76,10 @@ target_stats = Table(
 
 audit_events = audit_table(metadata)
 
+# Request ids of CreateEndpoint and CreateBatchJob: a retried call returns what the first one
+# created (services/common/idempotency.py).
+idempotency_keys = idempotency_table(metadata)
+
 # Batch scoring jobs (batch_jobs/). `worker_id` is the serving process that runs the job: when it
 # is gone, the job is marked failed (BatchJobStore.recover). rows_total is NULL until known.
 batch_jobs = Table(
@@ -91,7 +97,7 @@ batch_jobs = Table(
     Column("rows_done", BigInteger, nullable=False, default=0),
     Column("error", Text, nullable=False, default=""),
     Column("created_by", String(256), nullable=False),
-    Column("create_request_id", String(128), nullable=True, unique=True),
+    Column("create_request_id", String(128), nullable=True, unique=True),  # superseded, as endpoints'
     Column("worker_id", String(64), nullable=False),
     _ts("create_time"), _ts("update_time"),
     Index("ix_batch_jobs_state", "state"),  # recover() looks for unfinished jobs

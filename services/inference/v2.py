@@ -1,5 +1,6 @@
 """The KServe V2 / Open Inference Protocol service `inference.GRPCInferenceService`, as
-tritonclient and perf_analyzer speak it: servicer, access rules and tensor codec.
+tritonclient and perf_analyzer speak it: servicer and tensor codec (its access
+rules are in services/common/kserve_access.py).
 
 Kept apart from the rest of the service because its generated module registers the protocol's
 proto symbols (inference.DataType, ...), exactly as tritonclient's own generated module does:
@@ -12,9 +13,9 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from inference import grpc_service_pb2 as v2
-from inference import grpc_service_pb2_grpc as v2_grpc
-from inference import model_config_pb2 as mc
+from strata.kserve.v2 import grpc_service_pb2 as v2
+from strata.kserve.v2 import grpc_service_pb2_grpc as v2_grpc
+from strata.kserve.v2 import model_config_pb2 as mc
 
 from services.common.audit import current_resource
 from services.common.errors import InvalidArgument, NotFound, quote

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from typing import TypeVar
 
 import grpc
 from google.api import httpbody_pb2
-from google.protobuf import timestamp_pb2
 from strata.common.v1 import types_pb2
 from strata.registry.v1 import registry_pb2 as pb
 from strata.registry.v1 import registry_pb2_grpc
 
 from services.common.audit import AuditLog, current_resource
 from services.common.auth import current_principal
+from services.common.convert import timestamp_pb
 from services.common.errors import InvalidArgument
 from services.common.limits import check_filter
+from services.common.paging import MAX_PAGE_SIZE, PageRequest
 from services.registry import domain
 from services.registry.card import render_model_card
 from services.registry.onnx_check import Signature, TensorSpec
@@ -27,17 +27,10 @@ R = TypeVar("R")
 _DOWNLOAD_CHUNK = 1 << 20
 
 
-def _ts(t: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if t is None:
-        return None
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(t)
-    return out
-
-
 def model_pb(m: domain.Model) -> pb.RegisteredModel:
     return pb.RegisteredModel(name=m.name, description=m.description, tags=m.tags, owner=m.owner,
-                              create_time=_ts(m.create_time), update_time=_ts(m.update_time),
+                              create_time=timestamp_pb(m.create_time),
+                              update_time=timestamp_pb(m.update_time),
                               latest_version=m.latest_version, aliases=m.aliases)
 
 
@@ -72,7 +65,7 @@ def version_pb(v: domain.Version) -> pb.ModelVersion:
         artifact=pb.Artifact(uri=v.artifact_uri, filename=v.filename, size_bytes=v.size_bytes, sha256=v.sha256)
         if v.sha256 else None,
         aliases=v.aliases, created_by=v.created_by,
-        create_time=_ts(v.create_time), update_time=_ts(v.update_time))
+        create_time=timestamp_pb(v.create_time), update_time=timestamp_pb(v.update_time))
 
 
 def upload_pb(u: domain.Upload) -> pb.ArtifactUpload:
@@ -83,8 +76,8 @@ def upload_pb(u: domain.Upload) -> pb.ArtifactUpload:
 def promotion_pb(p: domain.Promotion) -> pb.Promotion:
     return pb.Promotion(promotion_id=p.promotion_id, name=p.name, version=p.version, alias=p.alias, state=p.state,
                         requested_by=p.requested_by, reason=p.reason, decided_by=p.decided_by,
-                        decision_comment=p.decision_comment, request_time=_ts(p.request_time),
-                        decision_time=_ts(p.decision_time))
+                        decision_comment=p.decision_comment, request_time=timestamp_pb(p.request_time),
+                        decision_time=timestamp_pb(p.decision_time))
 
 
 def _principal() -> str:
@@ -257,7 +250,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         def build() -> str:
             model = self.r.get_model(request.name)
             version = self.r.get_version(request.name, request.version)
-            promotions, _ = self.r.list_promotions(name=request.name, size=domain.MAX_PAGE_SIZE)
+            promotions, _ = self.r.list_promotions(name=request.name, size=MAX_PAGE_SIZE)
             return render_model_card(model, version, [p for p in promotions if p.version == request.version])
         markdown = await self._run(build)
         return httpbody_pb2.HttpBody(content_type="text/markdown; charset=utf-8", data=markdown.encode())
@@ -265,15 +258,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context) -> pb.ListAuditEventsResponse:
         check_filter(request.resource_prefix, "resource_prefix")
         check_filter(request.principal, "principal")
-        n = domain.page_size(request.page_size)
-        q_key = {"resource_prefix": request.resource_prefix, "principal": request.principal}
-        after = domain.PageToken.decode(request.page_token, q_key)
-        records = await self._run(self.audit.list, resource_prefix=request.resource_prefix,
-                                  principal=request.principal, before_id=after, limit=n + 1)
-        more = len(records) > n
-        records = records[:n]
+        page = PageRequest.parse("ListAuditEvents", request.page_size, request.page_token,
+                                 {"resource_prefix": request.resource_prefix, "principal": request.principal},
+                                 key=int)
+        records, next_token = page.cut(await self._run(
+            self.audit.list, resource_prefix=request.resource_prefix, principal=request.principal,
+            before_id=page.after, limit=page.limit), lambda r: r.id)
         events = [types_pb2.AuditEvent(id=r.id, principal=r.principal, method=r.method, resource=r.resource,
-                                       request_id=r.request_id, time=_ts(r.time), outcome=r.outcome,
+                                       request_id=r.request_id, time=timestamp_pb(r.time), outcome=r.outcome,
                                        message=r.message) for r in records]
         return pb.ListAuditEventsResponse(
-            audit_events=events, next_page_token=domain.PageToken.encode(records[-1].id, q_key) if more else "")
+            audit_events=events, next_page_token=next_token)

@@ -8,6 +8,7 @@ from sqlalchemy import (
 )
 
 from services.common.audit import audit_table
+from services.common.idempotency import idempotency_table
 
 metadata = MetaData()
 _ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
@@ -104,15 +105,8 @@ promotions = Table(
     _ts("request_time"), _ts("decision_time", nullable=True),
 )
 
-# Client request ids of create calls: a retried call returns what the first one created.
-idempotency_keys = Table(
-    "idempotency_keys", metadata,
-    Column("principal", String(256), primary_key=True),
-    Column("method", String(128), primary_key=True),
-    Column("request_id", String(128), primary_key=True),
-    Column("request_hash", String(64), nullable=False),
-    Column("resource", String(512), nullable=False),
-    _ts("create_time"),
-)
+# Client request ids of create calls: a retried call returns what the first one created
+# (services/common/idempotency.py).
+idempotency_keys = idempotency_table(metadata)
 
 audit_events = audit_table(metadata)

@@ -42,7 +42,7 @@ PATH = "/inference.GRPCInferenceService/ModelInfer"
 def frame_model_infer(model: str, batch: int) -> bytes:
     """A gRPC frame (flag, length, message) of a ModelInfer request with raw_input_contents."""
     code = ("import sys,struct,numpy as np\n"
-            "from inference import grpc_service_pb2 as v2\n"
+            "from strata.kserve.v2 import grpc_service_pb2 as v2\n"
             f"r=v2.ModelInferRequest(model_name={model!r})\n"
             f"t=r.inputs.add(name='input',datatype='FP32',shape=[{batch},32])\n"
             f"r.raw_input_contents.append(np.random.default_rng(0).standard_normal(({batch},32)).astype(np.float32).tobytes())\n"
@@ -184,7 +184,7 @@ def main() -> None:
         procs.append(start_service("registry", work / "registry", reg_port, auth))
         model_path = work / "mlp.onnx"
         model_path.write_bytes(mlp((32, 256, 256, 2)))
-        from services.registry.client import RegistryClient
+        from services.clients.registry import RegistryClient
         heavy_path = work / "heavy.onnx"
         heavy_path.write_bytes(mlp((32, 1024, 1024, 1024, 2)))  # compute-bound: batching pays off
         with RegistryClient(f"127.0.0.1:{reg_port}", token) as reg:

@@ -11,7 +11,8 @@ import pytest
 
 from services.cli import build_parser, main, parse_pairs
 from services.demo import build_model
-from services.launcher import Child, Supervisor, write_tokens
+from services.dev_credentials import write_tokens
+from services.launcher import Child, Supervisor
 from services.common.auth import Authenticator
 from services.common.settings import CommonSettings
 from tests.processes import free_port, start_service, stop_process

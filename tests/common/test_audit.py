@@ -20,10 +20,10 @@ from strata.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.audit import request_resource
 from services.common.auth import mint_token
+from services.common.kserve_access import V2_POLICIES
 from services.common.policy import policies_for
 from services.common.server import serve
 from services.common.settings import ServiceSettings
-from services.inference.access import V2_POLICIES
 from services.registry.app import build_service
 from tests.processes import free_port
 

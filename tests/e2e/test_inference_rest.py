@@ -18,8 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import render_envoy_config
 from gateway.envoy import start_envoy, wait_ready, write_config
+from services.clients.registry import RegistryClient
 from services.common.auth import mint_token
-from services.registry.client import RegistryClient
 from tests.inference.models import log, mlp
 from tests.processes import free_port, start_service, stop_process
 

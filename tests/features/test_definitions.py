@@ -24,7 +24,7 @@ def test_schema_change_creates_a_version_and_keeps_the_old_one(definitions: Defi
     assert definitions.get_view("user_stats").spec.version == 2
     old = definitions.get_view("user_stats", 1).spec
     assert [f.name for f in old.features] == ["spend_7d", "orders_7d", "segment", "active"]
-    assert [v.version for v in definitions.versions("user_stats")] == [2, 1]
+    assert [v.version for v in definitions.versions("user_stats")[0]] == [2, 1]
     retyped = user_view()
     retyped.features[1].dtype = F64  # a type change is a schema change too
     assert definitions.apply_view(retyped, "bob")[0].version == 3
@@ -89,7 +89,7 @@ def test_feature_sets_apply_get_list_and_refuse_bad_references(definitions: Defi
     assert outcome == "UPDATED" and got.update_time.ToNanoseconds() >= got.create_time.ToNanoseconds()
     assert list(definitions.get_feature_set("fraud_v1").features) == list(fs.features)
     definitions.apply_feature_set(pb.FeatureSet(name="churn_v1", features=["user_stats:active"]))
-    assert [s.name for s in definitions.feature_sets()] == ["churn_v1", "fraud_v1"]
+    assert [s.name for s in definitions.feature_sets()[0]] == ["churn_v1", "fraud_v1"]
     with pytest.raises(NotFound, match="featureSets/nope"):
         definitions.get_feature_set("nope")
     bad = [
@@ -108,5 +108,5 @@ def test_feature_sets_apply_get_list_and_refuse_bad_references(definitions: Defi
         with pytest.raises(error, match=message):
             definitions.apply_feature_set(spec)
     # nothing of a refused apply was written
-    assert [s.name for s in definitions.feature_sets()] == ["churn_v1", "fraud_v1"]
+    assert [s.name for s in definitions.feature_sets()[0]] == ["churn_v1", "fraud_v1"]
     assert list(definitions.get_feature_set("fraud_v1").features) == list(fs.features)

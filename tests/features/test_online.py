@@ -251,7 +251,8 @@ def test_mget_frame_is_the_resp_encoding() -> None:
     """The hand-built MGET frame (interleaved per key length) equals the generic RESP encoding,
     for keys of mixed lengths, one key, non-ASCII keys (the fallback), and several views in one
     command (a view without keys adds nothing); no keys at all is no command."""
-    from services.features.online import RedisOnlineStore, _resp
+    from services.features.online import RedisOnlineStore
+    from services.features.online.resp import _resp
     store = RedisOnlineStore("redis://127.0.0.1:6379/0", prefix="sf")  # builds frames; connects lazily
     try:
         for keys in (["7", "12", "123", "7", "99999", "1\x1f2"], ["only"], ["café", "a", "日本"]):

@@ -151,7 +151,7 @@ def test_a_stale_definition_is_served_while_one_reread_runs(server: FeatureServe
             if not server.views._refreshing:
                 break
             await asyncio.sleep(0.02)
-        assert server.views._views["merchant_risk"].view.spec.version == 2
+        assert server.views.peek("merchant_risk").view.spec.version == 2
         assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 2
 
         def broken(name: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
@@ -175,11 +175,11 @@ def test_unreachable_redis_is_unavailable(tmp_path) -> None:  # noqa: ANN001
 def test_warm_up_caches_definitions_and_opens_the_connection(server: FeatureServer) -> None:
     """Before a process serves: current definitions cached (no first read waits for the database)
     and the loop's Redis connection open; a limit stops early, the rest load on first use."""
-    from services.features.serving import _Stale
+    from services.common.swr_cache import NotCached
     server.views.definitions.apply_view(user_view(), "t")
     views = ViewCache(server.views.definitions)
     assert views.warm(limit=1) == 1
-    with pytest.raises(_Stale):
+    with pytest.raises(NotCached):
         views.fresh("user_stats")  # names in order: merchant_risk first
     assert views.warm() == 2
     assert views.fresh("user_stats").view.spec.name == "user_stats"

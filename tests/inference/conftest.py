@@ -12,7 +12,7 @@ import pytest
 from strata.inference.v1 import inference_pb2 as pb
 from strata.inference.v1 import inference_pb2_grpc
 
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 from tests.inference import models
 from tests.processes import free_port, start_service, stop_process
 

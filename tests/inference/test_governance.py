@@ -21,8 +21,8 @@ from strata.inference.v1 import inference_pb2 as pb
 from strata.inference.v1 import inference_pb2_grpc
 from strata.registry.v1 import registry_pb2 as rpb
 
+from services.clients.registry import RegistryClient
 from services.common.auth import mint_token
-from services.registry.client import RegistryClient
 from tests.inference import models
 from tests.processes import free_port, start_service, stop_process
 

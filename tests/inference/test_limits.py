@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import struct_pb2
 from strata.inference.v1 import inference_pb2 as pb
 
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 from tests.inference import models
 from tests.inference.conftest import Inference, Registry, policy
 

@@ -1,8 +1,8 @@
 """The stock tritonclient[grpc] client against the running inference service: results equal
 onnxruntime run directly on the same inputs.
 
-This module must not import Strata's own `inference` stubs: tritonclient registers the same
-proto symbols in the default descriptor pool, and the two would clash in one process."""
+This module must not import Strata's own V2 stubs (strata.kserve.v2): tritonclient registers the
+same proto symbols in the default descriptor pool, and the two would clash in one process."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from strata.registry.v1 import registry_pb2 as pb
 
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 from tests.conftest import make_onnx_model
 from tests.processes import free_port, start_service, stop_process
 

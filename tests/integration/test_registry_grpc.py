@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from strata.registry.v1 import registry_pb2 as pb
 
+from services.clients.registry import RegistryClient
 from services.common.auth import mint_token
-from services.registry.client import RegistryClient
 from tests.conftest import make_onnx_model
 from tests.processes import free_port, start_service, stop_process
 

@@ -1,5 +1,5 @@
 """The registry's domain knows nothing of protobuf: importing every module of
-services/registry/domain loads no generated stub (services/common/proto) and not the servicer."""
+services/registry/domain loads no generated stub (gen/python) and not the servicer."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_domain_modules_import_no_generated_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
     loaded = json.loads(out.stdout)
-    proto = str(ROOT / "services" / "common" / "proto")
-    generated = sorted(n for n, f in loaded.items() if f.startswith(proto))
+    gen = str(ROOT / "gen" / "python")
+    generated = sorted(n for n, f in loaded.items() if f.startswith(gen))
     assert generated == []
     assert "services.registry.server" not in loaded

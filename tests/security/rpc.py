@@ -16,22 +16,26 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
+from services.common.kserve_access import V2_POLICIES, V2_SERVICE
 from services.common.policy import MethodPolicy, policies_for
-from services.inference.access import V2_POLICIES, V2_SERVICE
 
 #: Services whose proto cannot carry the access option (a fixed external protocol): the process
 #: that serves them and their rules, as the service declares them (Service.extra_policies).
 EXTRA_SERVICES: dict[str, tuple[str, dict[str, MethodPolicy]]] = {V2_SERVICE: ("inference", V2_POLICIES)}
 
 
+#: The generated package of the V2 protocol (proto package `inference`), never imported here.
+V2_PACKAGE = "strata.kserve."
+
+
 def generated_modules() -> list:
     """Every generated `*_pb2` module under `strata` (imported: this also fills the default
-    descriptor pool). The V2 protocol's modules (`inference`) are not imported here: in a test
-    process that also imports tritonclient, whose copy of the same protocol fills the default
-    pool first, they would not load; `v2_pool` reads them apart."""
+    descriptor pool). The V2 protocol's modules (`strata.kserve.v2`) are not imported here: in a
+    test process that also imports tritonclient, whose copy of the same protocol fills the
+    default pool first, they would not load; `v2_pool` reads them apart."""
     pkg = importlib.import_module("strata")
     return [importlib.import_module(info.name) for info in pkgutil.walk_packages(pkg.__path__, "strata.")
-            if info.name.endswith("_pb2")]
+            if info.name.endswith("_pb2") and not info.name.startswith(V2_PACKAGE)]
 
 
 @lru_cache(maxsize=1)

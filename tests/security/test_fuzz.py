@@ -96,7 +96,7 @@ def seeded(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Seed
     from strata.inference.v1 import inference_pb2 as ipb
     from strata.inference.v1 import inference_pb2_grpc
 
-    from services.registry.client import RegistryClient
+    from services.clients.registry import RegistryClient
 
     path = tmp_path_factory.mktemp("onnx") / f"{MODEL}.onnx"
     path.write_bytes(make_onnx_model(4, 2))

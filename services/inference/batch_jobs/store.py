@@ -26,7 +26,9 @@ from sqlalchemy.exc import IntegrityError
 from services.common.artifacts.local import check_key
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.idempotency import RequestIds, check_request_id
 from services.common.limits import check_version
+from services.common.paging import PageRequest
 from services.inference import tables as t
 
 
@@ -48,18 +50,18 @@ CANCELLED = BatchJobState.CANCELLED
 UNFINISHED = (PENDING, RUNNING)
 DEFAULT_CHUNK_ROWS = 4096
 MAX_CHUNK_ROWS = 1_000_000
-MAX_PAGE_SIZE = 500
 INTERRUPTED = "interrupted: the serving process stopped"
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{20}\Z")
 
+_request_ids = RequestIds(t.idempotency_keys)
 _last_us = 0
 _id_lock = threading.Lock()
 
 
 def new_job_id() -> str:
     """Microseconds (strictly increasing within a process) then randomness, 20 hex digits: ids
-    sort by creation time, so newest first is the primary key descending, and a page token is
-    just the last id."""
+    sort by creation time, so newest first is the primary key descending, and a page's position
+    is just its last id."""
     global _last_us
     with _id_lock:
         _last_us = max(time.time_ns() // 1000, _last_us + 1)
@@ -132,6 +134,13 @@ def validate_job(*, model: str, version: int = 0, alias: str = "", input_uri: st
         raise InvalidArgument("job.chunk_rows", f"must be within 0..{MAX_CHUNK_ROWS} (0: {DEFAULT_CHUNK_ROWS})")
 
 
+def job_spec(*, model: str, version: int = 0, alias: str = "", input_uri: str, output_uri: str,
+             input_columns: Sequence[str] = (), chunk_rows: int = 0) -> dict:
+    """A job as the request describes it: what a retried CreateBatchJob must repeat."""
+    return {"model": model, "version": version, "alias": alias, "input_uri": input_uri, "output_uri": output_uri,
+            "input_columns": list(input_columns), "chunk_rows": chunk_rows}
+
+
 class BatchJobStore:
     """The batch_jobs table. Every state change is one UPDATE guarded by the states it may leave,
     so a cancel, the runner and recover() cannot overwrite each other's outcome."""
@@ -147,53 +156,59 @@ class BatchJobStore:
             raise NotFound(f"batchJobs/{job_id} not found")
         return _record(row)
 
-    def by_request_id(self, request_id: str) -> BatchJobRecord | None:
+    def created(self, principal: str, request_id: str, spec: dict) -> BatchJobRecord | None:
+        """The job a first CreateBatchJob with this request id made (None: no id, or not seen);
+        INVALID_ARGUMENT naming request_id when it carried another job `spec` (the arguments of
+        `create` that describe the job, as the request gave them)."""
+        check_request_id(request_id)
         with self.db.read() as c:
-            row = c.execute(select(t.batch_jobs)
-                            .where(t.batch_jobs.c.create_request_id == request_id)).one_or_none()
-        return None if row is None else _record(row)
+            prior = _request_ids.lookup(c, principal, "CreateBatchJob", request_id, spec)
+        return None if prior is None else self.get(prior)
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[BatchJobRecord], str]:
-        """Newest first; returns (jobs, next_page_token)."""
-        if not 0 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
-        if page_token and not _JOB_ID_RE.match(page_token):
-            raise InvalidArgument("page_token", "is not a token returned by ListBatchJobs")
-        size = page_size or 50
-        q = select(t.batch_jobs).order_by(t.batch_jobs.c.job_id.desc()).limit(size + 1)
-        if page_token:
-            q = q.where(t.batch_jobs.c.job_id < page_token)
+        """Newest first; returns (jobs, next_page_token) (services/common/paging.py)."""
+        page = PageRequest.parse("ListBatchJobs", page_size, page_token, key=str)
+        if page.after is not None and not _JOB_ID_RE.match(page.after):
+            raise InvalidArgument("page_token", "is not a token returned by this list with these filters")
+        q = select(t.batch_jobs).order_by(t.batch_jobs.c.job_id.desc()).limit(page.limit)
+        if page.after is not None:
+            q = q.where(t.batch_jobs.c.job_id < page.after)
         with self.db.read() as c:
-            rows = c.execute(q).all()
-        jobs = [_record(r) for r in rows[:size]]
-        return jobs, jobs[-1].job_id if len(rows) > size else ""
+            rows, token = page.cut(c.execute(q).all(), lambda r: r.job_id)
+        return [_record(r) for r in rows], token
 
     # -- changes -----------------------------------------------------------------------------
     def create(self, *, model: str, version: int = 0, alias: str = "", input_uri: str, output_uri: str,
                input_columns: Sequence[str] = (), chunk_rows: int = 0, principal: str, worker_id: str,
                request_id: str = "", resolved_version: int = 0) -> tuple[BatchJobRecord, bool]:
-        """A PENDING job owned by worker_id; returns (job, created). A retry with the same
-        request_id returns the first job and created=False. resolved_version: the version the
-        alias (or "newest") stood for when the job was accepted, so the job scores with it."""
+        """A PENDING job owned by worker_id; returns (job, created). A retry by the same principal
+        with the same request_id and the same job returns the first job and created=False; the
+        same id with another job is INVALID_ARGUMENT naming request_id. resolved_version: the
+        version the alias (or "newest") stood for when the job was accepted, so the job scores
+        with it (not part of what a retry must repeat)."""
         validate_job(model=model, version=version, alias=alias, input_uri=input_uri, output_uri=output_uri,
                      input_columns=input_columns, chunk_rows=chunk_rows)
-        if request_id and (prior := self.by_request_id(request_id)) is not None:
-            return prior, False
+        check_request_id(request_id)
+        spec = job_spec(model=model, version=version, alias=alias, input_uri=input_uri, output_uri=output_uri,
+                        input_columns=input_columns, chunk_rows=chunk_rows)
         job_id, now = new_job_id(), datetime.now(UTC)
         try:
             with self.db.session() as c:
-                c.execute(insert(t.batch_jobs).values(
-                    job_id=job_id, model=model, version=resolved_version or version, alias=alias,
-                    input_uri=input_uri, output_uri=output_uri, input_columns=json.dumps(list(input_columns)),
-                    chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS, state=PENDING, rows_total=None, rows_done=0,
-                    error="", created_by=principal, create_request_id=request_id or None, worker_id=worker_id,
-                    create_time=now, update_time=now))
+                if (prior := _request_ids.lookup(c, principal, "CreateBatchJob", request_id, spec)) is not None:
+                    job_id = prior
+                else:
+                    c.execute(insert(t.batch_jobs).values(
+                        job_id=job_id, model=model, version=resolved_version or version, alias=alias,
+                        input_uri=input_uri, output_uri=output_uri, input_columns=json.dumps(list(input_columns)),
+                        chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS, state=PENDING, rows_total=None, rows_done=0,
+                        error="", created_by=principal, worker_id=worker_id, create_time=now, update_time=now))
+                    _request_ids.remember(c, principal, "CreateBatchJob", request_id, spec, job_id)
         except IntegrityError:
             # A concurrent retry with the same request id got there first.
-            if request_id and (prior := self.by_request_id(request_id)) is not None:
-                return prior, False
+            if (first := self.created(principal, request_id, spec)) is not None:
+                return first, False
             raise
-        return self.get(job_id), True
+        return self.get(job_id), prior is None
 
     def _update(self, job_id: str, states: Iterable[BatchJobState], **values: object) -> bool:
         with self.db.session() as c:

@@ -3,12 +3,12 @@ Nothing here knows about protobuf or gRPC; server.py translates.
 
 - entities.py     Model, Version, Lineage, Upload, Promotion and their enum values
 - checks.py       checks of request input (names, versions, aliases, tags, text)
-- paging.py       page sizes and opaque page tokens bound to their query
-- idempotency.py  request ids of the create calls
-- fingerprint.py  the digest both of those bind to
 - rows.py         lookups and rows -> entities (drafts hidden unless asked for)
 - models.py, versions.py, aliases.py, uploads.py, promotions.py, recovery.py: one part each
 - registry.py     `Registry`, the parts composed under the names the servicer calls
+
+Pagination and request ids are the platform's (services/common/paging.py, idempotency.py);
+the request ids live in this service's own `idempotency_keys` table.
 
 The contracts: atomic registration in versions.py, crash safety of artifacts in uploads.py.
 """
@@ -19,16 +19,12 @@ from .entities import (
     STAGE_PRODUCTION, STAGE_STAGING, STATUS_PENDING_UPLOAD, STATUS_READY, Lineage, Model, Promotion, Upload,
     Version,
 )
-from .idempotency import check_request_id
-from .paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, page_size
 from .registry import Registry, RegistryConfig
 from .uploads import MAX_CHUNK_BYTES
 
 __all__ = [
-    "DEFAULT_PAGE_SIZE",
     "FRAMEWORKS",
     "MAX_CHUNK_BYTES",
-    "MAX_PAGE_SIZE",
     "PROMOTION_APPROVED",
     "PROMOTION_PENDING",
     "PROMOTION_REJECTED",
@@ -40,7 +36,6 @@ __all__ = [
     "STATUS_READY",
     "Lineage",
     "Model",
-    "PageToken",
     "Promotion",
     "Registry",
     "RegistryConfig",
@@ -48,9 +43,7 @@ __all__ = [
     "Version",
     "check_alias",
     "check_name",
-    "check_request_id",
     "check_tags",
     "check_text",
     "check_version",
-    "page_size",
 ]

@@ -1,11 +1,12 @@
-"""The registry's entities: plain dataclasses (no protobuf), the enum values they carry and
-the UTC convention of their timestamps."""
+"""The registry's entities: plain dataclasses (no protobuf) and the enum values they carry.
+Their timestamps are aware UTC datetimes (services/common/timeutil.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
+from services.common.timeutil import as_utc, utc_now  # noqa: F401  (the domain modules import them from here)
 from services.registry.onnx_check import Signature
 
 # Enum values mirror strata.registry.v1 (kept as ints so the domain needs no protobuf).
@@ -14,15 +15,6 @@ STAGE_NONE, STAGE_STAGING, STAGE_PRODUCTION, STAGE_ARCHIVED = 0, 1, 2, 3
 PROMOTION_PENDING, PROMOTION_APPROVED, PROMOTION_REJECTED = 1, 2, 3
 
 FRAMEWORKS = ("onnx", "sklearn", "xgboost", "lightgbm", "pytorch", "other")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(t: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; everything stored is UTC.
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
 @dataclass

@@ -10,16 +10,17 @@ from sqlalchemy.exc import IntegrityError
 from services.common.artifacts import ArtifactStore
 from services.common.db import Database
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, quote
+from services.common.idempotency import RequestIds, check_request_id
 from services.common.limits import check_filter, check_filters
+from services.common.paging import PageRequest
 from services.registry import tables as T
 
-from . import idempotency
 from .checks import TAG_KEY_RE, check_name, check_tags, check_text
 from .entities import Model, utc_now
-from .idempotency import check_request_id
-from .paging import PageToken, page_size
 from .rows import load_model, model_id, models_from_rows
 from .uploads import discard_upload_files
+
+_request_ids = RequestIds(T.idempotency_keys)
 
 
 class Models:
@@ -33,7 +34,7 @@ class Models:
         check_tags(model.tags, "registered_model.tags")
         check_request_id(request_id)
         with self.db.session() as s:
-            prior = idempotency.lookup(s, principal, "CreateRegisteredModel", request_id, model.__dict__)
+            prior = _request_ids.lookup(s, principal, "CreateRegisteredModel", request_id, model.__dict__)
             if prior is not None:
                 return load_model(s, prior)
             if s.execute(select(T.registered_models.c.id).where(T.registered_models.c.name == model.name)).first():
@@ -48,7 +49,7 @@ class Models:
             if model.tags:
                 s.execute(insert(T.model_tags), [{"model_id": mid, "key": k, "value": v}
                                                  for k, v in model.tags.items()])
-            idempotency.remember(s, principal, "CreateRegisteredModel", request_id, model.__dict__,
+            _request_ids.remember(s, principal, "CreateRegisteredModel", request_id, model.__dict__,
                                  model.name)
             return load_model(s, model.name)
 
@@ -62,11 +63,10 @@ class Models:
         check_filter(query, "query")
         check_filter(owner, "owner")
         tags = check_filters(tags or [], "tags")
-        n = page_size(size)
-        q_key = {"query": query, "owner": owner, "tags": sorted(tags)}
-        after = PageToken.decode(token, q_key)
+        page = PageRequest.parse("ListRegisteredModels", size, token,
+                                 {"query": query, "owner": owner, "tags": sorted(tags)}, key=str)
         m = T.registered_models.c
-        stmt = select(T.registered_models).order_by(m.name).limit(n + 1)
+        stmt = select(T.registered_models).order_by(m.name).limit(page.limit)
         if query:
             like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             stmt = stmt.where(or_(func.lower(m.name).like(like, escape="\\"),
@@ -81,14 +81,12 @@ class Models:
             if eq:
                 cond = and_(cond, T.model_tags.c.value == value)
             stmt = stmt.where(exists().where(cond))
-        if after is not None:
-            stmt = stmt.where(m.name > after)
+        if page.after is not None:
+            stmt = stmt.where(m.name > page.after)
         with self.db.read() as s:
-            rows = s.execute(stmt).all()
-            more = len(rows) > n
-            rows = rows[:n]
+            rows, next_token = page.cut(s.execute(stmt).all(), lambda r: r.name)
             models = models_from_rows(s, rows)
-        return models, PageToken.encode(models[-1].name, q_key) if more else ""
+        return models, next_token
 
     def update_model(self, name: str, fields: set[str], description: str = "", owner: str = "",
                      tags: dict[str, str] | None = None) -> Model:

@@ -12,18 +12,19 @@ from sqlalchemy import insert, select, update
 from services.common.artifacts import ArtifactStore
 from services.common.db import Database
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.idempotency import RequestIds, check_request_id
+from services.common.paging import PageRequest
 from services.registry import tables as T
 
-from . import idempotency
 from .aliases import move_alias
 from .checks import check_alias, check_name, check_text, check_version
 from .entities import (
     PROMOTION_APPROVED, PROMOTION_PENDING, PROMOTION_REJECTED, STAGE_ARCHIVED, STAGE_PRODUCTION, Promotion,
     Version, utc_now,
 )
-from .idempotency import check_request_id
-from .paging import PageToken, page_size
 from .rows import load_promotion, load_version, model_id, promotion_from_row, version_row
+
+_request_ids = RequestIds(T.idempotency_keys)
 
 
 class Promotions:
@@ -40,7 +41,7 @@ class Promotions:
         check_request_id(request_id)
         payload = {"name": name, "version": version, "alias": alias, "reason": reason}
         with self.db.session() as s:
-            prior = idempotency.lookup(s, principal, "RequestPromotion", request_id, payload)
+            prior = _request_ids.lookup(s, principal, "RequestPromotion", request_id, payload)
             if prior is not None:
                 return load_promotion(s, prior)
             row = version_row(s, name, version)  # committed only: a draft is NotFound
@@ -54,7 +55,7 @@ class Promotions:
             s.execute(insert(T.promotions).values(
                 promotion_id=pid, model_id=row.model_id, version=version, alias=alias, state=PROMOTION_PENDING,
                 requested_by=principal, reason=reason, request_time=utc_now()))
-            idempotency.remember(s, principal, "RequestPromotion", request_id, payload, pid)
+            _request_ids.remember(s, principal, "RequestPromotion", request_id, payload, pid)
             return load_promotion(s, pid)
 
     def decide_promotion(self, promotion_id: str, principal: str, approve: bool, comment: str = "") -> tuple[
@@ -89,20 +90,16 @@ class Promotions:
 
     def list_promotions(self, *, name: str = "", state: int = 0, size: int = 0,
                         token: str = "") -> tuple[list[Promotion], str]:
-        n = page_size(size)
-        q_key = {"name": name, "state": state}
-        after = PageToken.decode(token, q_key)
+        page = PageRequest.parse("ListPromotions", size, token, {"name": name, "state": state}, key=int)
         p, m = T.promotions.c, T.registered_models.c
         stmt = (select(T.promotions, m.name).join(T.registered_models, p.model_id == m.id)
-                .order_by(p.seq.desc()).limit(n + 1))
+                .order_by(p.seq.desc()).limit(page.limit))
         if name:
             stmt = stmt.where(m.name == check_name(name))
         if state:
             stmt = stmt.where(p.state == state)
-        if after is not None:
-            stmt = stmt.where(p.seq < int(after))
+        if page.after is not None:
+            stmt = stmt.where(p.seq < page.after)
         with self.db.read() as s:
-            rows = s.execute(stmt).all()
-        more = len(rows) > n
-        rows = rows[:n]
-        return [promotion_from_row(r) for r in rows], PageToken.encode(rows[-1].seq, q_key) if more else ""
+            rows, next_token = page.cut(s.execute(stmt).all(), lambda r: r.seq)
+        return [promotion_from_row(r) for r in rows], next_token

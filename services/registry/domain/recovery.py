@@ -10,9 +10,9 @@ from sqlalchemy import delete, exists, select
 
 from services.common.artifacts import ArtifactStore
 from services.common.db import Database
+from services.common.idempotency import RequestIds
 from services.registry import tables as T
 
-from . import idempotency
 from .entities import STATUS_PENDING_UPLOAD, as_utc, utc_now
 from .uploads import Uploads
 
@@ -75,5 +75,5 @@ class Recovery:
                 ~exists().where(T.uploads.c.version_id == v.id))).all()
             if rows:
                 s.execute(delete(T.model_versions).where(v.id.in_([r.id for r in rows])))
-                idempotency.forget(s, "CreateModelVersion", [f"{r.name}/{r.version}" for r in rows])
+                RequestIds(T.idempotency_keys).forget(s, "CreateModelVersion", [f"{r.name}/{r.version}" for r in rows])
         return len(rows)

@@ -20,19 +20,20 @@ from sqlalchemy import delete, insert, select, update
 from services.common.artifacts import ArtifactNotFound, ArtifactStore
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from services.common.idempotency import RequestIds, check_request_id
+from services.common.paging import PageRequest
 from services.registry import tables as T
 from services.registry.onnx_check import Signature
 
-from . import idempotency
 from .checks import check_name, check_tags, check_text, check_version
 from .entities import (
     FRAMEWORKS, STAGE_ARCHIVED, STAGE_NONE, STAGE_PRODUCTION, STAGE_STAGING, STATUS_PENDING_UPLOAD,
     STATUS_READY, Lineage, Version, utc_now,
 )
-from .idempotency import check_request_id
-from .paging import PageToken, page_size
 from .rows import load_version, model_id, version_row, versions_from_rows
 from .uploads import discard_upload_files
+
+_request_ids = RequestIds(T.idempotency_keys)
 
 
 class Versions:
@@ -62,7 +63,7 @@ class Versions:
                    "metrics": metrics, "lineage": lineage.__dict__,
                    "signature": (signature or Signature()).to_json()}
         with self.db.session() as s:
-            prior = idempotency.lookup(s, principal, "CreateModelVersion", request_id, payload)
+            prior = _request_ids.lookup(s, principal, "CreateModelVersion", request_id, payload)
             if prior is not None:  # the same draft (to resume its upload) or the committed version
                 pname, pver = prior.rsplit("/", 1)
                 return load_version(s, self.store, pname, int(pver), include_pending=True)
@@ -80,7 +81,7 @@ class Versions:
                 stage=STAGE_NONE, description=description, tags=tags, metrics=metrics,
                 signature=(signature or Signature()).to_json(), lineage=lineage.__dict__,
                 created_by=principal, create_time=now, update_time=now))
-            idempotency.remember(s, principal, "CreateModelVersion", request_id, payload, f"{name}/{version}")
+            _request_ids.remember(s, principal, "CreateModelVersion", request_id, payload, f"{name}/{version}")
             return load_version(s, self.store, name, version, include_pending=True)
 
     def get_version(self, name: str, version: int) -> Version:
@@ -93,12 +94,11 @@ class Versions:
     def list_versions(self, name: str, *, stage: int = 0, status: int = 0, size: int = 0,
                       token: str = "") -> tuple[list[Version], str]:
         """Committed versions, newest first (so a status filter other than READY matches none)."""
-        n = page_size(size)
-        q_key = {"name": name, "stage": stage, "status": status}
-        after = PageToken.decode(token, q_key)
+        page = PageRequest.parse("ListModelVersions", size, token, {"name": name, "stage": stage, "status": status},
+                                 key=int)
         v, m = T.model_versions.c, T.registered_models.c
         stmt = (select(T.model_versions, m.name).join(T.registered_models, v.model_id == m.id)
-                .where(v.status == STATUS_READY).order_by(v.id.desc()).limit(n + 1))
+                .where(v.status == STATUS_READY).order_by(v.id.desc()).limit(page.limit))
         with self.db.read() as s:
             if name != "-":
                 check_name(name)
@@ -107,13 +107,11 @@ class Versions:
                 stmt = stmt.where(v.stage == stage)
             if status:
                 stmt = stmt.where(v.status == status)
-            if after is not None:
-                stmt = stmt.where(v.id < int(after))
-            rows = s.execute(stmt).all()
-            more = len(rows) > n
-            rows = rows[:n]
+            if page.after is not None:
+                stmt = stmt.where(v.id < page.after)
+            rows, next_token = page.cut(s.execute(stmt).all(), lambda r: r.id)
             versions = versions_from_rows(s, self.store, rows)
-        return versions, PageToken.encode(rows[-1].id, q_key) if more else ""
+        return versions, next_token
 
     def update_version(self, name: str, version: int, fields: set[str], *, description: str = "",
                        tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None) -> Version:
