@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--mlflow-run-id", default="")
     reg.add_argument("--dataset-hash", default="")
     reg.add_argument("--request-id", default="", help="makes a retried registration idempotent")
+    reg.add_argument("--allow-nan", action="store_true",
+                     help="the model takes NaN and infinities as inputs (refused otherwise)")
 
     alias = sub.add_parser("alias", help="aliases").add_subparsers(dest="action", required=True)
     a_set = alias.add_parser("set")
@@ -229,7 +231,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcomm
             lineage = pb.Lineage(mlflow_run_id=args.mlflow_run_id, dataset_hash=args.dataset_hash)
             v = c.register_onnx(args.name, args.file, create_model=args.create_model, description=args.description,
                                 metrics=parse_pairs(args.metric, "--metric", float),
-                                tags=parse_pairs(args.tag, "--tag"), lineage=lineage, request_id=args.request_id)
+                                tags=parse_pairs(args.tag, "--tag"), lineage=lineage, request_id=args.request_id,
+                                allow_nan=args.allow_nan)
             _print(v, out, _version_detail)
         elif args.cmd == "alias" and args.action == "set":
             r = s.SetModelAlias(pb.SetModelAliasRequest(name=args.name, alias=args.alias, version=args.version))

@@ -1,6 +1,6 @@
 """The `strata` subcommands of the inference service (hooked into services/cli.py):
 
-    strata deploy ENDPOINT MODEL (--version V | --alias A) [--max-batch-size N] [--description D]
+    strata deploy ENDPOINT MODEL (--version V | --alias A) [--max-batch-size N] [--description D] [--production]
     strata traffic set ENDPOINT MODEL:VERSION=WEIGHT ... [--shadow MODEL:VERSION] [--sticky]
                        [--canary INDEX --max-error-rate R --max-p99-ms MS --min-requests N]
     strata rollback ENDPOINT
@@ -40,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     dep.add_argument("--description", default="")
     dep.add_argument("--max-batch-size", type=int, default=0)
     dep.add_argument("--max-queue-delay-us", type=int, default=0)
+    dep.add_argument("--production", action="store_true",
+                     help="serve only approved versions (lifting the mark later needs the approver role)")
     tr = sub.add_parser("traffic", help="traffic policies").add_subparsers(dest="action", required=True)
     ts = tr.add_parser("set", help="replace an endpoint's policy (A/B, canary, shadow, blue/green)")
     ts.add_argument("endpoint")
@@ -94,7 +96,8 @@ def read_rows(path: Path, single_input: str = "") -> list[struct_pb2.Struct]:
 def _endpoint_line(e: pb.Endpoint) -> str:
     targets = ", ".join(f"{t.model}:v{t.version}={t.weight}" for t in e.policy.targets)
     shadows = ", ".join(f"{t.model}:v{t.version}" for t in e.policy.shadows)
-    return f"{e.name:<24} rev {e.revision:<4} {targets}" + (f"  shadow {shadows}" if shadows else "")
+    return (f"{e.name:<24} rev {e.revision:<4} {targets}" + (f"  shadow {shadows}" if shadows else "")
+            + ("  [production]" if e.production else ""))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                                       batching=pb.BatchingConfig(max_batch_size=args.max_batch_size,
                                                                  max_queue_delay_us=args.max_queue_delay_us))
             e = stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=pb.Endpoint(
-                name=args.endpoint, description=args.description, policy=policy))).endpoint
+                name=args.endpoint, description=args.description, policy=policy,
+                production=args.production))).endpoint
             show(e, _endpoint_line)
         elif args.cmd == "traffic":
             policy = pb.TrafficPolicy(targets=[_target(t, True) for t in args.targets],

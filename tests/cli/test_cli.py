@@ -169,3 +169,19 @@ def test_register_with_a_bad_onnx_file_leaves_no_version_and_latest_unchanged(
     # The next good registration takes the next number (never reused) and becomes the latest.
     assert main([*base, "register", "cli-bad", str(model)]) == 0
     assert _visible_versions(base, "cli-bad", capsys) == ([3, 1], 3)
+
+
+def test_register_allow_nan_is_recorded_in_the_signature(registry_addr: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    model = tmp_path / "nan.onnx"
+    build_model(model)
+    base = ["--addr", registry_addr]
+    assert main([*base, "register", "cli-nan", str(model), "--create-model"]) == 0
+    assert main([*base, "register", "cli-nan", str(model), "--allow-nan"]) == 0
+    capsys.readouterr()
+    flags = []
+    for version in ("1", "2"):
+        assert main([*base, "--json", "versions", "show", "cli-nan", version]) == 0
+        flags.append(json.loads(capsys.readouterr().out)["signature"].get("allow_nan", False))
+    assert flags == [False, True]

@@ -50,3 +50,11 @@ def test_cli_errors_name_the_problem(inference: Inference, registry: Registry,
     assert "NOT_FOUND" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="MODEL:VERSION=WEIGHT"):
         _strata(inference, registry, "traffic", "set", "cli-ep", "mlp=3")
+
+
+def test_deploy_production_serves_only_approved_versions(inference: Inference, registry: Registry,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--production marks the endpoint; mlp v1 went through no promotion, so it is refused."""
+    assert _strata(inference, registry, "deploy", "cli-prod", "mlp", "--version", "1", "--production") == 1
+    err = capsys.readouterr().err
+    assert "FAILED_PRECONDITION" in err and "models/mlp/versions/1" in err

@@ -170,6 +170,13 @@ def test_upload_commit_extracts_the_onnx_signature(registry: Registry) -> None:
     assert hashlib.sha256(chunks).hexdigest() == v.sha256
 
 
+def test_per_upload_locks_do_not_outlive_their_uploads(registry: Registry) -> None:
+    """A long-running registry sees millions of uploads: the lock table holds only those in use."""
+    for i in range(3):
+        _ready_version(registry, f"locks-{i}", make_onnx_model())
+    assert len(registry.uploads._upload_locks) == 0
+
+
 def test_wrong_offset_is_refused(registry: Registry) -> None:
     registry.create_model(Model(name="off"), "alice")
     registry.create_version("off", framework="other", principal="alice")

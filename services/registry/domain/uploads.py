@@ -20,6 +20,7 @@ import hashlib
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,7 +50,9 @@ class Uploads:
         # Running sha256 per upload, fed as chunks arrive (recomputed from the staged bytes
         # at commit if this process did not see every chunk, e.g. after a restart).
         self._hashers: dict[str, tuple[Any, int]] = {}
-        self._upload_locks: dict[str, threading.Lock] = {}
+        # One lock per upload in use: an entry lives while a caller holds its lock object, so the
+        # table does not grow with every upload the process has ever seen.
+        self._upload_locks: weakref.WeakValueDictionary[str, _UploadLock] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
 
     def begin_upload(self, name: str, version: int, *, size_bytes: int, sha256: str, filename: str,
@@ -207,9 +210,27 @@ class Uploads:
         else:
             discard_upload_files(self.store, [row])
 
-    def _lock_for(self, upload_id: str) -> threading.Lock:
+    def _lock_for(self, upload_id: str) -> _UploadLock:
         with self._locks_guard:
-            return self._upload_locks.setdefault(upload_id, threading.Lock())
+            lock = self._upload_locks.get(upload_id)
+            if lock is None:
+                lock = self._upload_locks[upload_id] = _UploadLock()
+            return lock
+
+
+class _UploadLock:
+    """A mutex that a WeakValueDictionary can hold (threading.Lock takes no weak references)."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def discard_upload_files(store: ArtifactStore, uploads: list[Row]) -> None:
