@@ -20,6 +20,16 @@ from services.common.client import open_channel
 CHUNK_BYTES = 4 << 20
 
 
+def _check_onnx(path: Path) -> None:
+    """ValueError naming the file when it is not a valid ONNX model (the registry's own check)."""
+    import onnx  # only registering needs it
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError, ValidationError, ...
+        raise ValueError(f"{path}: not a valid ONNX model: {str(e).splitlines()[0][:300]}") from None
+
+
 def _sha256_file(path: Path) -> tuple[str, int]:
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
@@ -78,6 +88,9 @@ class RegistryClient:
         otherwise)."""
         hashed = _sha256_file(path)
         if create_model:
+            # The registry validates the file at commit; checking it here first keeps a bad file
+            # from leaving a new, empty model behind (deleting a model needs the admin role).
+            _check_onnx(path)
             try:
                 self.stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(
                     registered_model=pb.RegisteredModel(name=name)))

@@ -171,6 +171,16 @@ def test_register_with_a_bad_onnx_file_leaves_no_version_and_latest_unchanged(
     assert _visible_versions(base, "cli-bad", capsys) == ([3, 1], 3)
 
 
+def test_register_create_model_with_a_bad_onnx_file_creates_no_model(
+        registry_addr: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--addr", registry_addr]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not an ONNX model" * 100)
+    assert main([*base, "register", "cli-bad-new", str(bad), "--create-model"]) == 1
+    assert "bad.onnx: not a valid ONNX model" in capsys.readouterr().err
+    assert main([*base, "models", "show", "cli-bad-new"]) == 1  # no empty model left behind
+
+
 def test_register_allow_nan_is_recorded_in_the_signature(registry_addr: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import json

@@ -81,8 +81,12 @@ def test_a_failed_registration_is_invisible_over_grpc(server: Server, tmp_path: 
     bad.write_bytes(b"not an onnx model" * 64)
     good.write_bytes(make_onnx_model())
     with server.client("alice", "developer") as dev:
+        # (register_onnx with create_model checks the file before creating anything; the server's
+        # own refusal is what this test is about, so the model exists first.)
+        dev.stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(
+            registered_model=pb.RegisteredModel(name="atomic")))
         with pytest.raises(grpc.RpcError) as e:
-            dev.register_onnx("atomic", bad, create_model=True)
+            dev.register_onnx("atomic", bad)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("artifact:")
         assert _code(lambda: dev.stub.GetModelVersion(pb.GetModelVersionRequest(name="atomic", version=1))) \
             == grpc.StatusCode.NOT_FOUND
