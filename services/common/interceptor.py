@@ -120,21 +120,22 @@ class StrataInterceptor:
                              if policy is not None and policy.mutates else "")
         if policy is None or policy.public:
             current_principal.set(ANONYMOUS_ADMIN if self._auth is None else _NOBODY)
-            return
-        if self._auth is None:  # STRATA_AUTH=disabled
+        elif self._auth is None:  # STRATA_AUTH=disabled
             current_principal.set(ANONYMOUS_ADMIN)
-            return
-        principal = self._auth.authenticate(md.get("authorization"))
-        current_principal.set(principal)
-        rank = self._ranks.get(principal.roles)
-        if rank is None:
-            rank = self._ranks[principal.roles] = rank_of(principal.roles)
-            if len(self._ranks) > 1024:  # role sets are few; never let them grow without bound
-                self._ranks.clear()
-        if rank < policy.min_role:
-            raise PermissionDenied(
-                f"{method.rsplit('/', 1)[-1]} needs role {ROLE_NAMES[policy.min_role]}; "
-                f"{principal.subject} has {sorted(principal.roles) or 'none'}")
+        else:
+            principal = self._auth.authenticate(md.get("authorization"))
+            current_principal.set(principal)
+            rank = self._ranks.get(principal.roles)
+            if rank is None:
+                rank = self._ranks[principal.roles] = rank_of(principal.roles)
+                if len(self._ranks) > 1024:  # role sets are few; never let them grow without bound
+                    self._ranks.clear()
+            if rank < policy.min_role:
+                raise PermissionDenied(
+                    f"{method.rsplit('/', 1)[-1]} needs role {ROLE_NAMES[policy.min_role]}; "
+                    f"{principal.subject} has {sorted(principal.roles) or 'none'}")
+        if request.__class__ is _Undecodable:  # after authentication: strangers learn nothing
+            raise request.error
 
     def _classify(self, exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, StrataError):
@@ -219,15 +220,11 @@ class StrataInterceptor:
         async def behavior(request, context):  # noqa: ANN001
             if self._tracer is not None:
                 async with self._call(method, policy, context, request):
-                    if request.__class__ is _Undecodable:
-                        raise request.error
                     return await inner(request, context)
             start = time.perf_counter()
             self.metrics.in_flight += 1
             try:
                 self._begin(method, policy, dict(context.invocation_metadata() or ()), request)
-                if request.__class__ is _Undecodable:  # after authentication: strangers learn nothing
-                    raise request.error
                 response = await inner(request, context)
             except BaseException as exc:
                 code, message = self._classify(exc, context)
@@ -244,8 +241,6 @@ class StrataInterceptor:
     def _wrap_stream(self, method: str, policy: MethodPolicy | None, inner: Callable) -> Callable:
         async def behavior(request, context):  # noqa: ANN001
             async with self._call(method, policy, context, request):
-                if request.__class__ is _Undecodable:
-                    raise request.error
                 result = inner(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:

@@ -20,7 +20,7 @@ MAX_FILTER_CHARS = 1024
 MAX_FILTER_TERMS = 32
 
 
-def check_version(value: int, field: str, *, optional: bool = False) -> int:
+def check_version(value: int, field: str = "version", *, optional: bool = False) -> int:
     """A version number 1..MAX_VERSION; with `optional`, 0 (none given: latest, or an alias)."""
     if 0 < value <= MAX_VERSION or (optional and value == 0):
         return value

@@ -94,11 +94,9 @@ class Confinement:
         reads may name (the store and the write roots are readable too). `write_roots`: where
         writes may go; default the store."""
         self.store = self._root(store) if store is not None else None
-        default = [store] if store is not None else []
-        writes = [self._root(r) for r in (write_roots if write_roots is not None else default)]
-        self.write_roots = tuple(writes)
-        stores = [self.store] if self.store is not None else []
-        self.read_roots = tuple(dict.fromkeys([*stores, *writes, *(self._root(r) for r in read_roots)]))
+        own = (self.store,) if self.store is not None else ()
+        self.write_roots = own if write_roots is None else tuple(self._root(r) for r in write_roots)
+        self.read_roots = tuple(dict.fromkeys([*own, *self.write_roots, *(self._root(r) for r in read_roots)]))
 
     @staticmethod
     def _root(root: str) -> str:

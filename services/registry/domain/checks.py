@@ -1,4 +1,5 @@
-"""Checks of request input: model names, version numbers, aliases, tags and free text. Each
+"""Checks of request input: model names, aliases, tags and free text; version numbers are
+checked as in every service (services.common.limits.check_version, re-exported here). Each
 returns the value it checked or raises InvalidArgument naming the field."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import re
 
 from services.common.errors import InvalidArgument, quote
-from services.common.limits import MAX_VERSION
+from services.common.limits import check_version  # noqa: F401 - versions are checked as every service does
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
@@ -20,12 +21,6 @@ def check_name(name: str, field_name: str = "name") -> str:
         raise InvalidArgument(field_name, f"{quote(name)} is not a valid model name (letters, digits, "
                                           "'.', '_', '-'; 1-128 characters; starts with a letter or digit)")
     return name
-
-
-def check_version(version: int, field_name: str = "version") -> int:
-    if not 0 < version <= MAX_VERSION:  # (int32 in the contract and the database)
-        raise InvalidArgument(field_name, f"must be a version number within 1..{MAX_VERSION}, got {version}")
-    return version
 
 
 def check_alias(alias: str, field_name: str = "alias") -> str:
