@@ -14,10 +14,21 @@ from services.common import health
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_issued: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 now, and not handed out before by this process: the kernel may
+    give a just-released port again, so two calls in a row (a gateway and its admin port) could
+    otherwise get the same one before either is bound."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _issued:
+            break
+    _issued.add(port)
+    return port
 
 
 def wait_serving(addr: str, proc: subprocess.Popen | None, log: Path, timeout: float = 30) -> None:
