@@ -5,11 +5,11 @@ BUF     := .tools/node_modules/.bin/buf
 
 .PHONY: setup up demo test lint protos bench bench-inference clean
 
-# Install the project with its dev/gateway extras (re-run when pyproject.toml changes).
+# Install the project with its dev/gateway/training extras (re-run when pyproject.toml changes).
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,gateway]'
+	$(PY) -m pip install -q -e '.[dev,gateway,training]'
 	# tritonclient, the stock KServe V2 client the inference tests drive, pins protobuf<7 in its
 	# metadata; its generated code runs on the protobuf 7 runtime (tests/inference show it), so
 	# it is installed without its dependency pins.

@@ -36,6 +36,7 @@ class Lineage:
     feature_views: list[str] = field(default_factory=list)
     dataset_hash: str = ""
     dataset_uri: str = ""
+    feature_set: str = ""
 
 
 @dataclass

@@ -219,6 +219,7 @@ class Lineage(_message.Message):
     FEATURE_VIEWS_FIELD_NUMBER: _builtins.int
     DATASET_HASH_FIELD_NUMBER: _builtins.int
     DATASET_URI_FIELD_NUMBER: _builtins.int
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
     mlflow_run_id: _builtins.str
     """MLflow run that produced the model."""
     training_job_id: _builtins.str
@@ -227,6 +228,10 @@ class Lineage(_message.Message):
     """Hash of the training dataset."""
     dataset_uri: _builtins.str
     """Location of the training dataset."""
+    feature_set: _builtins.str
+    """The feature set the model was trained from: an endpoint serving it reads
+    these features by entity key.
+    """
     @_builtins.property
     def feature_views(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature views used, as "name:version"."""
@@ -239,10 +244,11 @@ class Lineage(_message.Message):
         feature_views: _abc.Iterable[_builtins.str] | None = ...,
         dataset_hash: _builtins.str = ...,
         dataset_uri: _builtins.str = ...,
+        feature_set: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_hash", b"dataset_hash", "dataset_uri", b"dataset_uri", "feature_views", b"feature_views", "mlflow_run_id", b"mlflow_run_id", "training_job_id", b"training_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_hash", b"dataset_hash", "dataset_uri", b"dataset_uri", "feature_set", b"feature_set", "feature_views", b"feature_views", "mlflow_run_id", b"mlflow_run_id", "training_job_id", b"training_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,441 @@
+"""One training job, start to end, on the worker that holds its lease:
+
+load the dataset -> hold out rows -> search (Optuna study in the service's database; each trial
+an MLflow child run) -> fit the chosen parameters -> export to ONNX and check parity -> score the
+candidate and the champion on the same held-out rows (the gate) -> register a passing candidate
+with its lineage and the `challenger` alias.
+
+A job may be run more than once (its worker died, another claims it): the study and the MLflow
+parent run are found again and carry on. Optuna's trial heartbeats mark the dead worker's trial
+failed, RetryFailedTrialCallback queues its parameters again, and the study stops at n_trials
+trials COMPLETE or PRUNED, so no trial is counted twice. Registration uses the job's id as its
+request id: a retried registration resumes the first one, and the registry shows a version only
+once its artifact is committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from services.common.errors import InvalidArgument, StrataError
+from services.common.paths import Confinement
+from services.training import datasets, export, metrics, search
+from services.training.jobs import JobStore, Lease, LeaseLost
+from services.training.tracking import Tracker
+from services.training.trainers import FAMILIES
+from services.training.types import (
+    Gate, JobSpec, JobState, LeaderboardEntry, Progress, Result, Task,
+)
+
+log = logging.getLogger("strata.training.runner")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Trial heartbeats and grouped TPE are marked experimental; they are what this runner is built on.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+INNER_VALIDATION = 0.2  # share of the training rows each trial is scored on (the held-out rows never are)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    mlflow_run_id: str
+    training_job_id: str
+    feature_views: tuple[str, ...]
+    dataset_hash: str
+    dataset_uri: str
+    feature_set: str
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    onnx: bytes
+
+
+class ModelRegistry(Protocol):
+    """The registry as training needs it (services/training/registry_target.py over gRPC)."""
+
+    def champion(self, model: str, alias: str) -> Champion | None: ...
+
+    def register(self, model: str, onnx_path: Path, *, metrics: dict[str, float], tags: dict[str, str],
+                 lineage: Lineage, request_id: str, alias: str) -> int: ...
+
+
+class Cancelled(Exception):
+    pass
+
+
+class _Watch:
+    """The lease's heartbeat in a thread: renews it, and notices a cancel or a lost lease."""
+
+    def __init__(self, store: JobStore, lease: Lease, every: float) -> None:
+        self.store, self.lease, self.every = store, lease, every
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{lease.job_id}", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                if self.store.heartbeat(self.lease):
+                    self.cancelled.set()
+            except LeaseLost:
+                self.lost.set()
+                return
+            except Exception:  # a database hiccup: try again at the next beat
+                log.exception("lease heartbeat failed", extra={"fields": {"job": self.lease.job_id}})
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"jobs/{self.lease.job_id}: the lease is lost")
+        if self.cancelled.is_set():
+            raise Cancelled()
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, tracker: Tracker, registry: ModelRegistry, confinement: Confinement,
+                 study_storage_url: str, *, features: datasets.FeatureSource | None = None, threads: int = 1,
+                 workdir: Path | None = None) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.registry = registry
+        self.confinement = confinement
+        self.study_storage_url = study_storage_url
+        self.features = features
+        self.threads = threads
+        self.workdir = workdir or Path("/tmp")
+
+    def storage(self) -> RDBStorage:
+        lease = self.store.lease_seconds
+        # Trial heartbeats: a trial whose worker stopped beating for `grace` seconds is failed and
+        # retried (with its parameters) by the next worker; grace < the job lease, so by the time
+        # another worker holds the job the dead one's trial is already stale.
+        return RDBStorage(self.study_storage_url, heartbeat_interval=max(1, int(lease / 6)),
+                          grace_period=max(2, int(lease / 2)),
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                          engine_kwargs={"pool_pre_ping": True})
+
+    # -- the job -----------------------------------------------------------------------------------
+    def run(self, lease: Lease) -> JobState:
+        spec = lease.job.spec
+        progress = Progress(trials_total=spec.hpo.n_trials if spec.hpo else 0, stage="loading")
+        with _Watch(self.store, lease, every=max(0.5, self.store.lease_seconds / 6)) as watch:
+            try:
+                result = self._run(lease, spec, progress, watch)
+            except Cancelled:
+                progress.stage = "cancelled"
+                self._end_run(lease, "KILLED")
+                self.store.finish(lease, JobState.CANCELLED, progress)
+                return JobState.CANCELLED
+            except LeaseLost:
+                log.warning("lease lost: another worker runs the job now", extra={"fields": {"job": lease.job_id}})
+                return JobState.RUNNING
+            except Exception as e:  # the job fails with the reason; the worker goes on
+                message = e.message if isinstance(e, StrataError) else f"{type(e).__name__}: {e}"
+                if not isinstance(e, StrataError | ValueError):
+                    log.exception("training job failed", extra={"fields": {"job": lease.job_id}})
+                progress.stage = "failed"
+                self._end_run(lease, "FAILED")
+                self.store.finish(lease, JobState.FAILED, progress, error=message)
+                return JobState.FAILED
+        progress.stage = "done"
+        self._end_run(lease, "FINISHED")
+        self.store.finish(lease, JobState.SUCCEEDED, progress, result)
+        return JobState.SUCCEEDED
+
+    def _end_run(self, lease: Lease, status: str) -> None:
+        if lease.mlflow_run_id:
+            try:
+                self.tracker.end(lease.mlflow_run_id, status)
+            except Exception:
+                log.exception("could not close the MLflow run", extra={"fields": {"run": lease.mlflow_run_id}})
+
+    def _stage(self, lease: Lease, progress: Progress, stage: str, watch: _Watch) -> None:
+        watch.check()
+        progress.stage = stage
+        self.store.report(lease, progress)
+
+    def _run(self, lease: Lease, spec: JobSpec, progress: Progress, watch: _Watch) -> Result:
+        self.store.report(lease, progress)
+        data = datasets.load(spec.dataset, spec.validation, self.confinement, self.features, lease.job.created_by,
+                             lease.job_id)
+        y = data.y
+        classes = np.unique(y) if spec.task == Task.CLASSIFICATION else None
+        if classes is not None and len(classes) < 2:
+            raise InvalidArgument("spec.dataset.label_column", "a classifier needs at least two classes in the labels")
+        if spec.task == Task.REGRESSION:
+            y = y.astype(np.float64)
+        train, held = datasets.split(len(y), y, spec.task, spec.validation, data.time)
+        if len(held) == 0 or len(train) < 2:
+            raise InvalidArgument("spec.dataset", f"{len(y)} rows are too few to hold some out")
+        tags = {"strata.job_id": lease.job_id, "strata.dataset_hash": data.sha256, "strata.dataset_uri": data.uri,
+                "strata.feature_set": data.feature_set, "strata.feature_views": ",".join(data.feature_views),
+                "strata.principal": lease.job.created_by, "strata.task": spec.task.name.lower()}
+        experiment_id = self.tracker.experiment(spec.experiment)
+        if not lease.mlflow_run_id:
+            self.store.set_run(lease, self.tracker.start(experiment_id, f"job-{lease.job_id}", tags))
+            self.tracker.log(lease.mlflow_run_id, params={
+                "rows": len(y), "columns": len(data.columns), "holdout_rows": len(held),
+                "metric": spec.validation.metric, "split": spec.validation.split.name.lower()})
+        run_id = lease.mlflow_run_id
+        metric = spec.validation.metric
+        family, params, leaderboard = spec.family, dict(spec.params), []
+        if spec.hpo is not None or spec.automl is not None:
+            family, params, leaderboard = self._search(lease, spec, data, y, train, classes, experiment_id, tags,
+                                                       progress, watch)
+        # The candidate: the chosen parameters fitted on every training row.
+        self._stage(lease, progress, "fitting", watch)
+        fam = FAMILIES[family]
+        X_train, X_held = data.X[train], data.X[held]
+        model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.threads), X_train, y[train],
+                        X_held[:1], lambda step, out: watch.check())
+        held_out = fam.output(model, X_held, spec.task)
+        scores = metrics.all_scores(spec.task, y[held], held_out, getattr(model, "classes_", classes))
+        self.tracker.log(run_id, params={"family": family, **{f"param.{k}": v for k, v in params.items()}},
+                         metrics={f"holdout_{k}": v for k, v in scores.items()})
+        # Export, checked against the native model on the held-out rows.
+        self._stage(lease, progress, "exporting", watch)
+        onnx_model = export.with_column_inputs(fam.export(model, len(data.columns), spec.task), data.columns,
+                                               spec.task, getattr(model, "classes_", None))
+        onnx_bytes = onnx_model.SerializeToString()
+        parity = export.check_parity(onnx_bytes, fam, model, X_held, data.columns, spec.task,
+                                     spec.validation.parity_tolerance)
+        self.tracker.artifact(run_id, "model.onnx", onnx_bytes)
+        self.tracker.json_artifact(run_id, "parity.json", dataclasses.asdict(parity))
+        self._log_native(run_id, fam, model, data.columns)
+        self.tracker.log(run_id, metrics={"parity_max_abs_diff": parity.max_abs_diff,
+                                          "parity_label_agreement": parity.label_agreement})
+        if not parity.passed:
+            raise ValueError(f"ONNX parity failed: max |onnx - native| = {parity.max_abs_diff:.3g} over "
+                             f"{parity.rows} held-out rows (tolerance {parity.tolerance:g}); labels agree on "
+                             f"{parity.label_agreement:.4%} of the rows")
+        # The gate: the candidate and the champion on the same held-out rows.
+        self._stage(lease, progress, "validating", watch)
+        gate = self._gate(spec, scores, y[held], X_held, data.columns)
+        self.tracker.json_artifact(run_id, "gate.json", dataclasses.asdict(gate))
+        self.tracker.log(run_id, tags={"strata.gate": "passed" if gate.passed else "refused"})
+        result = Result(mlflow_run_id=run_id, experiment_id=experiment_id, family=family, params=params,
+                        metrics=scores, parity=parity, gate=gate, dataset_hash=data.sha256,
+                        feature_views=list(data.feature_views), leaderboard=leaderboard)
+        if gate.passed:
+            self._stage(lease, progress, "registering", watch)
+            path = self.workdir / f"job-{lease.job_id}.onnx"
+            path.write_bytes(onnx_bytes)
+            try:
+                version = self.registry.register(
+                    spec.model_name, path, metrics={k: v for k, v in scores.items() if v == v},
+                    tags={"strata.job_id": lease.job_id, "strata.family": family, "strata.gate_metric": metric},
+                    lineage=Lineage(run_id, lease.job_id, tuple(data.feature_views), data.sha256, data.uri,
+                                    data.feature_set),
+                    request_id=f"training-job-{lease.job_id}", alias=spec.alias)
+            finally:
+                path.unlink(missing_ok=True)
+            result.model_name, result.model_version = spec.model_name, version
+            self.tracker.log(run_id, tags={"strata.registered": f"{spec.model_name}/{version}"})
+        return result
+
+    def _log_native(self, run_id: str, fam: Any, model: Any, columns: list[str]) -> None:
+        import joblib
+
+        buf = io.BytesIO()
+        joblib.dump(model, buf)
+        self.tracker.artifact(run_id, "native_model.joblib", buf.getvalue())
+        imp = fam.importances(model)
+        if imp is not None and len(imp) == len(columns):
+            order = np.argsort(-imp)
+            self.tracker.json_artifact(run_id, "feature_importances.json",
+                                       {columns[i]: float(imp[i]) for i in order})
+
+    def _gate(self, spec: JobSpec, scores: dict[str, float], y: np.ndarray, X: np.ndarray,
+              columns: list[str]) -> Gate:
+        v = spec.validation
+        metric = v.metric
+        candidate = scores[metric]
+        for name, floor in v.floors.items():
+            if not metrics.better(name, scores[name], floor):
+                return Gate(False, metric, candidate, None, 0, f"{name} {scores[name]:.6g} is worse than its floor "
+                                                                f"{floor:g}")
+        champ = self.registry.champion(spec.model_name, v.champion_alias)
+        if champ is None:
+            return Gate(True, metric, candidate, None, 0, f"no '{v.champion_alias}' version of {spec.model_name} "
+                                                           "to beat; the floors hold")
+        sess = export.session(champ.onnx)
+        try:
+            out = export.onnx_output(sess, X, columns, spec.task)
+        except KeyError as e:
+            return Gate(False, metric, candidate, None, champ.version,
+                        f"the champion (version {champ.version}) cannot be scored on these rows: {e.args[0]}")
+        classes = export.model_classes(sess) if spec.task == Task.CLASSIFICATION else None
+        if spec.task == Task.CLASSIFICATION and classes is None:
+            classes = np.unique(y)
+        theirs = metrics.score(metric, spec.task, y, out, classes)
+        if metrics.better(metric, candidate, theirs, v.min_improvement):
+            return Gate(True, metric, candidate, theirs, champ.version,
+                        f"{metric} {candidate:.6g} beats the champion's {theirs:.6g} (version {champ.version}) "
+                        f"by at least {v.min_improvement:g}")
+        return Gate(False, metric, candidate, theirs, champ.version,
+                    f"{metric} {candidate:.6g} does not beat the champion's {theirs:.6g} (version {champ.version}) "
+                    f"by {v.min_improvement:g}")
+
+    # -- the search --------------------------------------------------------------------------------
+    def _search(self, lease: Lease, spec: JobSpec, data: datasets.Dataset, y: np.ndarray, train: np.ndarray,
+                classes: np.ndarray | None, experiment_id: str, tags: dict[str, str], progress: Progress,
+                watch: _Watch) -> tuple[str, dict[str, Any], list[LeaderboardEntry]]:
+        hpo = spec.hpo
+        automl = spec.automl
+        metric = spec.validation.metric
+        maximize = metrics.MAXIMIZE[metric]
+        fit_rows, val_rows = datasets.split(len(train), y[train], spec.task, spec.validation,
+                                            data.time[train] if data.time is not None else None, INNER_VALIDATION)
+        fit_rows, val_rows = train[fit_rows], train[val_rows]
+        X_fit, y_fit, X_val, y_val = data.X[fit_rows], y[fit_rows], data.X[val_rows], y[val_rows]
+        families = list(automl.families or FAMILIES) if automl else [spec.family]
+        space = hpo.search_space if hpo else ()
+        n_trials = hpo.n_trials if hpo and hpo.n_trials else 0
+        timeout = (automl.time_budget_seconds if automl else 0) or (hpo.timeout_seconds if hpo else 0) or None
+        sampler_spec = hpo or search.HpoSpec()
+        storage = self.storage()
+        study = optuna.create_study(study_name=f"job-{lease.job_id}", storage=storage, load_if_exists=True,
+                                    direction="maximize" if maximize else "minimize",
+                                    sampler=search.sampler(sampler_spec, spec.validation.seed),
+                                    pruner=search.pruner(sampler_spec))
+        self._close_stale_runs(lease.mlflow_run_id)
+        self._stage(lease, progress, "searching", watch)
+        started = time.monotonic()
+
+        def objective(trial: optuna.Trial) -> float:
+            watch.check()
+            family = trial.suggest_categorical("family", families) if automl else spec.family
+            fam = FAMILIES[family]
+            fam_space = space if not automl else (space or fam.space(spec.task))
+            params = {**spec.params, **search.suggest(trial, fam_space, prefix=f"{family}." if automl else "")}
+            run_id = self.tracker.start(experiment_id, f"trial-{trial.number}", {**tags, "strata.trial": str(
+                trial.number), "strata.family": family}, parent=lease.mlflow_run_id)
+            trial.set_user_attr("run_id", run_id)
+            trial.set_user_attr("family", family)
+            steps: list[tuple[str, float, int]] = []
+
+            def report(step: int, out: np.ndarray) -> None:
+                watch.check()
+                value = metrics.score(metric, spec.task, y_val, out, classes)
+                steps.append((f"val_{metric}", value, step))
+                trial.report(value, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step}")
+
+            try:
+                model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.threads), X_fit, y_fit,
+                                X_val, report)
+                value = metrics.score(metric, spec.task, y_val, fam.output(model, X_val, spec.task), classes)
+            except optuna.TrialPruned:
+                self.tracker.log(run_id, params={"family": family, **params}, steps=steps, tags={"strata.state": "pruned"})
+                self.tracker.end(run_id, "KILLED")
+                raise
+            except (Cancelled, LeaseLost):
+                self.tracker.end(run_id, "KILLED")
+                raise
+            except Exception as e:
+                self.tracker.log(run_id, params={"family": family, **params}, tags={"strata.error": str(e)[:500]})
+                self.tracker.end(run_id, "FAILED")
+                raise
+            self.tracker.log(run_id, params={"family": family, **params}, metrics={f"val_{metric}": value},
+                             steps=steps)
+            self.tracker.end(run_id)
+            return value
+
+        def after_trial(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+            self._progress(study, progress, n_trials, started, hpo.parallelism if hpo else 1)
+            try:
+                self.store.report(lease, progress)
+            except LeaseLost:
+                study.stop()
+            if watch.cancelled.is_set() or watch.lost.is_set():
+                study.stop()
+
+        callbacks: list[Callable] = [after_trial]
+        if n_trials:
+            callbacks.insert(0, MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        done = self._counted(study)
+        if not n_trials or done < n_trials:
+            study.optimize(objective, n_trials=None if n_trials else None, timeout=timeout,
+                           n_jobs=hpo.parallelism if hpo else 1, callbacks=callbacks,
+                           catch=(ValueError, ArithmeticError, RuntimeError))
+        watch.check()
+        self._progress(study, progress, n_trials, started, 1)
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            failed = [t for t in study.trials if t.state == TrialState.FAIL]
+            why = failed[0].system_attrs.get("fail_reason", "") if failed else ""
+            raise ValueError(f"no trial completed ({len(study.trials)} tried){': ' + why if why else ''}")
+        best = study.best_trial
+        family = best.user_attrs.get("family", spec.family)
+        prefix = f"{family}." if automl else ""
+        params = {**spec.params, **{k.removeprefix(prefix): v for k, v in best.params.items()
+                                    if k != "family" and k.startswith(prefix)}}
+        self.tracker.log(lease.mlflow_run_id, metrics={f"best_val_{metric}": best.value},
+                         tags={"strata.best_trial": str(best.number), "strata.best_run_id":
+                               best.user_attrs.get("run_id", "")})
+        return family, params, self._leaderboard(complete, maximize) if automl else []
+
+    @staticmethod
+    def _counted(study: optuna.Study) -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    @staticmethod
+    def _progress(study: optuna.Study, progress: Progress, n_trials: int, started: float, parallel: int) -> None:
+        trials = study.get_trials(deepcopy=False)
+        counts = {s: 0 for s in TrialState}
+        for t in trials:
+            counts[t.state] += 1
+        progress.trials_done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        progress.trials_pruned = counts[TrialState.PRUNED]
+        progress.trials_failed = counts[TrialState.FAIL]
+        if counts[TrialState.COMPLETE]:
+            progress.best_value = float(study.best_value)
+        elapsed = time.monotonic() - started
+        left = max(0, n_trials - progress.trials_done)
+        progress.eta_seconds = (elapsed / max(1, progress.trials_done)) * left / max(1, parallel) if n_trials else 0.0
+
+    @staticmethod
+    def _leaderboard(complete: list, maximize: bool) -> list[LeaderboardEntry]:
+        by_family: dict[str, list] = {}
+        for t in complete:
+            by_family.setdefault(t.user_attrs.get("family", ""), []).append(t)
+        board = []
+        for family, trials in by_family.items():
+            best = (max if maximize else min)(trials, key=lambda t: t.value)
+            board.append(LeaderboardEntry(family, float(best.value), len(trials), best.user_attrs.get("run_id", "")))
+        return sorted(board, key=lambda e: -e.best_value if maximize else e.best_value)
+
+    def _close_stale_runs(self, parent: str) -> None:
+        """Child runs a dead worker left RUNNING are KILLED (its trials are retried as new runs)."""
+        try:
+            runs = self.tracker.client.search_runs(
+                [self.tracker.client.get_run(parent).info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'")
+            for r in runs:
+                self.tracker.end(r.info.run_id, "KILLED")
+        except Exception:
+            log.exception("could not close stale trial runs", extra={"fields": {"run": parent}})

@@ -1,0 +1,12 @@
+"""Model families by name. A new family is one module with a `Family` subclass, added here."""
+
+from __future__ import annotations
+
+from services.training.trainers.base import Family, Report
+from services.training.trainers.boosting import LightGBM, XGBoost
+from services.training.trainers.sklearn_models import HistGradientBoosting, Linear, RandomForest
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Linear(), RandomForest(), HistGradientBoosting(),
+                                                   LightGBM(), XGBoost())}
+
+__all__ = ["FAMILIES", "Family", "Report"]

@@ -1,0 +1,71 @@
+"""A training worker: claims jobs from the database under a lease and runs them, one at a time.
+
+`python -m services.training.worker` (the training service starts STRATA_TRAINING_WORKERS of them
+and restarts any that dies; more run on other machines against the same database). A worker
+killed mid-job leaves its lease to run out; another worker then resumes the job (runner.py).
+Threads: each worker's numeric libraries get cores / workers threads (OMP_NUM_THREADS and the
+families' n_jobs), set before numpy loads, so workers side by side do not oversubscribe the CPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+
+log = logging.getLogger("strata.training.worker")
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+class Worker:
+    def __init__(self, runner, poll_seconds: float = 1.0, owner: str = "") -> None:  # noqa: ANN001
+        self.runner = runner
+        self.poll_seconds = poll_seconds
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.stop = threading.Event()
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when there was none."""
+        lease = self.runner.store.claim(self.owner)
+        if lease is None:
+            return False
+        log.info("running job", extra={"fields": {"job": lease.job_id, "attempt": lease.job.attempts}})
+        state = self.runner.run(lease)
+        log.info("job ended", extra={"fields": {"job": lease.job_id, "state": state.name}})
+        return True
+
+    def serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if self.run_once():
+                    continue
+            except Exception:
+                log.exception("worker loop error")
+            self.stop.wait(self.poll_seconds)
+
+
+def main() -> None:
+    threads = os.environ.get("STRATA_TRAINING_THREADS_PER_WORKER") or str(threads_per_worker(
+        int(os.environ.get("STRATA_TRAINING_WORKERS", "1") or 1)))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+    from services.common import telemetry
+    from services.training.app import TrainingConfig, build_runner
+
+    from services.common.settings import ServiceSettings
+
+    settings = ServiceSettings.for_service("training")
+    telemetry.setup_logging(settings.log_level, settings.log_format)
+    config = TrainingConfig()
+    worker = Worker(build_runner(settings, config, threads=int(threads)), poll_seconds=config.poll_seconds)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()

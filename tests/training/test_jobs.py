@@ -1,0 +1,94 @@
+"""The job store on both databases: idempotent submits, paging, cancel, and the lease that keeps
+a job with one worker at a time and hands it on when that worker stops renewing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.common.db import Database
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.training.app import MIGRATIONS
+from services.training.jobs import JobStore, LeaseLost
+from services.training.types import DatasetSpec, JobSpec, JobState, Progress, Result, Task
+
+
+def _spec(name: str = "m") -> JobSpec:
+    return JobSpec(dataset=DatasetSpec(label_column="y", table_uri="t.parquet"), task=Task.REGRESSION,
+                   model_name=name, family="linear")
+
+
+@pytest.fixture
+def store(database_url: str) -> JobStore:
+    db = Database(database_url)
+    db.migrate(MIGRATIONS)
+    yield JobStore(db, lease_seconds=1.0)
+    db.dispose()
+
+
+def test_submit_is_idempotent_by_request_id(store: JobStore) -> None:
+    a = store.submit(_spec(), "alice", "r1")
+    assert store.submit(_spec(), "alice", "r1").job_id == a.job_id
+    assert store.submit(_spec(), "bob", "r1").job_id != a.job_id  # ids are per principal
+    with pytest.raises(InvalidArgument) as e:
+        store.submit(_spec("other"), "alice", "r1")
+    assert e.value.field == "request_id"
+    got = store.get(a.job_id)
+    assert got.state == JobState.QUEUED and got.spec == _spec() and got.created_by == "alice"
+
+
+def test_list_pages_newest_first_and_filters_by_state(store: JobStore) -> None:
+    ids = [store.submit(_spec(), "alice").job_id for _ in range(5)]
+    first, token = store.list(None, 3, "")
+    second, last = store.list(None, 3, token)
+    assert [j.job_id for j in first + second] == ids[::-1] and last == ""
+    store.cancel(ids[0])
+    assert [j.job_id for j in store.list(JobState.CANCELLED, 0, "")[0]] == [ids[0]]
+    with pytest.raises(InvalidArgument) as e:
+        store.list(JobState.QUEUED, 3, token)  # a token of another query
+    assert e.value.field == "page_token"
+
+
+def test_one_worker_holds_a_job_until_its_lease_runs_out(store: JobStore) -> None:
+    job = store.submit(_spec(), "alice")
+    lease = store.claim("w1")
+    assert lease is not None and lease.job_id == job.job_id and lease.job.attempts == 1
+    assert store.claim("w2") is None  # held
+    store.report(lease, Progress(stage="searching", trials_done=3))
+    assert store.get(job.job_id).progress.trials_done == 3
+    time.sleep(1.2)  # w1 stops renewing: the job goes to the next worker, as a resumed attempt
+    taken = store.claim("w2")
+    assert taken is not None and taken.job_id == job.job_id and taken.job.attempts == 2
+    with pytest.raises(LeaseLost):
+        store.heartbeat(lease)
+    with pytest.raises(LeaseLost):  # the old holder can no longer write anything
+        store.finish(lease, JobState.FAILED, Progress(), error="late")
+    store.finish(taken, JobState.SUCCEEDED, Progress(stage="done"), Result(family="linear"))
+    done = store.get(job.job_id)
+    assert done.state == JobState.SUCCEEDED and done.result.family == "linear" and done.error == ""
+
+
+def test_cancel_queued_now_running_at_the_next_heartbeat_finished_refused(store: JobStore) -> None:
+    queued = store.submit(_spec(), "alice")
+    assert store.cancel(queued.job_id).state == JobState.CANCELLED
+    running = store.submit(_spec(), "alice")
+    lease = store.claim("w1")
+    assert lease.job_id == running.job_id
+    assert store.heartbeat(lease) is False
+    assert store.cancel(running.job_id).state == JobState.RUNNING
+    assert store.heartbeat(lease) is True
+    store.finish(lease, JobState.CANCELLED, Progress(stage="cancelled"))
+    with pytest.raises(FailedPrecondition):
+        store.cancel(running.job_id)
+    with pytest.raises(NotFound):
+        store.cancel("nope")
+
+
+def test_a_cancelled_job_whose_worker_died_is_closed_not_rerun(store: JobStore) -> None:
+    job = store.submit(_spec(), "alice")
+    store.claim("w1")
+    store.cancel(job.job_id)
+    time.sleep(1.2)
+    assert store.claim("w2") is None
+    assert store.get(job.job_id).state == JobState.CANCELLED

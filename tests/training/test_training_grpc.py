@@ -1,0 +1,171 @@
+"""The training service through gRPC, with real processes: registry, training and its worker,
+MLflow's tracking store and Optuna's study in SQLite under STRATA_HOME, the bundled scikit-learn
+datasets as Parquet tables on the artifact store."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from strata.registry.v1 import registry_pb2 as rpb
+from strata.training.v1 import training_pb2 as pb
+
+from tests.training.conftest import Platform, breast_cancer, diabetes
+
+pytestmark = pytest.mark.e2e
+
+
+def _table(uri: str, label: str = "target") -> pb.Dataset:
+    return pb.Dataset(table=pb.TableDataset(uri=uri), label_column=label)
+
+
+def wait(stub, job_id: str, timeout: float = 240) -> pb.TrainingJob:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    job = None
+    for update in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job_id), timeout=timeout):
+        job = update.job
+        if time.monotonic() > deadline:
+            break
+    assert job is not None and job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+    return job
+
+
+def test_hpo_job_tracks_prunes_exports_and_registers_with_lineage(platform: Platform) -> None:
+    breast_cancer(platform.store / "data" / "bc.parquet")
+    stub = platform.training()
+    spec = pb.TrainingJobSpec(
+        dataset=_table("data/bc.parquet"), task=pb.TASK_CLASSIFICATION,
+        trainer=pb.Trainer(family="hist_gradient_boosting"),
+        hpo=pb.Hpo(n_trials=20, pruner="median", search_space=[
+            pb.Param(name="learning_rate", float_range=pb.FloatRange(low=0.001, high=0.5, log=True)),
+            pb.Param(name="max_iter", int_range=pb.IntRange(low=10, high=80)),
+            pb.Param(name="max_leaf_nodes", int_range=pb.IntRange(low=2, high=31))]),
+        validation=pb.Validation(seed=7), registration=pb.Registration(model_name="bc-hpo"))
+    submitted = stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec, request_id="hpo-1")).job
+    again = stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec, request_id="hpo-1")).job
+    assert again.job_id == submitted.job_id
+    job = wait(stub, submitted.job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    p, r = job.progress, job.result
+    assert p.trials_done == 20 and p.trials_pruned >= 1, p  # completed + pruned = n_trials exactly
+    print(f"\ntrials done {p.trials_done}, pruned {p.trials_pruned}, best val roc_auc {p.best_value:.4f}; "
+          f"held-out {dict(r.metrics)}; parity max |onnx - native| = {r.parity.max_abs_diff:.3g} "
+          f"(tolerance {r.parity.tolerance:g}), labels agree {r.parity.label_agreement:.0%}")
+    assert r.parity.passed and r.parity.rows > 0
+    assert r.gate.passed and r.model_name == "bc-hpo" and r.model_version == 1
+    # MLflow: the job's parent run and one child run per trial, as MLflow's own API sees them.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{platform.home / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["bc-hpo"], output_format="list")
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == r.mlflow_run_id]
+    assert len(children) >= 20 and any(x.info.run_id == r.mlflow_run_id for x in runs)
+    parent = mlflow.get_run(r.mlflow_run_id)
+    assert parent.data.tags["strata.dataset_hash"] == r.dataset_hash and "holdout_roc_auc" in parent.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(r.mlflow_run_id)}
+    assert {"model.onnx", "parity.json", "gate.json", "native_model.joblib"} <= artifacts
+    # The registered version: what inference serves, with its lineage and the challenger alias.
+    reg = platform.registry()
+    mv = reg.GetModelVersionByAlias(rpb.GetModelVersionByAliasRequest(name="bc-hpo", alias="challenger")).model_version
+    assert mv.version == 1 and mv.lineage.dataset_hash == r.dataset_hash
+    assert mv.lineage.mlflow_run_id == r.mlflow_run_id and mv.lineage.training_job_id == job.job_id
+    assert [t.name for t in mv.signature.inputs][:2] == ["mean_radius", "mean_texture"]
+    # Runs through the service: search with MLflow's syntax, compare side by side.
+    found = stub.SearchRuns(pb.SearchRunsRequest(filter=f"tags.`mlflow.parentRunId` = '{r.mlflow_run_id}'",
+                                                 order_by=["metrics.val_roc_auc DESC"], page_size=5))
+    assert len(found.runs) == 5 and found.next_page_token
+    values = [x.metrics["val_roc_auc"] for x in found.runs if "val_roc_auc" in x.metrics]
+    assert values == sorted(values, reverse=True)
+    nxt = stub.SearchRuns(pb.SearchRunsRequest(filter=f"tags.`mlflow.parentRunId` = '{r.mlflow_run_id}'",
+                                               order_by=["metrics.val_roc_auc DESC"], page_size=5,
+                                               page_token=found.next_page_token))
+    assert not {x.run_id for x in nxt.runs} & {x.run_id for x in found.runs}
+    cmp = stub.CompareRuns(pb.CompareRunsRequest(run_ids=[found.runs[0].run_id, found.runs[1].run_id]))
+    rows = {row.key: row for row in cmp.rows}
+    assert rows["params.learning_rate"].differs and len(rows["params.learning_rate"].values) == 2
+    assert stub.GetRun(pb.GetRunRequest(run_id=r.mlflow_run_id)).run.tags["strata.job_id"] == job.job_id
+    assert any(e.name == "bc-hpo" for e in stub.ListExperiments(pb.ListExperimentsRequest()).experiments)
+
+
+def test_gate_admits_a_better_candidate_and_refuses_a_worse_one(platform: Platform) -> None:
+    diabetes(platform.store / "data" / "diabetes.parquet")
+    stub, reg = platform.training(), platform.registry()
+
+    def submit(family: str, params: dict) -> pb.TrainingJob:
+        spec = pb.TrainingJobSpec(dataset=_table("data/diabetes.parquet"), task=pb.TASK_REGRESSION,
+                                  trainer=pb.Trainer(family=family), validation=pb.Validation(
+                                      champion_alias="incumbent", seed=3, min_improvement=1.0),
+                                  registration=pb.Registration(model_name="diabetes"))
+        spec.trainer.params.update(params)
+        return wait(stub, stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec)).job.job_id)
+
+    weak = submit("linear", {"alpha": 1000.0})  # shrinks every coefficient to ~0: predicts the mean
+    assert weak.state == pb.JOB_STATE_SUCCEEDED and weak.result.gate.passed and weak.result.model_version == 1
+    reg.SetModelAlias(rpb.SetModelAliasRequest(name="diabetes", alias="incumbent", version=1))
+    strong = submit("linear", {"alpha": 0.01})
+    g = strong.result.gate
+    assert g.passed and g.champion_version == 1 and g.candidate_score < g.champion_score - 1.0, g
+    assert strong.result.model_version == 2
+    reg.SetModelAlias(rpb.SetModelAliasRequest(name="diabetes", alias="incumbent", version=2))
+    worse = submit("linear", {"alpha": 1000.0})
+    g = worse.result.gate
+    assert worse.state == pb.JOB_STATE_SUCCEEDED and not g.passed and g.champion_version == 2, g
+    assert "does not beat" in g.reason and worse.result.model_version == 0
+    versions = reg.ListModelVersions(rpb.ListModelVersionsRequest(name="diabetes")).model_versions
+    assert sorted(v.version for v in versions) == [1, 2]  # the refused candidate was not registered
+
+
+def _bad(stub, spec: pb.TrainingJobSpec) -> str:  # noqa: ANN001
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    return e.value.details()
+
+
+def test_bad_specs_are_refused_naming_the_field_and_create_nothing(platform: Platform) -> None:
+    breast_cancer(platform.store / "data" / "bc2.parquet")
+    stub = platform.training()
+    before = len(stub.ListTrainingJobs(pb.ListTrainingJobsRequest(page_size=500)).jobs)
+
+    def spec(**kw) -> pb.TrainingJobSpec:  # noqa: ANN003
+        base = dict(dataset=_table("data/bc2.parquet"), task=pb.TASK_CLASSIFICATION,
+                    trainer=pb.Trainer(family="linear"), registration=pb.Registration(model_name="bad"))
+        return pb.TrainingJobSpec(**{**base, **kw})
+
+    assert "spec.dataset.label_column" in _bad(stub, spec(dataset=_table("data/bc2.parquet", "nope")))
+    assert "spec.trainer.family" in _bad(stub, spec(trainer=pb.Trainer(family="svm")))
+    assert "spec.hpo.search_space[0].float_range.high" in _bad(stub, spec(hpo=pb.Hpo(n_trials=5, search_space=[
+        pb.Param(name="C", float_range=pb.FloatRange(low=2, high=1))])))
+    assert "spec.hpo.search_space[0]" in _bad(stub, spec(hpo=pb.Hpo(n_trials=5, search_space=[pb.Param(name="C")])))
+    assert "spec.automl.time_budget_seconds" in _bad(stub, spec(trainer=pb.Trainer(), automl=pb.AutoML(
+        families=["linear"], time_budget_seconds=0)))
+    assert "spec.task" in _bad(stub, spec(task=pb.TASK_UNSPECIFIED))
+    assert "spec.dataset.table.uri" in _bad(stub, spec(dataset=_table("../../etc/passwd")))
+    assert "spec.trainer.params" in _bad(stub, spec(trainer=pb.Trainer(
+        family="linear", params={"fields": {"no_such": {"number_value": 1}}})))
+    assert "spec.dataset.features" in _bad(stub, spec(dataset=pb.Dataset(
+        features=pb.FeatureDataset(feature_set="nope", entity_table_uri="data/bc2.parquet"), label_column="target")))
+    assert len(stub.ListTrainingJobs(pb.ListTrainingJobsRequest(page_size=500)).jobs) == before
+
+
+def test_cancel_stops_a_running_job_within_seconds(platform: Platform) -> None:
+    breast_cancer(platform.store / "data" / "bc3.parquet")
+    stub = platform.training()
+    spec = pb.TrainingJobSpec(
+        dataset=_table("data/bc3.parquet"), task=pb.TASK_CLASSIFICATION, trainer=pb.Trainer(family="random_forest"),
+        hpo=pb.Hpo(n_trials=500, pruner="none", search_space=[
+            pb.Param(name="n_estimators", int_range=pb.IntRange(low=50, high=100))]),
+        registration=pb.Registration(model_name="bc-cancel"))
+    job = stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec)).job
+    for update in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job.job_id), timeout=120):
+        if update.job.progress.trials_done >= 2:
+            break
+    asked = time.monotonic()
+    assert stub.CancelTrainingJob(pb.CancelTrainingJobRequest(job_id=job.job_id)).job.state == pb.JOB_STATE_RUNNING
+    done = wait(stub, job.job_id, timeout=60)
+    took = time.monotonic() - asked
+    assert done.state == pb.JOB_STATE_CANCELLED and took < 15, (done.state, took)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CancelTrainingJob(pb.CancelTrainingJobRequest(job_id=job.job_id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
