@@ -1,11 +1,9 @@
 """Wiring of the feature service: settings -> database (migrated) -> definitions -> online store
 (STRATA_FEATURES_ONLINE_STORE: a SQLite file by default, redis://host:port/db in production) ->
-servicer -> the shared server bootstrap."""
+data plane -> gRPC servicer -> the shared server bootstrap."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 from pathlib import Path
 
@@ -19,18 +17,18 @@ from services.common.server import Service
 from services.common.settings import ServiceConfig, ServiceSettings
 from services.common.workers import shares_port
 from services.features import tables
+from services.features.dataplane import FeatureDataPlane
 from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
 from services.features.materialize import Materializer
 from services.features.offline_append import Compactor, make_appender
-from services.features.online import OnlineStore, open_online_store
-from services.features.server import FeatureServicer
-from services.features.serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, FeatureServer, ViewCache
+from services.features.online import open_online_store
+from services.features.online_serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, OnlineFeatures, ViewCache
+from services.features.servicer import FeatureServicer
 from services.features.training_sets import TrainingSets
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-log = logging.getLogger("strata.features")
 
 
 class FeaturesConfig(ServiceConfig):
@@ -69,30 +67,19 @@ def build_service(settings: ServiceSettings | None = None, config: FeaturesConfi
     materializer = Materializer(db, definitions, store, files,
                                 max_future_skew_seconds=config.max_future_skew_seconds)
     compactor = Compactor(files, threshold=config.compact_after)
-    views = ViewCache(definitions)
-    server = FeatureServer(views, store, offline_append=make_appender(files, compactor),
-                           max_future_skew_seconds=config.max_future_skew_seconds)
+    online = OnlineFeatures(ViewCache(definitions), store, offline_append=make_appender(files, compactor),
+                            max_future_skew_seconds=config.max_future_skew_seconds)
     historical = HistoricalRetrieval(definitions, files)
-    servicer = FeatureServicer(definitions, server, materializer, historical,
-                               TrainingSets(db, historical, files), files)
+    plane = FeatureDataPlane(definitions, online, materializer, historical, TrainingSets(db, historical, files),
+                             files)
+    servicer = FeatureServicer(plane)
     return Service(
         settings=settings,
         descriptors=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"]],
         register=lambda server: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
         audit_log=AuditLog(db, tables.audit_events),
-        on_start=[lambda: _warm(views, store)],
+        on_start=[plane.warm],
         on_stop=[store.close, db.dispose],
         reuse_port=shares_port("features"),
     )
 
-
-async def _warm(views: ViewCache, store: OnlineStore) -> None:
-    """Before the process reports SERVING: view definitions cached and the Redis connection open,
-    so the first online read costs about what the others do (1.2 ms, then 0.6; cold: 5.0-7.6 ms)."""
-    try:
-        loaded = await asyncio.to_thread(views.warm)
-    except Exception:  # a warm-up is an optimisation: serve anyway, definitions load on first use
-        log.warning("warming the view definitions failed", exc_info=True)
-        loaded = 0
-    await store.warm()
-    log.info("warmed", extra={"fields": {"views": loaded}})

@@ -8,14 +8,12 @@ validation rules updates the current version in place; applying the same definit
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from strata.common.v1 import types_pb2
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import InvalidArgument, NotFound, quote
@@ -23,27 +21,29 @@ from services.common.limits import check_filter
 from services.common.paging import PageRequest
 from services.common.timeutil import utc_now
 from services.features import tables as t
+from services.features.records import (
+    entity_from_json, entity_json, feature_set_from_json, feature_set_json, schema_hash, view_from_json, view_json,
+)
+from services.features.types import DataType, Entity, FeatureSet, FeatureView, ValueType
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,62}\Z")
-_DT = types_pb2.DataType
-FEATURE_TYPES = {_DT.DATA_TYPE_FLOAT32, _DT.DATA_TYPE_FLOAT64, _DT.DATA_TYPE_INT32, _DT.DATA_TYPE_INT64,
-                 _DT.DATA_TYPE_BOOL, _DT.DATA_TYPE_STRING}
-NUMERIC_TYPES = {_DT.DATA_TYPE_FLOAT32, _DT.DATA_TYPE_FLOAT64, _DT.DATA_TYPE_INT32, _DT.DATA_TYPE_INT64}
+FEATURE_TYPES = {DataType.FLOAT32, DataType.FLOAT64, DataType.INT32, DataType.INT64, DataType.BOOL, DataType.STRING}
+NUMERIC_TYPES = {DataType.FLOAT32, DataType.FLOAT64, DataType.INT32, DataType.INT64}
 
 
 @dataclass(frozen=True)
 class ViewDef:
     """A view version with its entities resolved (what readers and writers need)."""
 
-    spec: pb.FeatureView
-    entities: tuple[pb.Entity, ...]
+    spec: FeatureView
+    entities: tuple[Entity, ...]
 
     @property
     def join_keys(self) -> tuple[str, ...]:
         return tuple(e.join_key for e in self.entities)
 
 
-def parse_refs(refs: list[str], field: str = "features") -> list[tuple[str, str]]:
+def parse_refs(refs: Sequence[str], field: str = "features") -> list[tuple[str, str]]:
     """Feature references "view:feature" as (view, feature); INVALID_ARGUMENT names the bad one."""
     out = []
     for i, ref in enumerate(refs):
@@ -54,29 +54,27 @@ def parse_refs(refs: list[str], field: str = "features") -> list[tuple[str, str]
     return out
 
 
-def one_feature_list(request: pb.GetOnlineFeaturesRequest | pb.GetHistoricalFeaturesRequest) -> None:
+def one_feature_list(features: Sequence[str], feature_set: str) -> None:
     """A read names its features or a feature set, not both (INVALID_ARGUMENT naming feature_set)."""
-    if request.feature_set and request.features:
+    if feature_set and features:
         raise InvalidArgument("feature_set", "give features or feature_set, not both")
 
 
-def _set_definition(fs: pb.FeatureSet) -> pb.FeatureSet:
-    """A copy of the set without its timestamps: what an apply compares."""
-    out = pb.FeatureSet()
-    out.CopyFrom(fs)
-    out.ClearField("create_time")
-    out.ClearField("update_time")
-    return out
+def _set_definition(fs: FeatureSet) -> FeatureSet:
+    """The set without its timestamps: what an apply compares."""
+    return replace(fs, create_time=None, update_time=None)
 
 
-def schema_hash(v: pb.FeatureView) -> str:
-    """What makes a new version: entities, features with types, ttl, source."""
-    schema = pb.FeatureView(entities=v.entities, ttl_seconds=v.ttl_seconds, source=v.source,
-                            features=[pb.Feature(name=f.name, dtype=f.dtype) for f in v.features])
-    return hashlib.sha256(schema.SerializeToString(deterministic=True)).hexdigest()
+def _view_definition(v: FeatureView) -> FeatureView:
+    """What an apply stores of the view given (the service sets version and times), with its
+    sequences and tags as plain tuples and dicts (a caller's containers are not kept)."""
+    return replace(v, version=0, create_time=None, update_time=None, entities=tuple(v.entities),
+                   features=tuple(replace(f, dtype=DataType(f.dtype), validation=replace(
+                       f.validation, allowed_values=tuple(f.validation.allowed_values))) for f in v.features),
+                   tags=dict(v.tags))
 
 
-def validate_view(v: pb.FeatureView) -> None:
+def validate_view(v: FeatureView) -> None:
     if not NAME_RE.match(v.name):
         raise InvalidArgument("feature_view.name", f"{quote(v.name)} is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
     if not v.entities:
@@ -101,7 +99,7 @@ def validate_view(v: pb.FeatureView) -> None:
             raise InvalidArgument(f"{field}.validation", f"feature '{f.name}': min/max need a numeric type")
         if r.has_min and r.has_max and r.min > r.max:
             raise InvalidArgument(f"{field}.validation", f"feature '{f.name}': min {r.min} > max {r.max}")
-        if r.allowed_values and f.dtype != _DT.DATA_TYPE_STRING:
+        if r.allowed_values and f.dtype != DataType.STRING:
             raise InvalidArgument(f"{field}.validation.allowed_values", f"feature '{f.name}': allowed values "
                                   "need a STRING feature")
         if r.has_max_null_rate and not 0 <= r.max_null_rate <= 1:
@@ -115,34 +113,32 @@ class Definitions:
         self.db = db
 
     # -- entities ------------------------------------------------------------------------------
-    def apply_entity(self, e: pb.Entity) -> pb.Entity:
+    def apply_entity(self, e: Entity) -> Entity:
         if not NAME_RE.match(e.name):
             raise InvalidArgument("entity.name", f"{quote(e.name)} is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
-        if e.value_type not in (pb.VALUE_TYPE_INT64, pb.VALUE_TYPE_STRING):
+        if e.value_type not in (ValueType.INT64, ValueType.STRING):
             raise InvalidArgument("entity.value_type", "must be VALUE_TYPE_INT64 or VALUE_TYPE_STRING")
-        spec = pb.Entity()
-        spec.CopyFrom(e)
-        spec.join_key = e.join_key or e.name
+        spec = replace(e, join_key=e.join_key or e.name, value_type=ValueType(e.value_type), tags=dict(e.tags))
         if not NAME_RE.match(spec.join_key):
             raise InvalidArgument("entity.join_key", f"{quote(spec.join_key)} is not a valid column name")
         now = utc_now()
         with self.db.session() as c:
             row = c.execute(select(t.entities).where(t.entities.c.name == e.name)).one_or_none()
             if row is None:
-                spec.create_time.FromDatetime(now)
-                c.execute(insert(t.entities).values(name=e.name, spec=spec.SerializeToString(), create_time=now,
+                spec = replace(spec, create_time=now)
+                c.execute(insert(t.entities).values(name=e.name, spec=entity_json(spec), create_time=now,
                                                     update_time=now))
                 return spec
-            old = pb.Entity.FromString(row.spec)
+            old = entity_from_json(row.spec)
             if (old.join_key, old.value_type) != (spec.join_key, spec.value_type):
                 raise InvalidArgument("entity", f"entity '{e.name}' exists with join key {old.join_key} "
-                                      f"({pb.ValueType.Name(old.value_type)}); they cannot change")
-            spec.create_time.CopyFrom(old.create_time)
+                                      f"(VALUE_TYPE_{ValueType(old.value_type).name}); they cannot change")
+            spec = replace(spec, create_time=old.create_time)
             c.execute(update(t.entities).where(t.entities.c.name == e.name)
-                      .values(spec=spec.SerializeToString(), update_time=now))
+                      .values(spec=entity_json(spec), update_time=now))
         return spec
 
-    def entities(self, size: int = 0, token: str = "") -> tuple[list[pb.Entity], str]:
+    def entities(self, size: int = 0, token: str = "") -> tuple[list[Entity], str]:
         """One page of entities by name, and the next page's token (services/common/paging.py)."""
         page = PageRequest.parse("ListEntities", size, token, key=str)
         stmt = select(t.entities).order_by(t.entities.c.name).limit(page.limit)
@@ -150,10 +146,10 @@ class Definitions:
             stmt = stmt.where(t.entities.c.name > page.after)
         with self.db.read() as c:
             rows, next_token = page.cut(c.execute(stmt).all(), lambda r: r.name)
-        return [pb.Entity.FromString(r.spec) for r in rows], next_token
+        return [entity_from_json(r.spec) for r in rows], next_token
 
-    def _entities(self, c, names) -> tuple[pb.Entity, ...]:  # noqa: ANN001
-        rows = {r.name: pb.Entity.FromString(r.spec) for r in
+    def _entities(self, c, names) -> tuple[Entity, ...]:  # noqa: ANN001
+        rows = {r.name: entity_from_json(r.spec) for r in
                 c.execute(select(t.entities).where(t.entities.c.name.in_(list(names))))}
         for i, n in enumerate(names):
             if n not in rows:
@@ -162,13 +158,9 @@ class Definitions:
         return tuple(rows[n] for n in names)
 
     # -- feature views -------------------------------------------------------------------------
-    def apply_view(self, v: pb.FeatureView, principal: str) -> tuple[pb.FeatureView, str]:
+    def apply_view(self, v: FeatureView, principal: str) -> tuple[FeatureView, str]:
         validate_view(v)
-        spec = pb.FeatureView()
-        spec.CopyFrom(v)
-        spec.ClearField("create_time")
-        spec.ClearField("update_time")
-        spec.version = 0
+        spec = _view_definition(v)
         digest = schema_hash(spec)
         now = utc_now()
         with self.db.session() as c:
@@ -182,27 +174,21 @@ class Definitions:
             current = None if head is None else c.execute(select(t.feature_views).where(
                 t.feature_views.c.name == spec.name, t.feature_views.c.version == head)).one()
             if current is not None and current.schema_hash == digest:
-                old = pb.FeatureView.FromString(current.spec)
-                spec.version, spec.created_by = old.version, old.created_by
-                spec.create_time.CopyFrom(old.create_time)
-                same = pb.FeatureView()
-                same.CopyFrom(spec)
-                same.update_time.CopyFrom(old.update_time)
-                if same.SerializeToString(deterministic=True) == old.SerializeToString(deterministic=True):
+                old = view_from_json(current.spec)
+                spec = replace(spec, version=old.version, created_by=old.created_by, create_time=old.create_time)
+                # Compared in stored form (as the serialized messages were): NaN equals NaN there.
+                if view_json(replace(spec, update_time=old.update_time)) == view_json(old):
                     return old, "UNCHANGED"
-                spec.update_time.FromDatetime(now)
+                spec = replace(spec, update_time=now)
                 c.execute(update(t.feature_views).where(t.feature_views.c.name == spec.name,
                                                         t.feature_views.c.version == old.version)
-                          .values(spec=spec.SerializeToString(), update_time=now))
+                          .values(spec=view_json(spec), update_time=now))
                 self._write_head(c, spec, ents, new=False)
                 return spec, "UPDATED"
-            spec.version = (head or 0) + 1
-            spec.created_by = principal
-            spec.create_time.FromDatetime(now)
-            spec.update_time.FromDatetime(now)
+            spec = replace(spec, version=(head or 0) + 1, created_by=principal, create_time=now, update_time=now)
             try:
                 c.execute(insert(t.feature_views).values(
-                    name=spec.name, version=spec.version, spec=spec.SerializeToString(), schema_hash=digest,
+                    name=spec.name, version=spec.version, spec=view_json(spec), schema_hash=digest,
                     created_by=principal, create_time=now, update_time=now))
             except IntegrityError:
                 raise InvalidArgument("feature_view", f"featureViews/{spec.name} changed concurrently; retry") from None
@@ -210,7 +196,7 @@ class Definitions:
         return spec, "CREATED" if head is None else "NEW_VERSION"
 
     @staticmethod
-    def _write_head(c, spec: pb.FeatureView, ents, *, new: bool) -> None:  # noqa: ANN001
+    def _write_head(c, spec: FeatureView, ents, *, new: bool) -> None:  # noqa: ANN001
         text = " ".join([spec.name, spec.description, *(f"{f.name} {f.description}" for f in spec.features)]).lower()
         values = {"version": spec.version, "owner": spec.owner, "tags": dict(spec.tags),
                   "entity_list": "," + ",".join(e.name for e in ents) + ",", "search_text": text}
@@ -232,10 +218,10 @@ class Definitions:
             if row is None:
                 raise NotFound(f"featureViews/{quote(name, bare=True)}" + (f"/versions/{version}" if version else "")
                                + " not found")
-            spec = pb.FeatureView.FromString(row)
+            spec = view_from_json(row)
             return ViewDef(spec, self._entities(c, list(spec.entities)))
 
-    def versions(self, name: str, size: int = 0, token: str = "") -> tuple[list[pb.FeatureView], str]:
+    def versions(self, name: str, size: int = 0, token: str = "") -> tuple[list[FeatureView], str]:
         """One page of a view's versions, newest first, and the next page's token."""
         page = PageRequest.parse("ListFeatureViewVersions", size, token, {"name": name}, key=int)
         v = t.feature_views.c
@@ -247,23 +233,23 @@ class Definitions:
             if not rows and not c.execute(select(t.feature_view_heads.c.name).where(
                     t.feature_view_heads.c.name == name)).first():
                 raise NotFound(f"featureViews/{quote(name, bare=True)} not found")
-        return [pb.FeatureView.FromString(r.spec) for r in rows], next_token
+        return [view_from_json(r.spec) for r in rows], next_token
 
     # -- feature sets --------------------------------------------------------------------------
-    def apply_feature_set(self, fs: pb.FeatureSet) -> tuple[pb.FeatureSet, str]:
+    def apply_feature_set(self, fs: FeatureSet) -> tuple[FeatureSet, str]:
         """Create or update a set; every reference must name a current view and one of its
         features. Returns the stored set and CREATED, UPDATED or UNCHANGED."""
         if not NAME_RE.match(fs.name):
             raise InvalidArgument("feature_set.name", f"{quote(fs.name)} is not a valid name ([a-z0-9][a-z0-9_]{{0,62}})")
         if not fs.features:
             raise InvalidArgument("feature_set.features", "at least one feature reference is required")
-        refs = parse_refs(list(fs.features), "feature_set.features")
+        refs = parse_refs(fs.features, "feature_set.features")
         seen: set[str] = set()
         for i, ref in enumerate(fs.features):
             if ref in seen:
                 raise InvalidArgument(f"feature_set.features[{i}]", f"{quote(ref)} is listed twice")
             seen.add(ref)
-        spec = _set_definition(fs)
+        spec = _set_definition(replace(fs, features=tuple(fs.features), tags=dict(fs.tags)))
         features: dict[str, set[str]] = {}  # view -> its features (current version)
         for i, (view, feature) in enumerate(refs):
             if view not in features:
@@ -277,28 +263,26 @@ class Definitions:
         with self.db.session() as c:
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == fs.name)).scalar_one_or_none()
             if row is None:
-                spec.create_time.FromDatetime(now)
-                spec.update_time.FromDatetime(now)
-                c.execute(insert(t.feature_sets).values(name=fs.name, spec=spec.SerializeToString(),
+                spec = replace(spec, create_time=now, update_time=now)
+                c.execute(insert(t.feature_sets).values(name=fs.name, spec=feature_set_json(spec),
                                                         create_time=now, update_time=now))
                 return spec, "CREATED"
-            old = pb.FeatureSet.FromString(row)
-            if _set_definition(old) == spec:
+            old = feature_set_from_json(row)
+            if feature_set_json(_set_definition(old)) == feature_set_json(spec):
                 return old, "UNCHANGED"
-            spec.create_time.CopyFrom(old.create_time)
-            spec.update_time.FromDatetime(now)
+            spec = replace(spec, create_time=old.create_time, update_time=now)
             c.execute(update(t.feature_sets).where(t.feature_sets.c.name == fs.name)
-                      .values(spec=spec.SerializeToString(), update_time=now))
+                      .values(spec=feature_set_json(spec), update_time=now))
         return spec, "UPDATED"
 
-    def get_feature_set(self, name: str) -> pb.FeatureSet:
+    def get_feature_set(self, name: str) -> FeatureSet:
         with self.db.read() as c:
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == name)).scalar_one_or_none()
         if row is None:
             raise NotFound(f"featureSets/{quote(name, bare=True)} not found")
-        return pb.FeatureSet.FromString(row)
+        return feature_set_from_json(row)
 
-    def feature_sets(self, size: int = 0, token: str = "") -> tuple[list[pb.FeatureSet], str]:
+    def feature_sets(self, size: int = 0, token: str = "") -> tuple[list[FeatureSet], str]:
         """One page of feature sets by name, and the next page's token."""
         page = PageRequest.parse("ListFeatureSets", size, token, key=str)
         s = t.feature_sets.c
@@ -307,10 +291,10 @@ class Definitions:
             stmt = stmt.where(s.name > page.after)
         with self.db.read() as c:
             rows, next_token = page.cut(c.execute(stmt).all(), lambda r: r.name)
-        return [pb.FeatureSet.FromString(r.spec) for r in rows], next_token
+        return [feature_set_from_json(r.spec) for r in rows], next_token
 
     def list_views(self, *, query: str = "", tag: str = "", owner: str = "", entity: str = "", size: int = 0,
-                   token: str = "") -> tuple[list[pb.FeatureView], str]:
+                   token: str = "") -> tuple[list[FeatureView], str]:
         """One page of `search` (current versions by name), and the next page's token."""
         page = PageRequest.parse("ListFeatureViews", size, token,
                                  {"query": query, "tag": tag, "owner": owner, "entity": entity}, key=str)
@@ -319,7 +303,7 @@ class Definitions:
         return page.cut(views, lambda v: v.name)
 
     def search(self, *, query: str = "", tag: str = "", owner: str = "", entity: str = "", page_size: int = 50,
-               after: str = "") -> list[pb.FeatureView]:
+               after: str = "") -> list[FeatureView]:
         for value, field in ((query, "query"), (tag, "tag"), (owner, "owner"), (entity, "entity")):
             check_filter(value, field)
         h = t.feature_view_heads
@@ -340,4 +324,4 @@ class Definitions:
             stmt = stmt.where(select(t.view_tags.c.name).where(*tag_cond).exists())
         with self.db.read() as c:
             rows = c.execute(stmt.where(*cond).order_by(h.c.name).limit(page_size)).scalars().all()
-        return [pb.FeatureView.FromString(r) for r in rows]
+        return [view_from_json(r) for r in rows]

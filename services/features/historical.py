@@ -1,14 +1,13 @@
-"""Point-in-time retrieval over gRPC: the entity table in (Arrow IPC or a Parquet file), the
-definitions turned into offline ViewSpecs, the join done by offline.historical_features (DuckDB),
-the result streamed back as Arrow IPC. Writing it as a training set is training_sets.py."""
+"""Point-in-time retrieval: the entity table in (Arrow IPC or a Parquet file), the definitions
+turned into offline ViewSpecs, the join done by offline.historical_features (DuckDB), the result
+as Arrow IPC messages. Writing it as a training set is training_sets.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import pyarrow as pa
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument
 from services.features.definitions import Definitions, one_feature_list, parse_refs
@@ -19,9 +18,9 @@ BATCH_ROWS = 65_536
 
 
 class Query(Protocol):
-    """The fields GetHistoricalFeaturesRequest and CreateTrainingSetRequest share."""
+    """The fields HistoricalQuery and TrainingSetRequest share (types.py)."""
 
-    features: list[str]
+    features: Sequence[str]
     feature_set: str
     entity_arrow: bytes
     entity_uri: str
@@ -34,19 +33,19 @@ class HistoricalRetrieval:
         self.definitions = definitions
         self.files = files
 
-    def run(self, request: pb.GetHistoricalFeaturesRequest) -> Iterator[pb.GetHistoricalFeaturesResponse]:
-        """The result as Arrow IPC messages of up to BATCH_ROWS rows (at least one message)."""
+    def run(self, request: Query) -> Iterator[bytes]:
+        """The result as Arrow IPC streams of up to BATCH_ROWS rows each (at least one)."""
         result, _ = self.compute(request)
         for batch in result.to_batches(max_chunksize=BATCH_ROWS) or [pa.RecordBatch.from_pylist([], result.schema)]:
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, result.schema) as writer:
                 writer.write_batch(batch)
-            yield pb.GetHistoricalFeaturesResponse(arrow_ipc=sink.getvalue().to_pybytes())
+            yield sink.getvalue().to_pybytes()
 
     def compute(self, request: Query) -> tuple[pa.Table, list[str]]:
         """The point-in-time result, and the feature references it holds with the view versions
         used ("view:feature@v2", for lineage)."""
-        one_feature_list(request)
+        one_feature_list(request.features, request.feature_set)
         if request.feature_set:
             features = list(self.definitions.get_feature_set(request.feature_set).features)
         else:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 from sqlalchemy import and_, delete, insert, select
-from strata.common.v1 import types_pb2
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -32,10 +30,11 @@ from services.features import tables as t
 from services.features.definitions import Definitions, ViewDef
 from services.features.files import OfflineFiles
 from services.features.online import FLOATS, INTS, OnlineStore, RowCodec
-from services.features.serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, KEY_SEP, validate_rules
+from services.features.online_serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, KEY_SEP, validate_rules
+from services.features.records import statistics_from_json, statistics_json
+from services.features.types import DataType, FeatureStatistics, MaterializeProgress, Statistics, ValueType, type_name
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-_DT = types_pb2.DataType
 
 
 def _q(name: str) -> str:
@@ -74,7 +73,7 @@ class Materializer:
                 t.materializations.c.view == view, t.materializations.c.version == version)
                 .order_by(t.materializations.c.end_us.desc()).limit(1)).scalar_one_or_none() or 0
 
-    def run(self, view_name: str, start_us: int = 0, end_us: int = 0) -> Iterator[pb.MaterializeResponse]:
+    def run(self, view_name: str, start_us: int = 0, end_us: int = 0) -> Iterator[MaterializeProgress]:
         view = self.definitions.get_view(view_name)
         spec = view.spec
         if not spec.source.path or not spec.source.timestamp_field:
@@ -93,25 +92,24 @@ class Materializer:
         table = self._latest_rows(view, start_us, end_us)
         rows = table.num_rows
         keys, ts, columns, nulls = self._convert(view, table)  # validates everything first
-        progress = pb.MaterializeResponse(rows_total=rows, start_us=start_us, end_us=end_us,
-                                          view_version=spec.version)
+        progress = MaterializeProgress(rows_total=rows, start_us=start_us, end_us=end_us,
+                                       view_version=spec.version)
         codec = RowCodec(spec)
         for begin in range(0, rows, self.chunk_rows):
             stop = min(rows, begin + self.chunk_rows)
             blobs = codec.encode(ts[begin:stop], {k: v[begin:stop] for k, v in columns.items()},
                                  {k: v[begin:stop] for k, v in nulls.items()})
             self.store.write(spec.name, spec.version, keys[begin:stop], blobs)
-            progress.rows_written = stop
+            progress = replace(progress, rows_written=stop)
             yield progress
         # Nothing found: nothing to describe. The run is recorded (the next one starts after it)
         # without statistics, so the last real profile stays the one served.
-        stats = self._statistics(view, table, start_us, end_us).SerializeToString() if rows else None
+        stats = statistics_json(self._statistics(view, table, start_us, end_us)) if rows else None
         self._record(spec.name, spec.version, start_us, end_us, rows, stats)
-        progress.done = True
-        yield progress
+        yield replace(progress, done=True)
 
     def _record(self, view: str, version: int, start_us: int, end_us: int, rows: int,
-                stats: bytes | None) -> None:
+                stats: str | None) -> None:
         m = t.materializations.c
         now = datetime.now(UTC)
         this = and_(m.view == view, m.version == version)
@@ -164,10 +162,10 @@ class Materializer:
         key_cols = []
         for e in view.entities:
             col = table.column(e.join_key)
-            want_int = e.value_type == pb.VALUE_TYPE_INT64
+            want_int = e.value_type == ValueType.INT64
             if want_int != pa.types.is_integer(col.type):
                 raise InvalidArgument(f"source.{e.join_key}", f"entity {e.name} is keyed by "
-                                      f"{pb.ValueType.Name(e.value_type)}; the source column is {col.type}")
+                                      f"VALUE_TYPE_{ValueType(e.value_type).name}; the source column is {col.type}")
             key_cols.append([str(v) for v in col.to_pylist()])
         keys = key_cols[0] if len(key_cols) == 1 else [KEY_SEP.join(p) for p in zip(*key_cols, strict=True)]
         ts = table.column("__event_us").to_numpy().astype(np.int64)
@@ -175,7 +173,7 @@ class Materializer:
         for f in spec.features:
             col = table.column(f.name)
             null = col.is_null().to_numpy(zero_copy_only=False)
-            if f.dtype == _DT.DATA_TYPE_STRING:
+            if f.dtype == DataType.STRING:
                 if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
                     raise InvalidArgument(f"source.{f.name}", f"feature '{f.name}' is STRING; the source column "
                                           f"is {col.type}")
@@ -184,8 +182,7 @@ class Materializer:
                 ok = pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)
                 if not ok:
                     raise InvalidArgument(f"source.{f.name}", f"feature '{f.name}' is "
-                                          f"{_DT.Name(f.dtype).removeprefix('DATA_TYPE_')}; the source column is "
-                                          f"{col.type}")
+                                          f"{type_name(f.dtype)}; the source column is {col.type}")
                 kind = np.float64 if f.dtype in FLOATS else np.int64 if f.dtype in INTS else np.bool_
                 values = col.fill_null(0).to_numpy(zero_copy_only=False).astype(kind)
             validate_rules(f, values, null)
@@ -193,10 +190,10 @@ class Materializer:
         return keys, ts, columns, nulls
 
     @staticmethod
-    def _statistics(view: ViewDef, table: pa.Table, start_us: int, end_us: int) -> pb.GetFeatureStatisticsResponse:
+    def _statistics(view: ViewDef, table: pa.Table, start_us: int, end_us: int) -> Statistics:
         spec = view.spec
-        out = pb.GetFeatureStatisticsResponse(view_version=spec.version, start_us=start_us, end_us=end_us)
-        out.compute_time.FromDatetime(datetime.now(UTC))
+        features = []
+        compute_time = datetime.now(UTC)
         with duckdb.connect() as con:
             con.register("rows", table)
             for f in spec.features:
@@ -207,16 +204,18 @@ class Materializer:
                                       f"stddev_pop({c}), quantile_cont({c}, [{qs}]), approx_count_distinct({c}) "
                                       "FROM rows").fetchone()
                     n, nulls, lo, hi, mean, std, quant, distinct = row
-                    out.features.append(pb.FeatureStatistics(
-                        name=f.name, count=n, nulls=nulls, min=lo or 0.0, max=hi or 0.0, mean=mean or 0.0,
-                        std=std or 0.0, quantiles=quant or [], distinct=distinct or 0))
+                    features.append(FeatureStatistics(
+                        name=f.name, count=n, nulls=nulls, min=float(lo or 0.0), max=float(hi or 0.0),
+                        mean=float(mean or 0.0), std=float(std or 0.0), quantiles=tuple(map(float, quant or ())),
+                        distinct=distinct or 0))
                 else:
                     n, nulls, distinct = con.execute(
                         f"SELECT count(*), count(*) - count({c}), approx_count_distinct({c}) FROM rows").fetchone()
-                    out.features.append(pb.FeatureStatistics(name=f.name, count=n, nulls=nulls, distinct=distinct))
-        return out
+                    features.append(FeatureStatistics(name=f.name, count=n, nulls=nulls, distinct=distinct))
+        return Statistics(view_version=spec.version, compute_time=compute_time, start_us=start_us, end_us=end_us,
+                          features=tuple(features))
 
-    def statistics(self, view: str, version: int = 0) -> pb.GetFeatureStatisticsResponse:
+    def statistics(self, view: str, version: int = 0) -> Statistics:
         """The statistics of the newest run of the view version that found rows."""
         version = version or self.definitions.get_view(view).spec.version
         m = t.materializations.c
@@ -226,4 +225,4 @@ class Materializer:
         if blob is None:
             raise NotFound(f"featureViews/{view}/versions/{version} has no statistics yet: no materialization "
                            "of it has found rows")
-        return pb.GetFeatureStatisticsResponse.FromString(blob)
+        return statistics_from_json(blob)

@@ -13,21 +13,19 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
-from strata.common.v1 import types_pb2
-from strata.features.v1 import features_pb2 as pb
 
 from services.features.definitions import ViewDef
 from services.features.files import OfflineFiles
 from services.features.online import FLOATS, INTS
+from services.features.types import DataType, KeyColumn, ValueType
 
 log = logging.getLogger("strata.features.offline")
-_DT = types_pb2.DataType
-_ARROW = {_DT.DATA_TYPE_FLOAT32: pa.float32(), _DT.DATA_TYPE_FLOAT64: pa.float64(), _DT.DATA_TYPE_INT32: pa.int32(),
-          _DT.DATA_TYPE_INT64: pa.int64(), _DT.DATA_TYPE_BOOL: pa.bool_(), _DT.DATA_TYPE_STRING: pa.string()}
+_ARROW = {DataType.FLOAT32: pa.float32(), DataType.FLOAT64: pa.float64(), DataType.INT32: pa.int32(),
+          DataType.INT64: pa.int64(), DataType.BOOL: pa.bool_(), DataType.STRING: pa.string()}
 
 
 class Compactor:
@@ -125,7 +123,7 @@ class Compactor:
 
 
 def make_appender(files: OfflineFiles, compactor: Compactor | None = None) -> Callable[..., None]:
-    def append(view: ViewDef, entities: dict[str, pb.EntityColumn], event_us: np.ndarray, columns: dict,
+    def append(view: ViewDef, entities: Mapping[str, KeyColumn], event_us: np.ndarray, columns: dict,
                nulls: dict) -> None:
         spec = view.spec
         directory = files.append_dir(spec.source.path) if spec.source.path and spec.source.timestamp_field \
@@ -135,11 +133,11 @@ def make_appender(files: OfflineFiles, compactor: Compactor | None = None) -> Ca
         data: dict[str, pa.Array] = {}
         for e in view.entities:
             col = entities[e.join_key]
-            data[e.join_key] = (pa.array(list(col.int64_values), pa.int64()) if e.value_type == pb.VALUE_TYPE_INT64
+            data[e.join_key] = (pa.array(list(col.int64_values), pa.int64()) if e.value_type == ValueType.INT64
                                 else pa.array(list(col.string_values), pa.string()))
         for f in spec.features:
             values = columns[f.name]
-            if f.dtype in FLOATS | INTS or f.dtype == _DT.DATA_TYPE_BOOL:
+            if f.dtype in FLOATS | INTS or f.dtype == DataType.BOOL:
                 values = values.tolist()
             data[f.name] = pa.array(values, _ARROW[f.dtype], mask=np.asarray(nulls[f.name]))
         data[spec.source.timestamp_field] = pa.array(event_us, pa.timestamp("us", tz="UTC"))

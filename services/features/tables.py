@@ -1,12 +1,12 @@
 """The feature service's schema (SQLAlchemy Core): entities and versioned feature views. Each
-version keeps its full definition (a serialized strata.features.v1.FeatureView), so an old
-version stays readable after a schema change; `feature_view_heads` points at the current one and
+version keeps its full definition (JSON, records.py), so an old version stays readable after a
+schema change; `feature_view_heads` points at the current one and
 carries what search filters on."""
 
 from __future__ import annotations
 
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Index, LargeBinary, MetaData, String, Table, Text,
+    JSON, BigInteger, Column, DateTime, Index, MetaData, String, Table, Text,
 )
 
 from services.common.audit import audit_table
@@ -21,7 +21,7 @@ def _ts(name: str) -> Column:
 entities = Table(
     "entities", metadata,
     Column("name", String(64), primary_key=True),
-    Column("spec", LargeBinary, nullable=False),  # serialized Entity
+    Column("spec", Text, nullable=False),  # the Entity as JSON (records.py)
     _ts("create_time"), _ts("update_time"),
 )
 
@@ -29,7 +29,7 @@ feature_views = Table(
     "feature_views", metadata,
     Column("name", String(64), primary_key=True),
     Column("version", BigInteger, primary_key=True),
-    Column("spec", LargeBinary, nullable=False),  # serialized FeatureView (this version)
+    Column("spec", Text, nullable=False),  # this version's FeatureView as JSON (records.py)
     Column("schema_hash", String(64), nullable=False),
     Column("created_by", String(256), nullable=False),
     _ts("create_time"), _ts("update_time"),
@@ -57,8 +57,8 @@ view_tags = Table(
 )
 
 # One row per finished materialization of a view version: where the next incremental run starts
-# (the largest end_us), and the statistics of the rows the run materialized (a serialized
-# GetFeatureStatisticsResponse; NULL when it found none). The newest run with statistics is
+# (the largest end_us), and the statistics of the rows the run materialized (Statistics as JSON,
+# records.py; NULL when it found none). The newest run with statistics is
 # monitoring's reference profile. Bounded: Materializer keeps the newest runs only.
 materializations = Table(
     "materializations", metadata,
@@ -68,14 +68,14 @@ materializations = Table(
     Column("start_us", BigInteger, nullable=False),
     Column("rows", BigInteger, nullable=False),
     _ts("finish_time"),
-    Column("stats", LargeBinary, nullable=True),
+    Column("stats", Text, nullable=True),
 )
 
-# Named lists of feature references (a serialized FeatureSet): what a model reads.
+# Named lists of feature references (the FeatureSet as JSON, records.py): what a model reads.
 feature_sets = Table(
     "feature_sets", metadata,
     Column("name", String(64), primary_key=True),
-    Column("spec", LargeBinary, nullable=False),
+    Column("spec", Text, nullable=False),
     _ts("create_time"), _ts("update_time"),
 )
 
@@ -89,7 +89,7 @@ training_sets = Table(
     Column("created_by", String(256), nullable=False),
     Column("request_id", String(128), nullable=True, unique=True),
     Column("request_hash", String(64), nullable=False),
-    Column("dataset", LargeBinary, nullable=True),  # serialized Dataset once READY
+    Column("dataset", Text, nullable=True),  # the Dataset as JSON (records.py) once READY
     _ts("create_time"), _ts("update_time"),
 )
 

@@ -13,7 +13,9 @@ put), and a failed run gives the place back as it was.
 Request ids follow the platform's rule (services/common/idempotency.py: bounded ids, a retry
 with the same id and payload answers the first result, another payload is INVALID_ARGUMENT
 naming request_id); the id and the payload's digest are kept on the training set's own row,
-which is what claims the place, so the claim and the id are one write.
+which is what claims the place, so the claim and the id are one write. The digest comes with the
+request (TrainingSetRequest.request_hash): the transport's, of the request as it arrived, so the
+digests stored before this module knew no protobuf still match their retries.
 """
 
 from __future__ import annotations
@@ -23,27 +25,18 @@ from datetime import UTC, datetime
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import Aborted, AlreadyExists, InvalidArgument, PermissionDenied, quote
-from services.common.fingerprint import fingerprint
 from services.common.idempotency import check_request_id, reused
 from services.features import tables as t
 from services.features.files import OfflineFiles
 from services.features.historical import HistoricalRetrieval
+from services.features.records import dataset_from_json, dataset_json
+from services.features.types import Dataset, TrainingSetRequest
 
 TRAINING_SETS = "training-sets"
 PENDING, READY = "PENDING", "READY"
-
-
-def _fingerprint(request: pb.CreateTrainingSetRequest) -> str:
-    """What a retry with the same request id must repeat (everything but the id), as the digest
-    stored in training_sets.request_hash."""
-    payload = pb.CreateTrainingSetRequest()
-    payload.CopyFrom(request)
-    payload.request_id = ""
-    return fingerprint(payload.SerializeToString(deterministic=True))
 
 
 class TrainingSets:
@@ -52,7 +45,7 @@ class TrainingSets:
         self.historical = historical
         self.files = files
 
-    def create(self, request: pb.CreateTrainingSetRequest, principal: str) -> pb.Dataset:
+    def create(self, request: TrainingSetRequest, principal: str) -> Dataset:
         """Compute and write the training set `request` describes; see the module docstring."""
         if not request.output_uri:
             raise InvalidArgument("output_uri", "is required")
@@ -60,13 +53,13 @@ class TrainingSets:
         if not place.endswith(".parquet"):
             raise InvalidArgument("output_uri", "must end with .parquet")
         check_request_id(request.request_id)
-        payload_hash = _fingerprint(request)
+        payload_hash = request.request_hash  # what a retry with the same id must repeat
         if request.request_id and (prior := self._by_request_id(request.request_id)) is not None:
             if prior.request_hash != payload_hash or prior.created_by != principal:
                 raise reused(request.request_id)
             if prior.state != READY:
                 raise Aborted(f"training set {quote(request.output_uri)} is still being written; retry later")
-            return pb.Dataset.FromString(prior.dataset)
+            return dataset_from_json(prior.dataset)
         previous = self._claim(place, request, principal, payload_hash)
         try:
             result, features = self.historical.compute(request)
@@ -75,13 +68,12 @@ class TrainingSets:
             self._release(place, previous)
             raise
         now = datetime.now(UTC)
-        dataset = pb.Dataset(dataset_id=f"ds-{digest[:16]}", uri=request.output_uri, sha256=digest,
-                             rows=result.num_rows, features=features, feature_set=request.feature_set,
-                             created_by=principal)
-        dataset.create_time.FromDatetime(now)
+        dataset = Dataset(dataset_id=f"ds-{digest[:16]}", uri=request.output_uri, sha256=digest,
+                          rows=result.num_rows, features=tuple(features), feature_set=request.feature_set,
+                          created_by=principal, create_time=now)
         with self.db.session() as c:
             c.execute(update(t.training_sets).where(t.training_sets.c.uri == place)
-                      .values(state=READY, dataset=dataset.SerializeToString(), update_time=now))
+                      .values(state=READY, dataset=dataset_json(dataset), update_time=now))
         return dataset
 
     def _by_request_id(self, request_id: str) -> Row | None:
@@ -89,7 +81,7 @@ class TrainingSets:
             return c.execute(select(t.training_sets)
                              .where(t.training_sets.c.request_id == request_id)).one_or_none()
 
-    def _claim(self, place: str, request: pb.CreateTrainingSetRequest, principal: str,
+    def _claim(self, place: str, request: TrainingSetRequest, principal: str,
                payload_hash: str) -> Row | None:
         """Take `place` for this request (PENDING); returns the row it had before (None: new)."""
         now = datetime.now(UTC)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 from strata.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -22,9 +21,12 @@ from services.common.workers import shares_port
 from services.inference import batching, tables
 from services.inference.batch_jobs import BatchJobStore, BatchRunner
 from services.inference.config import InferenceConfig
+from services.inference.dataplane import DataPlane
 from services.inference.endpoints import EndpointStore
-from services.inference.model_store import ModelStore, RegistrySource
+from services.inference.model_store import ModelStore
 from services.inference.predlog import FileSink, PredictionLog
+from services.inference.predlog_format import Encoder
+from services.inference.registry_source import RegistrySource
 from services.inference.routing import Engine
 from services.inference.server import InferenceServicer
 from services.inference.v2 import V2Servicer
@@ -48,7 +50,8 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         log.warning("PREDICTION LOGGING IS DISABLED (STRATA_INFERENCE_PREDICTION_LOG=disabled)")
     log_dir = Path(config.prediction_log) if config.prediction_log not in ("", "disabled") else home / "predictions"
     sink = FileSink(log_dir / f"{worker}.binpb")
-    predlog = PredictionLog(sink, log_dir / "spool", capacity=0 if config.prediction_log == "disabled" else 100_000)
+    predlog = PredictionLog(sink, log_dir / "spool", encode=Encoder().encode,
+                            capacity=0 if config.prediction_log == "disabled" else 100_000)
     endpoints = EndpointStore(db, keep_revisions=config.stats_keep_revisions)
     engine = Engine(store, endpoints, predlog, worker_id=worker, default_batching=config.batching,
                     poll_seconds=config.poll_seconds)
@@ -109,8 +112,9 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         predlog.close()
         db.dispose()
 
-    inference_servicer = InferenceServicer(engine, jobs, runner)
-    v2_servicer = V2Servicer(engine, ready)
+    plane = DataPlane(engine, ready)
+    inference_servicer = InferenceServicer(plane, jobs, runner)
+    v2_servicer = V2Servicer(plane)
 
     def register(server) -> None:  # noqa: ANN001
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference_servicer, server)

@@ -1,21 +1,20 @@
-"""Tensors between the wire and numpy, without per-element Python for raw bytes.
-
-Strata Predict: Tensor.raw, typed value lists (JSON-friendly), or rows of named values; the
-shared raw-bytes helpers serve the V2 protocol too (services/inference/v2.py), where BYTES
-elements are 4-byte little-endian length prefixed, as Triton serializes them.
+"""Strata Predict's tensors and rows between the wire and the data plane: requests into plain
+`InputTensor`s and rows (services/inference/tensors.py decodes them into numpy), numpy outputs
+into Tensor messages (raw bytes or JSON-friendly value lists) and rows, without per-element
+Python for raw bytes. The V2 protocol's tensors are converted in services/inference/v2.py.
 """
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf import struct_pb2
 from strata.common.v1 import types_pb2
 from strata.inference.v1 import inference_pb2 as pb
 
-from services.common.errors import InvalidArgument, quote
-from services.inference.runtime import NUMPY_TO_V2, TensorInfo
+from services.inference.runtime import NUMPY_TO_V2
+from services.inference.tensors import InputTensor
 
 _DT = types_pb2.DataType
 STRATA_TO_NUMPY: dict[int, np.dtype] = {
@@ -28,151 +27,46 @@ STRATA_TO_NUMPY: dict[int, np.dtype] = {
     _DT.DATA_TYPE_STRING: np.dtype(object),
 }
 NUMPY_TO_STRATA = {v: k for k, v in STRATA_TO_NUMPY.items()}
-
-def shape_of(field: str, dims) -> tuple[int, ...]:  # noqa: ANN001
-    shape = tuple(int(d) for d in dims)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(field, f"shape {quote(list(shape))} has a negative dimension")
-    return shape
+# Strata DataType -> the data plane's datatype names (V2's); an unknown number travels as its
+# digits, which the data plane refuses by name ("unsupported dtype 99").
+_DATATYPES = {code: NUMPY_TO_V2[dtype] for code, dtype in STRATA_TO_NUMPY.items()}
 
 
-def reshape(field: str, name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`arr` in `shape`; a shape numpy cannot hold (over 64 dimensions, a size past the address
-    space even with no elements) is INVALID_ARGUMENT, not an internal error."""
-    try:
-        return arr.reshape(shape)
-    except ValueError as e:
-        raise InvalidArgument(field, f"input {quote(name)}: shape {quote(list(shape))} cannot be held: "
-                              f"{quote(str(e), bare=True)}") from None
-
-
-def count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def from_raw(field: str, name: str, raw: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    if dtype == np.dtype(object):
-        return _deserialize_bytes(field, name, raw, shape)
-    want = count(shape) * dtype.itemsize
-    if len(raw) != want:
-        raise InvalidArgument(field, f"input {quote(name)}: {len(raw)} bytes of data, shape {quote(list(shape))} "
-                              f"of {NUMPY_TO_V2.get(dtype, dtype)} needs {want}")
-    return reshape(field, name, np.frombuffer(raw, dtype=_little_endian(dtype)), shape)
-
-
-_LE: dict[np.dtype, np.dtype] = {}
-
-
-def _little_endian(dtype: np.dtype) -> np.dtype:
-    """The wire is little-endian; on x86/ARM hosts this is the dtype itself (cached lookup)."""
-    le = _LE.get(dtype)
-    if le is None:
-        le = _LE[dtype] = dtype.newbyteorder("<")
-    return le
-
-
-def _deserialize_bytes(field: str, name: str, raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    items, pos = [], 0
-    while pos < len(raw):
-        if pos + 4 > len(raw):
-            raise InvalidArgument(field, f"input {quote(name)}: truncated BYTES element")
-        (n,) = struct.unpack_from("<I", raw, pos)
-        items.append(raw[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
-        pos += 4 + n
-    if len(items) != count(shape):
-        raise InvalidArgument(field, f"input {quote(name)}: {len(items)} BYTES elements, shape "
-                              f"{quote(list(shape))} needs {count(shape)}")
-    return reshape(field, name, np.array(items, dtype=object), shape)
-
-
-def serialize_bytes(arr: np.ndarray) -> bytes:
-    parts = []
-    for item in arr.reshape(-1):
-        b = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(struct.pack("<I", len(b)) + b)
-    return b"".join(parts)
-
-
-# -- Strata Predict --------------------------------------------------------------------------
-def tensor_inputs(tensors, specs: dict[str, TensorInfo]) -> tuple[dict[str, np.ndarray], bool]:  # noqa: ANN001
-    """Returns the feeds and whether the request used raw bytes (the reply mirrors it)."""
-    feeds: dict[str, np.ndarray] = {}
+# -- requests ------------------------------------------------------------------------------------
+def input_tensors(tensors: Sequence[pb.Tensor]) -> tuple[list[InputTensor], bool]:
+    """The inputs, by reference, and whether the request used raw bytes (the reply mirrors it)."""
+    out = []
     raw_used = False
-    for i, t in enumerate(tensors):
-        field = f"inputs[{i}]"
-        if not t.name:
-            raise InvalidArgument(f"{field}.name", "input name is required")
-        if t.name in feeds:
-            raise InvalidArgument(f"{field}.name", f"input {quote(t.name)} is given twice")
-        spec = specs.get(t.name)
-        if t.dtype:
-            dtype = STRATA_TO_NUMPY.get(t.dtype)
-            if dtype is None:
-                raise InvalidArgument(f"{field}.dtype", f"input {quote(t.name)}: unsupported dtype {t.dtype}")
-        else:
-            dtype = spec.dtype if spec else np.dtype(np.float32)
-        shape = shape_of(f"{field}.shape", t.shape)
-        sources = [n for n in ("raw", "float_values", "int_values", "bool_values", "string_values")
-                   if (t.raw if n == "raw" else len(getattr(t, n)))]
-        if len(sources) > 1:
-            raise InvalidArgument(field, f"input {quote(t.name)} sets {' and '.join(sources)}; use one")
-        if sources == ["raw"]:
+    for t in tensors:
+        raw = t.raw or None
+        code = t.dtype
+        f, n, b, s = t.float_values, t.int_values, t.bool_values, t.string_values
+        conflict = ""
+        if (raw is not None) + bool(f) + bool(n) + bool(b) + bool(s) > 1:
+            conflict = " and ".join(k for k, v in (("raw", raw), ("float_values", f), ("int_values", n),
+                                                   ("bool_values", b), ("string_values", s)) if v)
+        if raw is not None:
             raw_used = True
-            feeds[t.name] = from_raw(field, t.name, t.raw, dtype, shape)
-            continue
-        values = getattr(t, sources[0]) if sources else []
-        if len(values) != count(shape):
-            raise InvalidArgument(field, f"input {quote(t.name)}: {len(values)} values, shape "
-                                  f"{quote(list(shape))} needs {count(shape)}")
-        try:
-            arr = np.array(values, dtype=dtype)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise InvalidArgument(field, f"input {quote(t.name)}: values do not fit {dtype}: "
-                                  f"{quote(str(e), bare=True)}") from None
-        feeds[t.name] = reshape(field, t.name, arr, shape)
-    return feeds, raw_used
+        out.append(InputTensor(t.name, (_DATATYPES.get(code) or str(code)) if code else "", t.shape, raw,
+                               f or n or b or s, conflict))
+    return out, raw_used
 
 
-def row_inputs(rows, specs: dict[str, TensorInfo]) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Rows of {input name: value}: each input becomes the stack of its per-row values."""
-    feeds: dict[str, np.ndarray] = {}
-    for i, row in enumerate(rows):
-        unknown = set(row.fields) - specs.keys()
-        if unknown:
-            name = sorted(unknown)[0]
-            raise InvalidArgument(f"rows[{i}].{quote(name, bare=True)}", f"unknown input {quote(name)}; the "
-                                  "model's inputs are "
-                                  + ", ".join(repr(n) for n in specs))
-    for name, spec in specs.items():
-        values = []
-        for i, row in enumerate(rows):
-            if name not in row.fields:
-                raise InvalidArgument(f"rows[{i}].{name}", f"row {i} has no value for input '{name}'")
-            values.append(_plain(row.fields[name]))
-        try:
-            arr = np.array(values, dtype=spec.dtype)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise InvalidArgument(f"rows.{name}", f"input '{name}': values do not fit "
-                                  f"{NUMPY_TO_V2.get(spec.dtype, spec.dtype)}: {quote(str(e), bare=True)}") from None
-        # A model input [batch, 1] takes scalars per row.
-        if arr.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[-1] == 1:
-            arr = arr.reshape(*arr.shape, 1)
-        feeds[name] = arr
-    return feeds
+def plain_rows(rows: Sequence[struct_pb2.Struct]) -> list[dict[str, object]]:
+    """Each row as {input name: number, string, bool or list}; null is NaN."""
+    return [{k: _plain(v) for k, v in row.fields.items()} for row in rows]
 
 
 def _plain(v: struct_pb2.Value) -> object:
     kind = v.WhichOneof("kind")
     if kind == "list_value":
         return [_plain(x) for x in v.list_value.values]
-    if kind == "null_value":
+    if kind == "null_value" or kind is None:  # a Value with no kind (gRPC only; JSON has none) reads as null
         return float("nan")
     return getattr(v, kind)
 
 
+# -- responses -----------------------------------------------------------------------------------
 def to_raw_tensor(name: str, arr: np.ndarray) -> pb.Tensor:
     if arr.dtype == np.dtype(object):
         return pb.Tensor(name=name, dtype=_DT.DATA_TYPE_STRING, shape=arr.shape,

@@ -11,7 +11,6 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.auth import mint_token
 from services.common.settings import ServiceConfig, ServiceSettings
-from services.common.workers import worker_count, worker_id
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import STATS_KEEP_REVISIONS
 from services.inference.runtime import default_intra_op_threads
@@ -42,12 +41,18 @@ class InferenceConfig(ServiceConfig):
                                              "write besides the artifact store")
 
     # -- derived -------------------------------------------------------------------------------
+    # services.common.workers imports the gRPC server (and so generated code): read when the
+    # wiring asks, not when the settings are.
     @property
     def workers(self) -> int:
+        from services.common.workers import worker_count
+
         return max(1, worker_count("inference"))
 
     @property
     def worker_id(self) -> str:
+        from services.common.workers import worker_id
+
         return worker_id("inference")
 
     @property

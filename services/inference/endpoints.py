@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import (
@@ -36,6 +35,7 @@ from services.common.limits import check_version
 from services.common.paging import PageRequest
 from services.common.timeutil import as_utc
 from services.inference import tables as t
+from services.inference.entities import PolicyBatching, TrafficPolicy, policy_from_json, policy_to_dict, policy_to_json
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 MAX_BATCH_SIZE = 4096
@@ -54,7 +54,7 @@ class EndpointRecord:
     name: str
     description: str
     revision: int
-    policy: pb.TrafficPolicy
+    policy: TrafficPolicy
     created_by: str
     create_time: datetime
     update_time: datetime
@@ -64,7 +64,7 @@ class EndpointRecord:
 @dataclass(frozen=True)
 class RevisionRecord:
     revision: int
-    policy: pb.TrafficPolicy
+    policy: TrafficPolicy
     created_by: str
     create_time: datetime
     reason: str
@@ -75,7 +75,7 @@ def validate_name(name: str, field: str = "endpoint.name") -> None:
         raise InvalidArgument(field, f"{quote(name)} is not a valid name ([a-z0-9][a-z0-9._-]{{0,62}})")
 
 
-def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
+def validate_policy(policy: TrafficPolicy, field: str = "policy") -> None:
     """Everything that can be checked without the registry. A stored policy keeps the alias a
     target was resolved from beside its version (the servicer refuses both on input)."""
     if not policy.targets:
@@ -95,7 +95,7 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
             seen.add(key)
     if sum(tg.weight for tg in policy.targets) <= 0:
         raise InvalidArgument(f"{field}.targets", "the weights must add up to more than 0")
-    if policy.HasField("canary"):
+    if policy.canary is not None:
         c = policy.canary
         if not 0 <= c.target_index < len(policy.targets):
             raise InvalidArgument(f"{field}.canary.target_index",
@@ -108,7 +108,7 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
             raise InvalidArgument(f"{field}.canary.min_requests", "must not be negative")
         if not (c.max_error_rate or c.max_p99_ms):
             raise InvalidArgument(f"{field}.canary", "set max_error_rate or max_p99_ms")
-    b = policy.batching
+    b = policy.batching or PolicyBatching()
     if not 0 <= b.max_batch_size <= MAX_BATCH_SIZE:
         raise InvalidArgument(f"{field}.batching.max_batch_size", f"must be within 0..{MAX_BATCH_SIZE}")
     if not 0 <= b.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
@@ -120,10 +120,11 @@ def validate_policy(policy: pb.TrafficPolicy, field: str = "policy") -> None:
 _request_ids = RequestIds(t.idempotency_keys)
 
 
-def create_payload(name: str, description: str, policy: pb.TrafficPolicy, production: bool) -> dict:
-    """What a retried CreateEndpoint must repeat for its request id to answer the first result."""
-    return {"name": name, "description": description, "production": production,
-            "policy": policy.SerializeToString(deterministic=True).hex()}
+def create_payload(name: str, description: str, policy: TrafficPolicy, production: bool) -> dict:
+    """What a retried CreateEndpoint must repeat for its request id to answer the first result.
+    (Digested and stored: the policy's dict must never change; migration 0005 re-digested the
+    request ids recorded while the payload held the policy's protobuf bytes.)"""
+    return {"name": name, "description": description, "production": production, "policy": policy_to_dict(policy)}
 
 
 class EndpointStore:
@@ -170,7 +171,7 @@ class EndpointStore:
         with self.db.read() as c:
             return dict(c.execute(select(t.endpoints.c.name, t.endpoints.c.revision)).all())
 
-    def policy_at(self, name: str, revision: int) -> pb.TrafficPolicy:
+    def policy_at(self, name: str, revision: int) -> TrafficPolicy:
         with self.db.read() as c:
             return self._revision(c, name, revision).policy
 
@@ -189,7 +190,7 @@ class EndpointStore:
             prior = _request_ids.lookup(c, principal, "CreateEndpoint", request_id, payload)
         return None if prior is None else self.get(prior)
 
-    def create(self, name: str, description: str, policy: pb.TrafficPolicy, principal: str,
+    def create(self, name: str, description: str, policy: TrafficPolicy, principal: str,
                request_id: str = "", *, production: bool = False, payload: dict | None = None) -> EndpointRecord:
         """`production`: the caller has checked the policy against the registry's approvals.
         `payload`: what a retry with request_id must repeat (`create_payload` of the request as
@@ -209,7 +210,7 @@ class EndpointStore:
                         name=name, description=description, revision=1, created_by=principal,
                         create_time=now, update_time=now, production=production))
                     c.execute(insert(t.policy_revisions).values(
-                        endpoint=name, revision=1, policy=policy.SerializeToString(deterministic=True),
+                        endpoint=name, revision=1, policy=policy_to_json(policy),
                         created_by=principal, reason="created", create_time=now))
                     _request_ids.remember(c, principal, "CreateEndpoint", request_id, payload, name)
         except IntegrityError:
@@ -219,7 +220,7 @@ class EndpointStore:
             raise AlreadyExists(f"endpoints/{name} already exists") from None
         return self.get(prior or name)
 
-    def set_policy(self, name: str, policy: pb.TrafficPolicy, principal: str, *, expected_revision: int = 0,
+    def set_policy(self, name: str, policy: TrafficPolicy, principal: str, *, expected_revision: int = 0,
                    reason: str = "", approved: bool = False) -> EndpointRecord:
         """`approved`: the caller has checked the policy against the registry's approvals (needed
         when the endpoint is production)."""
@@ -237,7 +238,7 @@ class EndpointStore:
         return self._append(name, previous, principal, expected_revision or current.revision,
                             reason or f"rollback to the policy of revision {current.revision - 1}", approved)
 
-    def _append(self, name: str, policy: pb.TrafficPolicy, principal: str, expected: int, reason: str,
+    def _append(self, name: str, policy: TrafficPolicy, principal: str, expected: int, reason: str,
                 approved: bool) -> EndpointRecord:
         now = datetime.now(UTC)
         e = t.endpoints.c
@@ -256,7 +257,7 @@ class EndpointStore:
             if moved != 1:
                 raise Aborted(f"endpoints/{name} changed concurrently; re-read and retry")
             c.execute(insert(t.policy_revisions).values(
-                endpoint=name, revision=current + 1, policy=policy.SerializeToString(deterministic=True),
+                endpoint=name, revision=current + 1, policy=policy_to_json(policy),
                 created_by=principal, reason=reason, create_time=now))
             # The right moment to forget the statistics of revisions that fell out of the window.
             s = t.target_stats.c
@@ -374,6 +375,4 @@ def p99_ms(hist: list[int]) -> float:
 
 
 def _revision_record(row) -> RevisionRecord:  # noqa: ANN001
-    policy = pb.TrafficPolicy()
-    policy.ParseFromString(row.policy)
-    return RevisionRecord(row.revision, policy, row.created_by, row.create_time, row.reason)
+    return RevisionRecord(row.revision, policy_from_json(row.policy), row.created_by, row.create_time, row.reason)

@@ -16,19 +16,22 @@ production endpoint needs the approver role, since either would walk around the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
-
-from strata.common.v1 import options_pb2
-from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.auth import Principal
 from services.common.errors import FailedPrecondition
-from services.common.policy import rank_of
+from services.inference.entities import TrafficPolicy
 
 ApprovedVersions = Callable[[str], Awaitable[set[int]]]
 
+# The roles that rank at or above approver in the platform's role table (services/common/policy.py,
+# built on the generated role enum, which the domain does not load); tests/inference/test_governance.py
+# checks that the two agree.
+APPROVER_ROLES = frozenset({"approver", "admin"})
 
-async def require_approved(policy: pb.TrafficPolicy, approved_versions: ApprovedVersions, *, endpoint: str,
+
+async def require_approved(policy: TrafficPolicy, approved_versions: ApprovedVersions, *, endpoint: str,
                            field: str = "", source: str = "") -> None:
     """FAILED_PRECONDITION naming the first target of `policy` whose version was never approved.
     The message names the target by the request field the policy came in (`field`, e.g.
@@ -47,19 +50,17 @@ async def require_approved(policy: pb.TrafficPolicy, approved_versions: Approved
                 "ApprovePromotion by another approver); route to an approved version, or give it as a shadow")
 
 
-def drain_canary(policy: pb.TrafficPolicy) -> pb.TrafficPolicy | None:
+def drain_canary(policy: TrafficPolicy) -> TrafficPolicy | None:
     """The policy without its canary target and limits (the rest unchanged), or None when no
     other target would take traffic."""
-    if not policy.HasField("canary"):
+    if policy.canary is None:
         return None
-    drained = pb.TrafficPolicy()
-    drained.CopyFrom(policy)
-    del drained.targets[policy.canary.target_index]
-    drained.ClearField("canary")
+    i = policy.canary.target_index
+    drained = dataclasses.replace(policy, targets=policy.targets[:i] + policy.targets[i + 1:], canary=None)
     if sum(t.weight for t in drained.targets) <= 0:
         return None
     return drained
 
 
 def is_approver(principal: Principal) -> bool:
-    return rank_of(principal.roles) >= options_pb2.ROLE_APPROVER
+    return not APPROVER_ROLES.isdisjoint(principal.roles)

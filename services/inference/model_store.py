@@ -4,6 +4,9 @@ budget (the least recently used model is unloaded first).
 
 Artifacts are cached on local disk by checksum (shared by the serving processes of one machine);
 a cached file is hashed again before it is loaded, so a corrupted or tampered cache is refused.
+
+Versions come from a `ModelSource`: the registry, through services/inference/registry_source.py
+(given by the wiring).
 """
 
 from __future__ import annotations
@@ -15,18 +18,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
-import grpc
-from strata.registry.v1 import registry_pb2 as rpb
-
-from services.clients.registry import RegistryClient
-from services.common.errors import (
-    FailedPrecondition, InvalidArgument, NotFound, StrataError, Unavailable, quote,
-)
-from services.common.limits import check_version
+from services.common.errors import FailedPrecondition, StrataError
 from services.inference.batching import Batcher, BatchingConfig
-from services.inference.runtime import ModelRuntime
+from services.inference.runtime import ModelRuntime, TensorInfo
 
 log = logging.getLogger("strata.inference.models")
 
@@ -37,6 +35,35 @@ class ModelRef:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class SourceVersion:
+    """A READY ONNX version as the source describes it: what loading it needs."""
+
+    model: str
+    version: int
+    sha256: str
+    allow_nan: bool = False
+
+
+class ModelSource(Protocol):
+    """Where model versions come from (the registry). Called from worker threads; errors are
+    StrataErrors naming the model (NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE)."""
+
+    def resolve(self, model: str, version: int = 0, alias: str = "") -> SourceVersion:
+        """A READY version: by number, by alias, or the newest when neither is given."""
+        ...
+
+    def approved_versions(self, model: str) -> set[int]:
+        """The versions that went through the registry's promotion approval (governance.py)."""
+        ...
+
+    def fetch(self, version: SourceVersion, dest: Path) -> None:
+        """The artifact, written to `dest`."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class LoadedModel:
     ref: ModelRef
@@ -44,6 +71,11 @@ class LoadedModel:
     sha256: str
     loaded_at: float
     batchers: dict[BatchingConfig, Batcher] = field(default_factory=dict)
+    #: The inputs by name, for decoding requests (built once, not per request).
+    specs: dict[str, TensorInfo] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.specs = {i.name: i for i in self.runtime.inputs}
 
     def batcher(self, config: BatchingConfig) -> Batcher:
         b = self.batchers.get(config)
@@ -56,6 +88,23 @@ class LoadedModel:
             await b.close()
 
 
+class ModelState(StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """A model version this process holds, is loading, or failed to load (`reason`)."""
+
+    model: str
+    version: int
+    state: ModelState
+    reason: str = ""
+    loaded: LoadedModel | None = None  # READY
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -64,78 +113,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class RegistrySource:
-    """Reads model versions from the registry service."""
-
-    def __init__(self, client_factory: Callable[[], RegistryClient]) -> None:
-        self._factory = client_factory
-        self._client: RegistryClient | None = None
-
-    @property
-    def client(self) -> RegistryClient:
-        if self._client is None:
-            self._client = self._factory()
-        return self._client
-
-    def resolve(self, model: str, version: int = 0, alias: str = "") -> rpb.ModelVersion:
-        """A READY version: by number, by alias, or the newest when neither is given."""
-        check_version(version, "version", optional=True)  # (callers name their own field first)
-        try:
-            if version or alias:
-                mv = self.client.resolve(model, version, alias)
-            else:
-                ready = [v for v in self.client.list_all_versions(model)
-                         if v.status == rpb.MODEL_VERSION_STATUS_READY]
-                if not ready:
-                    raise NotFound(f"model {quote(model)} has no version with an artifact")
-                mv = max(ready, key=lambda v: v.version)
-        except grpc.RpcError as e:
-            raise _registry_error(e, model, version, alias) from None
-        if mv.status != rpb.MODEL_VERSION_STATUS_READY:
-            raise FailedPrecondition(f"models/{quote(model, bare=True)}/versions/{mv.version} has no committed "
-                                     "artifact yet")
-        if mv.framework and mv.framework.lower() != "onnx":
-            raise FailedPrecondition(f"models/{quote(model, bare=True)}/versions/{mv.version} is {mv.framework}, "
-                                     "not ONNX")
-        return mv
-
-    def approved_versions(self, model: str) -> set[int]:
-        """The versions of a model that went through the registry's promotion approval (an
-        APPROVED promotion: requested by one principal, approved by another with the approver
-        role), whether or not an alias still points at them."""
-        try:
-            return {p.version for p in self.client.list_all_promotions(model, rpb.PROMOTION_STATE_APPROVED)}
-        except grpc.RpcError as e:
-            raise _registry_error(e, model, 0, "") from None
-
-    def fetch(self, mv: rpb.ModelVersion, dest: Path) -> None:
-        try:
-            self.client.download_artifact(mv.name, mv.version, dest)
-        except grpc.RpcError as e:
-            raise _registry_error(e, mv.name, mv.version, "") from None
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-def _registry_error(e: grpc.RpcError, model: str, version: int, alias: str) -> StrataError:
-    what = f"models/{quote(model, bare=True)}" + (f"/versions/{version}" if version else
-                                                  f"/aliases/{quote(alias, bare=True)}" if alias else "")
-    code = e.code()  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"{what} not found in the registry")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:  # the caller's name, version or alias: still the caller's fault
-        field, _, problem = (e.details() or "").partition(": ")  # type: ignore[attr-defined]
-        return InvalidArgument({"name": "model"}.get(field, field) if problem else "model",
-                               f"{problem or field} (the registry refused {what})")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"registry unreachable while resolving {what}: {e.details()}")  # type: ignore[attr-defined]
-    return FailedPrecondition(f"registry refused {what}: {code.name} {e.details()}")  # type: ignore[attr-defined]
-
-
 class ModelStore:
-    def __init__(self, source: RegistrySource, cache_dir: Path, *, memory_budget_bytes: int,
+    def __init__(self, source: ModelSource, cache_dir: Path, *, memory_budget_bytes: int,
                  intra_op_threads: int, device: str = "auto", max_batch_size: int = 1024) -> None:
         self.source = source
         self.cache_dir = cache_dir
@@ -164,6 +143,12 @@ class ModelStore:
 
     def versions_of(self, model: str) -> list[int]:
         return sorted(r.version for r in self._loaded if r.model == model)
+
+    def statuses(self) -> list[ModelStatus]:
+        """The loaded models, then those loading, then those that failed."""
+        return ([ModelStatus(m.ref.model, m.ref.version, ModelState.READY, loaded=m) for m in self._loaded.values()]
+                + [ModelStatus(r.model, r.version, ModelState.LOADING) for r in self._loading]
+                + [ModelStatus(r.model, r.version, ModelState.FAILED, why) for r, why in self.failures.items()])
 
     # -- loading -------------------------------------------------------------------------------
     async def resolve(self, model: str, version: int = 0, alias: str = "") -> ModelRef:
@@ -205,7 +190,7 @@ class ModelStore:
     def _prepare(self, ref: ModelRef) -> tuple[ModelRuntime, str]:
         """Runs in a thread: fetch (or reuse the cache), verify, open the session, warm up."""
         mv = self.source.resolve(ref.model, ref.version)
-        want = mv.artifact.sha256
+        want = mv.sha256
         path = self.cache_dir / f"{want}.onnx"
         if not path.exists():
             self.source.fetch(mv, path)
@@ -215,7 +200,7 @@ class ModelStore:
             raise FailedPrecondition(f"models/{ref.model}/versions/{ref.version}: artifact sha256 {got} does not "
                                      f"match the registry's {want}; refusing to load it")
         runtime = ModelRuntime(path, intra_op_threads=self._threads, device=self._device,
-                               max_batch_size=self._max_batch, allow_nan=mv.signature.allow_nan)
+                               max_batch_size=self._max_batch, allow_nan=mv.allow_nan)
         runtime.warm_up()
         return runtime, want
 

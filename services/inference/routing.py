@@ -18,22 +18,20 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Counter, Histogram
-from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.errors import (
     Aborted, FailedPrecondition, NotFound, ResourceExhausted, StrataError, Unavailable, quote,
 )
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import LATENCY_BUCKETS_MS, EndpointStore, p99_ms
+from services.inference.entities import PolicyBatching, TargetStats, TrafficPolicy
 from services.inference.governance import drain_canary, require_approved
 from services.inference.model_store import LoadedModel, ModelRef, ModelStore
 from services.inference.predlog import PredictionLog
-from services.inference.runtime import ModelRuntime
 
 log = logging.getLogger("strata.inference.routing")
 
@@ -54,19 +52,19 @@ class ModelFailed(StrataError):
 class Route:
     endpoint: str
     revision: int
-    policy: pb.TrafficPolicy
+    policy: TrafficPolicy
     targets: tuple[ModelRef, ...]
     cumulative: tuple[int, ...]
     shadows: tuple[ModelRef, ...]
     batching: BatchingConfig
 
     @classmethod
-    def build(cls, endpoint: str, revision: int, policy: pb.TrafficPolicy, default: BatchingConfig) -> Route:
+    def build(cls, endpoint: str, revision: int, policy: TrafficPolicy, default: BatchingConfig) -> Route:
         cum, total = [], 0
         for tg in policy.targets:
             total += tg.weight
             cum.append(total)
-        b = policy.batching
+        b = policy.batching or PolicyBatching()
         batching = BatchingConfig(max_batch_size=b.max_batch_size or default.max_batch_size,
                                   max_queue_delay_us=b.max_queue_delay_us if b.max_batch_size or b.max_queue_delay_us
                                   else default.max_queue_delay_us,
@@ -83,7 +81,7 @@ class Route:
         return self.targets[bisect.bisect_right(self.cumulative, x)]
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     ref: ModelRef
     revision: int
@@ -240,9 +238,9 @@ class Engine:
 
     async def _guard_canaries(self) -> None:
         for route in list(self.routes.values()):
-            if not route.policy.HasField("canary"):
-                continue
             c = route.policy.canary
+            if c is None:
+                continue
             ref = route.targets[c.target_index]
             stats = await asyncio.to_thread(self.endpoints.stats, route.endpoint, route.revision)
             requests, errors, hist = stats.get(target_key(ref, False), (0, 0, []))
@@ -294,16 +292,17 @@ class Engine:
                                 expected_revision=revision, reason=reason, approved=production)
         return reason
 
-    # -- predictions ---------------------------------------------------------------------------
-    async def predict(self, endpoint: str, decode: Callable[[ModelRuntime], dict[str, np.ndarray]],
-                      routing_key: str, request_id: str) -> Result:
+    # -- predictions (the data plane, dataplane.py, picks the model and decodes the inputs) ---------
+    def route(self, endpoint: str) -> Route:
+        """The route a request to `endpoint` is served by, entirely (read once per request)."""
         route = self.routes.get(endpoint)
         if route is None:
             raise NotFound(f"endpoints/{quote(endpoint, bare=True)} not found"
                            + (f" ({self.failures[endpoint]})" if endpoint in self.failures else ""))
-        ref = route.pick(routing_key)
-        model = self.store.get(ref) or await self.store.load(ref)
-        feeds = decode(model.runtime)
+        return route
+
+    async def serve(self, route: Route, model: LoadedModel, feeds: dict[str, np.ndarray], request_id: str) -> Result:
+        """Score `feeds` with `model` (a target `route` picked) and run the route's shadows."""
         rows = model.runtime.check(feeds)
         result = await self._score(route.endpoint, route.revision, route.batching, model, feeds, rows,
                                    request_id, shadow=False)
@@ -377,12 +376,11 @@ class Engine:
                 "endpoint": route.endpoint, "model": ref.model, "version": ref.version, "error": str(e),
                 "request_id": request_id}})
 
-    def endpoint_stats(self, endpoint: str, revision: int) -> list[pb.TargetStats]:
+    def endpoint_stats(self, endpoint: str, revision: int) -> list[TargetStats]:
         stats = self.endpoints.stats(endpoint, revision)
         out = []
         for key, (requests, errors, hist) in sorted(stats.items()):
             model, version, *shadow = key.split(":")
-            out.append(pb.TargetStats(model=model, version=int(version), shadow=bool(shadow), requests=requests,
-                                      errors=errors, p99_ms=p99_ms(hist)))
+            out.append(TargetStats(model, int(version), bool(shadow), requests, errors, p99_ms(hist)))
         return out
 

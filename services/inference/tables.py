@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text, false,
+    BigInteger, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text, false,
 )
 
 from services.common.audit import audit_table
@@ -36,13 +36,14 @@ endpoints = Table(
     Column("production", Boolean, nullable=False, default=False, server_default=false()),
 )
 
-# One row per policy change. `policy` is a serialized strata.inference.v1.TrafficPolicy with
-# aliases already resolved to versions, so every process routes to exactly the same versions.
+# One row per policy change. `policy` is the TrafficPolicy as JSON (entities.policy_to_json;
+# a serialized protobuf message until migration 0005) with aliases already resolved to versions,
+# so every process routes to exactly the same versions.
 policy_revisions = Table(
     "policy_revisions", metadata,
     Column("endpoint", String(64), primary_key=True),
     Column("revision", BigInteger, primary_key=True),
-    Column("policy", LargeBinary, nullable=False),
+    Column("policy", Text, nullable=False),
     Column("created_by", String(256), nullable=False),
     Column("reason", Text, nullable=False, default=""),
     _ts("create_time"),

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from strata.common.v1 import types_pb2
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.features.app import MIGRATIONS
@@ -27,6 +25,7 @@ from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
 from services.features.materialize import Materializer
 from services.features.online import RedisOnlineStore, SqliteOnlineStore
+from services.features.types import DataSource, DataType, Entity, Feature, FeatureView, ValueType
 
 
 def main() -> None:
@@ -45,10 +44,10 @@ def main() -> None:
     db = Database(f"sqlite:///{work / 'defs.db'}")
     db.migrate(MIGRATIONS)
     d = Definitions(db)
-    d.apply_entity(pb.Entity(name="user", join_key="user_id", value_type=pb.VALUE_TYPE_INT64))
-    d.apply_view(pb.FeatureView(name="bench", entities=["user"], source=pb.DataSource(
+    d.apply_entity(Entity(name="user", join_key="user_id", value_type=ValueType.INT64))
+    d.apply_view(FeatureView(name="bench", entities=["user"], source=DataSource(
         path=str(work / "src.parquet"), timestamp_field="ts"),
-        features=[pb.Feature(name=f"f{i}", dtype=types_pb2.DATA_TYPE_FLOAT64) for i in range(10)]), "bench")
+        features=[Feature(name=f"f{i}", dtype=DataType.FLOAT64) for i in range(10)]), "bench")
     store = (SqliteOnlineStore(str(work / "online.db")) if args.sqlite
              else RedisOnlineStore("redis://127.0.0.1:6379/0", prefix=f"bench-{uuid.uuid4().hex[:6]}"))
     m = Materializer(db, d, store, OfflineFiles(str(work)))

@@ -9,17 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from strata.common.v1 import types_pb2
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.features.app import MIGRATIONS
 from services.features.definitions import Definitions
 from services.features.online import OnlineStore, RedisOnlineStore, SqliteOnlineStore
+from services.features.types import DataSource, DataType, Entity, Feature, FeatureView, ValidationRule, ValueType
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-F64, I64, STR, BOOL = (types_pb2.DATA_TYPE_FLOAT64, types_pb2.DATA_TYPE_INT64, types_pb2.DATA_TYPE_STRING,
-                       types_pb2.DATA_TYPE_BOOL)
+# The domain's enum members: ints, so messages take them as they are too.
+F64, I64, STR, BOOL = DataType.FLOAT64, DataType.INT64, DataType.STRING, DataType.BOOL
 
 
 @pytest.fixture()
@@ -82,7 +82,17 @@ def ipc(table) -> bytes:  # noqa: ANN001 - a pyarrow Table
     return sink.getvalue().to_pybytes()
 
 
-def user_view(name: str = "user_stats", ttl: int = 0, **kw: object) -> pb.FeatureView:
+def user_view(name: str = "user_stats", ttl: int = 0, **kw: object) -> FeatureView:
+    return FeatureView(name=name, entities=("user",), ttl_seconds=ttl, features=(
+        Feature(name="spend_7d", dtype=F64, validation=ValidationRule(min=0, has_min=True, max=1e6, has_max=True)),
+        Feature(name="orders_7d", dtype=I64),
+        Feature(name="segment", dtype=STR, validation=ValidationRule(allowed_values=("new", "vip", "churn"))),
+        Feature(name="active", dtype=BOOL),
+    ), source=DataSource(path="users/*.parquet", timestamp_field="event_ts"), **kw)
+
+
+def user_view_pb(name: str = "user_stats", ttl: int = 0, **kw: object) -> pb.FeatureView:
+    """user_view as the message a client sends."""
     return pb.FeatureView(name=name, entities=["user"], ttl_seconds=ttl, features=[
         pb.Feature(name="spend_7d", dtype=F64, validation=pb.ValidationRule(min=0, has_min=True, max=1e6,
                                                                              has_max=True)),
@@ -93,5 +103,5 @@ def user_view(name: str = "user_stats", ttl: int = 0, **kw: object) -> pb.Featur
 
 
 def apply_basics(d: Definitions) -> None:
-    d.apply_entity(pb.Entity(name="user", join_key="user_id", value_type=pb.VALUE_TYPE_INT64))
-    d.apply_entity(pb.Entity(name="merchant", join_key="merchant_id", value_type=pb.VALUE_TYPE_STRING))
+    d.apply_entity(Entity(name="user", join_key="user_id", value_type=ValueType.INT64))
+    d.apply_entity(Entity(name="merchant", join_key="merchant_id", value_type=ValueType.STRING))

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.features.app import MIGRATIONS
@@ -19,7 +18,10 @@ from services.features.files import OfflineFiles
 from services.features.offline import ViewSpec, historical_features
 from services.features.offline_append import Compactor, make_appender
 from services.features.online import SqliteOnlineStore
-from services.features.serving import FeatureServer, ViewCache
+from services.features.online_serving import OnlineFeatures, ViewCache
+from services.features.types import (
+    DataSource, Entity, EntityColumn, Feature, FeatureValues, FeatureView, PushRequest, ValueType,
+)
 from tests.features.conftest import F64
 
 T0 = 1_767_225_600_000_000  # 2026-01-01 in microseconds
@@ -30,23 +32,23 @@ def env(tmp_path: Path):  # noqa: ANN201
     db = Database(f"sqlite:///{tmp_path / 'defs.db'}")
     db.migrate(MIGRATIONS)
     d = Definitions(db)
-    d.apply_entity(pb.Entity(name="user", join_key="user_id", value_type=pb.VALUE_TYPE_INT64))
-    d.apply_view(pb.FeatureView(name="clicks", entities=["user"], features=[pb.Feature(name="n", dtype=F64)],
-                                source=pb.DataSource(path="sources/clicks/*.parquet", timestamp_field="ts")), "t")
+    d.apply_entity(Entity(name="user", join_key="user_id", value_type=ValueType.INT64))
+    d.apply_view(FeatureView(name="clicks", entities=["user"], features=[Feature(name="n", dtype=F64)],
+                                source=DataSource(path="sources/clicks/*.parquet", timestamp_field="ts")), "t")
     files = OfflineFiles(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
     compactor = Compactor(files, threshold=1_000_000)  # compacted by hand unless a test says otherwise
     store = SqliteOnlineStore(str(tmp_path / "online.db"))
-    server = FeatureServer(ViewCache(d), store, offline_append=make_appender(files, compactor))
+    server = OnlineFeatures(ViewCache(d), store, offline_append=make_appender(files, compactor))
     yield server, files, compactor, d, tmp_path / "store" / "sources" / "clicks"
     store.close()
     db.dispose()
 
 
-def _push(server: FeatureServer, users: list[int], values: list[float], ts: list[int], view: str = "clicks",
+def _push(server: OnlineFeatures, users: list[int], values: list[float], ts: list[int], view: str = "clicks",
           extra: dict | None = None) -> None:
-    features = [pb.FeatureValues(name="n", double_values=values), *[
-        pb.FeatureValues(name=k, double_values=v) for k, v in (extra or {}).items()]]
-    server.push(pb.PushFeaturesRequest(view=view, entities={"user_id": pb.EntityColumn(int64_values=users)},
+    features = [FeatureValues(name="n", double_values=values), *[
+        FeatureValues(name=k, double_values=v) for k, v in (extra or {}).items()]]
+    server.push(PushRequest(view=view, entities={"user_id": EntityColumn(int64_values=users)},
                                        event_timestamps_us=ts, features=features))
 
 
@@ -90,9 +92,9 @@ def test_files_of_different_schemas_are_not_merged_together(env) -> None:  # noq
     server, files, compactor, d, directory = env
     _push(server, [1], [1.0], [T0])
     _push(server, [1], [2.0], [T0])
-    d.apply_view(pb.FeatureView(name="clicks", entities=["user"], features=[
-        pb.Feature(name="n", dtype=F64), pb.Feature(name="m", dtype=F64)],
-        source=pb.DataSource(path="sources/clicks/*.parquet", timestamp_field="ts")), "t")  # version 2
+    d.apply_view(FeatureView(name="clicks", entities=["user"], features=[
+        Feature(name="n", dtype=F64), Feature(name="m", dtype=F64)],
+        source=DataSource(path="sources/clicks/*.parquet", timestamp_field="ts")), "t")  # version 2
     server.views.drop("clicks")
     _push(server, [1], [3.0], [T0], extra={"m": [9.0]})
     _push(server, [1], [4.0], [T0], extra={"m": [8.0]})

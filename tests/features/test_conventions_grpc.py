@@ -14,7 +14,7 @@ from strata.features.v1 import features_pb2 as pb
 from strata.features.v1 import features_pb2_grpc
 
 from tests.conventions import check_page_policy, refused_field, two_pages
-from tests.features.conftest import F64, ipc, user_view
+from tests.features.conftest import F64, ipc, user_view_pb
 from tests.processes import free_port, start_service, stop_process
 
 
@@ -54,7 +54,7 @@ def test_views_versions_and_sets_page_in_two_pages(stub) -> None:  # noqa: ANN00
     owner = f"o{os.urandom(3).hex()}"
     views = [f"v{owner}_{i}" for i in range(5)]
     for v in views:
-        stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=user_view(name=v, owner=owner)))
+        stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=user_view_pb(name=v, owner=owner)))
 
     def list_views(**kw):  # noqa: ANN003, ANN202
         return stub.ListFeatureViews(pb.ListFeatureViewsRequest(**kw))
@@ -63,7 +63,8 @@ def test_views_versions_and_sets_page_in_two_pages(stub) -> None:  # noqa: ANN00
     check_page_policy(list_views, token, owner="someone else")
 
     for ttl in (60, 120):  # two more schemas: three versions
-        stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=user_view(name=views[0], owner=owner, ttl=ttl)))
+        stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=user_view_pb(name=views[0], owner=owner,
+                                                                                   ttl=ttl)))
 
     def versions(**kw):  # noqa: ANN003, ANN202
         return stub.ListFeatureViewVersions(pb.ListFeatureViewVersionsRequest(**kw))

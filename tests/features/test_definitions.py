@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound
 from services.features.definitions import Definitions
+from services.features.types import Entity, Feature, FeatureSet, FeatureView, ValidationRule, ValueType
 from tests.features.conftest import F64, I64, apply_basics, user_view
 
 
@@ -18,7 +20,7 @@ def test_schema_change_creates_a_version_and_keeps_the_old_one(definitions: Defi
     v, outcome = definitions.apply_view(user_view(description="spend and orders", owner="growth"), "bob")
     assert (v.version, outcome) == (1, "UPDATED")
     changed = user_view(description="spend and orders", owner="growth")
-    changed.features.append(pb.Feature(name="refunds_7d", dtype=I64))
+    changed = replace(changed, features=(*changed.features, Feature(name="refunds_7d", dtype=I64)))
     v2, outcome = definitions.apply_view(changed, "bob")
     assert (v2.version, outcome, v2.created_by) == (2, "NEW_VERSION", "bob")
     assert definitions.get_view("user_stats").spec.version == 2
@@ -26,7 +28,9 @@ def test_schema_change_creates_a_version_and_keeps_the_old_one(definitions: Defi
     assert [f.name for f in old.features] == ["spend_7d", "orders_7d", "segment", "active"]
     assert [v.version for v in definitions.versions("user_stats")[0]] == [2, 1]
     retyped = user_view()
-    retyped.features[1].dtype = F64  # a type change is a schema change too
+    features = list(retyped.features)
+    features[1] = replace(features[1], dtype=F64)  # a type change is a schema change too
+    retyped = replace(retyped, features=tuple(features))
     assert definitions.apply_view(retyped, "bob")[0].version == 3
 
 
@@ -34,8 +38,8 @@ def test_search_by_name_tag_owner_entity_and_text(definitions: Definitions) -> N
     apply_basics(definitions)
     definitions.apply_view(user_view(owner="growth", tags={"team": "growth", "pii": "no"},
                                      description="Customer spend"), "a")
-    merchant = pb.FeatureView(name="merchant_risk", entities=["merchant"], owner="risk", tags={"team": "risk"},
-                              features=[pb.Feature(name="chargeback_rate", dtype=F64, description="30 day")])
+    merchant = FeatureView(name="merchant_risk", entities=["merchant"], owner="risk", tags={"team": "risk"},
+                           features=[Feature(name="chargeback_rate", dtype=F64, description="30 day")])
     definitions.apply_view(merchant, "a")
     names = lambda **kw: [v.name for v in definitions.search(**kw)]  # noqa: E731
     assert names() == ["merchant_risk", "user_stats"]
@@ -48,19 +52,27 @@ def test_search_by_name_tag_owner_entity_and_text(definitions: Definitions) -> N
     assert names(after="merchant_risk") == ["user_stats"]
 
 
+def _feature(v: FeatureView, i: int, **changes: object) -> FeatureView:
+    """The view with feature i changed."""
+    features = list(v.features)
+    features[i] = replace(features[i], **changes)
+    return replace(v, features=tuple(features))
+
+
 @pytest.mark.parametrize("mutate, field", [
-    (lambda v: setattr(v, "name", "Bad Name"), "feature_view.name"),
-    (lambda v: v.ClearField("features"), "feature_view.features"),
-    (lambda v: v.features.append(pb.Feature(name="spend_7d", dtype=F64)), "feature_view.features[4].name"),
-    (lambda v: setattr(v.features[0], "dtype", 0), "feature_view.features[0].dtype"),
-    (lambda v: setattr(v, "ttl_seconds", -1), "feature_view.ttl_seconds"),
-    (lambda v: v.features[1].validation.allowed_values.append("x"), "feature_view.features[1].validation.allowed_values"),
-    (lambda v: v.features.append(pb.Feature(name="user_id", dtype=I64)), "feature_view.features[4].name"),
+    (lambda v: replace(v, name="Bad Name"), "feature_view.name"),
+    (lambda v: replace(v, features=()), "feature_view.features"),
+    (lambda v: replace(v, features=(*v.features, Feature(name="spend_7d", dtype=F64))),
+     "feature_view.features[4].name"),
+    (lambda v: _feature(v, 0, dtype=0), "feature_view.features[0].dtype"),
+    (lambda v: replace(v, ttl_seconds=-1), "feature_view.ttl_seconds"),
+    (lambda v: _feature(v, 1, validation=ValidationRule(allowed_values=("x",))),
+     "feature_view.features[1].validation.allowed_values"),
+    (lambda v: replace(v, features=(*v.features, Feature(name="user_id", dtype=I64))), "feature_view.features[4].name"),
 ])
 def test_invalid_views_name_the_field_and_change_nothing(definitions: Definitions, mutate, field: str) -> None:  # noqa: ANN001
     apply_basics(definitions)
-    view = user_view()
-    mutate(view)
+    view = mutate(user_view())
     with pytest.raises(InvalidArgument) as err:
         definitions.apply_view(view, "a")
     assert err.value.field == field
@@ -74,34 +86,34 @@ def test_unknown_entity_and_view(definitions: Definitions) -> None:
         definitions.get_view("nope")
     apply_basics(definitions)
     with pytest.raises(InvalidArgument, match="cannot change"):
-        definitions.apply_entity(pb.Entity(name="user", join_key="uid", value_type=pb.VALUE_TYPE_INT64))
+        definitions.apply_entity(Entity(name="user", join_key="uid", value_type=ValueType.INT64))
 
 
 def test_feature_sets_apply_get_list_and_refuse_bad_references(definitions: Definitions) -> None:
     apply_basics(definitions)
     definitions.apply_view(user_view(), "a")
-    fs = pb.FeatureSet(name="fraud_v1", features=["user_stats:spend_7d", "user_stats:segment"], owner="risk")
+    fs = FeatureSet(name="fraud_v1", features=["user_stats:spend_7d", "user_stats:segment"], owner="risk")
     got, outcome = definitions.apply_feature_set(fs)
-    assert outcome == "CREATED" and list(got.features) == list(fs.features) and got.create_time.seconds > 0
+    assert outcome == "CREATED" and list(got.features) == list(fs.features) and got.create_time.timestamp() > 0
     assert definitions.apply_feature_set(fs)[1] == "UNCHANGED"
-    fs.features.append("user_stats:orders_7d")
+    fs = replace(fs, features=[*fs.features, "user_stats:orders_7d"])
     got, outcome = definitions.apply_feature_set(fs)
-    assert outcome == "UPDATED" and got.update_time.ToNanoseconds() >= got.create_time.ToNanoseconds()
+    assert outcome == "UPDATED" and got.update_time >= got.create_time
     assert list(definitions.get_feature_set("fraud_v1").features) == list(fs.features)
-    definitions.apply_feature_set(pb.FeatureSet(name="churn_v1", features=["user_stats:active"]))
+    definitions.apply_feature_set(FeatureSet(name="churn_v1", features=["user_stats:active"]))
     assert [s.name for s in definitions.feature_sets()[0]] == ["churn_v1", "fraud_v1"]
     with pytest.raises(NotFound, match="featureSets/nope"):
         definitions.get_feature_set("nope")
     bad = [
-        (pb.FeatureSet(name="Bad Name", features=["user_stats:active"]), InvalidArgument, "feature_set.name"),
-        (pb.FeatureSet(name="empty"), InvalidArgument, "feature_set.features"),
-        (pb.FeatureSet(name="x", features=["user_stats:active", "nocolon"]), InvalidArgument,
+        (FeatureSet(name="Bad Name", features=["user_stats:active"]), InvalidArgument, "feature_set.name"),
+        (FeatureSet(name="empty"), InvalidArgument, "feature_set.features"),
+        (FeatureSet(name="x", features=["user_stats:active", "nocolon"]), InvalidArgument,
          r"feature_set.features\[1\]"),
-        (pb.FeatureSet(name="x", features=["user_stats:active", "user_stats:active"]), InvalidArgument,
+        (FeatureSet(name="x", features=["user_stats:active", "user_stats:active"]), InvalidArgument,
          r"feature_set.features\[1\].*twice"),
-        (pb.FeatureSet(name="x", features=["user_stats:active", "ghost:f"]), NotFound,
+        (FeatureSet(name="x", features=["user_stats:active", "ghost:f"]), NotFound,
          r"featureViews/ghost.*features\[1\]"),
-        (pb.FeatureSet(name="fraud_v1", features=["user_stats:nope"]), InvalidArgument,
+        (FeatureSet(name="fraud_v1", features=["user_stats:nope"]), InvalidArgument,
          r"feature_set.features\[0\].*no feature 'nope'"),
     ]
     for spec, error, message in bad:

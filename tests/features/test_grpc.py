@@ -13,7 +13,7 @@ import pytest
 from strata.features.v1 import features_pb2 as pb
 from strata.features.v1 import features_pb2_grpc
 
-from tests.features.conftest import F64, service_online_store, user_view
+from tests.features.conftest import F64, service_online_store, user_view_pb
 from tests.features.conftest import ipc as _ipc
 from tests.processes import free_port, start_service, stop_process
 
@@ -47,7 +47,7 @@ def test_apply_push_read(stub: features_pb2_grpc.FeatureServiceStub) -> None:
     suffix = os.urandom(3).hex()
     stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
                                                             value_type=pb.VALUE_TYPE_INT64)))
-    view = user_view(name=f"users_{suffix}")
+    view = user_view_pb(name=f"users_{suffix}")
     created = stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
     assert (created.outcome, created.feature_view.version) == ("CREATED", 1)
     ts = [1_700_000_000_000_000] * 2
@@ -359,7 +359,7 @@ def test_huge_input_is_quoted_short_in_the_error(stub: features_pb2_grpc.Feature
 def test_huge_feature_name_in_a_push_is_quoted_short(stub: features_pb2_grpc.FeatureServiceStub) -> None:
     stub.ApplyEntity(pb.ApplyEntityRequest(entity=pb.Entity(name="user", join_key="user_id",
                                                             value_type=pb.VALUE_TYPE_INT64)))
-    view = user_view(name=f"users_{os.urandom(3).hex()}")
+    view = user_view_pb(name=f"users_{os.urandom(3).hex()}")
     stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
     with pytest.raises(grpc.RpcError) as err:
         stub.PushFeatures(pb.PushFeaturesRequest(

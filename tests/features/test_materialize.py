@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import InvalidArgument
@@ -19,7 +18,10 @@ from services.features.definitions import Definitions
 from services.features.files import OfflineFiles
 from services.features.materialize import Materializer
 from services.features.online import OnlineStore
-from services.features.serving import FeatureServer, ViewCache
+from services.features.online_serving import OnlineFeatures, ViewCache
+from services.features.types import (
+    DataSource, EntityColumn, Feature, FeatureStatus, FeatureView, OnlineQuery, ValidationRule,
+)
 from tests.features.conftest import F64, I64, apply_basics
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -37,13 +39,13 @@ def setup(online_store: OnlineStore, tmp_path: Path):  # noqa: ANN201
     apply_basics(d)
     src = tmp_path / "src"
     src.mkdir()
-    d.apply_view(pb.FeatureView(name="txn", entities=["user"], features=[
-        pb.Feature(name="amount", dtype=F64, validation=pb.ValidationRule(min=0, has_min=True)),
-        pb.Feature(name="count", dtype=I64)],
-        source=pb.DataSource(path=str(src / "*.parquet"), timestamp_field="ts", created_timestamp_field="created")),
+    d.apply_view(FeatureView(name="txn", entities=["user"], features=[
+        Feature(name="amount", dtype=F64, validation=ValidationRule(min=0, has_min=True)),
+        Feature(name="count", dtype=I64)],
+        source=DataSource(path=str(src / "*.parquet"), timestamp_field="ts", created_timestamp_field="created")),
         "t")
     m = Materializer(db, d, online_store, OfflineFiles(str(tmp_path)), chunk_rows=3)
-    server = FeatureServer(ViewCache(d), online_store, clock=lambda: T0.timestamp() + 100 * 3600)
+    server = OnlineFeatures(ViewCache(d), online_store, clock=lambda: T0.timestamp() + 100 * 3600)
     return m, server, src
 
 
@@ -59,14 +61,14 @@ def write(src: Path, name: str, rows: list[tuple[int, float, int, float, float]]
         "created": pa.array([ts(r[4]) for r in rows], pa.timestamp("us", tz="UTC"))}), src / name)
 
 
-def online(server: FeatureServer, users: list[int]) -> list[tuple[int, float | None]]:
-    col = server.get_online(pb.GetOnlineFeaturesRequest(features=["txn:amount"], entities={
-        "user_id": pb.EntityColumn(int64_values=users)})).features[0]
-    return [(s, v if s == pb.FEATURE_STATUS_PRESENT else None) for s, v in zip(col.statuses, col.double_values,
-                                                                              strict=True)]
+def online(server: OnlineFeatures, users: list[int]) -> list[tuple[int, float | None]]:
+    col = server.read(OnlineQuery(features=["txn:amount"], entities={
+        "user_id": EntityColumn(int64_values=users)})).values().features[0]
+    return [(s, v if s == FeatureStatus.PRESENT else None) for s, v in zip(col.statuses, col.double_values,
+                                                                          strict=True)]
 
 
-P, MISSING = pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NOT_FOUND
+P, MISSING = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND
 
 
 def test_latest_row_per_entity_in_range_then_incremental_and_idempotent(setup) -> None:  # noqa: ANN001

@@ -1,4 +1,6 @@
-"""The online store through FeatureServer, the same suite on SQLite and on the real Redis."""
+"""The online store through OnlineFeatures, the same suite on SQLite and on the real Redis. Answers
+are checked as the servicer sends them (convert.py; raw ones written by wire.py) and the client
+parses them."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ import pytest
 from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound
+from services.features import convert, wire
 from services.features.definitions import Definitions
 from services.features.online import OnlineStore
-from services.features.serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, FeatureServer, ViewCache
+from services.features.online_serving import DEFAULT_MAX_FUTURE_SKEW_SECONDS, OnlineFeatures, OnlineRows, ViewCache
+from services.features.types import (
+    EntityColumn, Feature, FeatureSet, FeatureStatus, FeatureValues, FeatureView, OnlineQuery, PushRequest, PushResult,
+)
 from tests.features.conftest import BOOL, F64, I64, STR, apply_basics, user_view
 
 NOW = 1_800_000_000.0  # the fake clock: seconds since the epoch
 US = 1_000_000
-P, MISSING, EXPIRED, NULL = (pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_NOT_FOUND, pb.FEATURE_STATUS_EXPIRED,
-                             pb.FEATURE_STATUS_NULL_VALUE)
+P, MISSING, EXPIRED, NULL = (FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.EXPIRED,
+                             FeatureStatus.NULL_VALUE)
 
 
 _LOOP = asyncio.new_event_loop()  # one loop for the module: the Redis store keeps one connection per loop
@@ -30,24 +36,30 @@ def _loop() -> Iterator[None]:
     _LOOP.close()
 
 
-def get_online(server: FeatureServer, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
+def _answer(read: OnlineRows) -> pb.GetOnlineFeaturesResponse:
+    """The answer as the servicer sends it and a client parses it."""
+    out = convert.online_response(read)
+    return pb.GetOnlineFeaturesResponse.FromString(out) if isinstance(out, bytes) else out
+
+
+def get_online(server: OnlineFeatures, request: OnlineQuery) -> pb.GetOnlineFeaturesResponse:
     """The blocking read, and where the store reads on the event loop, the async one too: both
     must give the same response or the same error."""
     try:
-        resp = server.get_online(request)
+        resp = _answer(server.read(request))
     except Exception as e:
         if server.store.async_reads:
             with pytest.raises(type(e)) as err:
-                _LOOP.run_until_complete(server.get_online_async(request))
+                _LOOP.run_until_complete(server.read_async(request))
             assert str(err.value) == str(e)
         raise
     if server.store.async_reads:
-        assert _LOOP.run_until_complete(server.get_online_async(request)) == resp
+        assert _answer(_LOOP.run_until_complete(server.read_async(request))) == resp
     return resp
 
 
 @pytest.fixture()
-def server(online_store: OnlineStore, tmp_path) -> FeatureServer:  # noqa: ANN001
+def server(online_store: OnlineStore, tmp_path) -> OnlineFeatures:  # noqa: ANN001
     from services.common.db import Database
     from services.features.app import MIGRATIONS
     db = Database(f"sqlite:///{tmp_path / 'defs.db'}")
@@ -55,35 +67,35 @@ def server(online_store: OnlineStore, tmp_path) -> FeatureServer:  # noqa: ANN00
     d = Definitions(db)
     apply_basics(d)
     d.apply_view(user_view(ttl=3600), "t")
-    d.apply_view(pb.FeatureView(name="merchant_risk", entities=["merchant"], features=[
-        pb.Feature(name="chargeback_rate", dtype=F64)]), "t")
-    return FeatureServer(ViewCache(d), online_store, clock=lambda: NOW)
+    d.apply_view(FeatureView(name="merchant_risk", entities=["merchant"], features=[
+        Feature(name="chargeback_rate", dtype=F64)]), "t")
+    return OnlineFeatures(ViewCache(d), online_store, clock=lambda: NOW)
 
 
-def push_users(server: FeatureServer, ids: list[int], spend: list[float], *, ts: float = NOW - 60,
-               segment: list[str] | None = None, null_spend: list[int] = ()) -> pb.PushFeaturesResponse:
+def push_users(server: OnlineFeatures, ids: list[int], spend: list[float], *, ts: float = NOW - 60,
+               segment: list[str] | None = None, null_spend: list[int] = ()) -> PushResult:
     n = len(ids)
     statuses = [NULL if i in null_spend else P for i in range(n)]
-    return server.push(pb.PushFeaturesRequest(
-        view="user_stats", entities={"user_id": pb.EntityColumn(int64_values=ids)},
+    return server.push(PushRequest(
+        view="user_stats", entities={"user_id": EntityColumn(int64_values=ids)},
         event_timestamps_us=[int(ts * US)] * n, features=[
-            pb.FeatureValues(name="spend_7d", double_values=spend, statuses=statuses),
-            pb.FeatureValues(name="orders_7d", int64_values=[i * 2 for i in range(n)]),
-            pb.FeatureValues(name="segment", string_values=segment or ["vip"] * n),
-            pb.FeatureValues(name="active", bool_values=[i % 2 == 0 for i in range(n)])]))
+            FeatureValues(name="spend_7d", double_values=spend, statuses=statuses),
+            FeatureValues(name="orders_7d", int64_values=[i * 2 for i in range(n)]),
+            FeatureValues(name="segment", string_values=segment or ["vip"] * n),
+            FeatureValues(name="active", bool_values=[i % 2 == 0 for i in range(n)])]))
 
 
-def read(server: FeatureServer, features: list[str], users: list[int] = (), merchants: list[str] = ()) -> dict:
+def read(server: OnlineFeatures, features: list[str], users: list[int] = (), merchants: list[str] = ()) -> dict:
     entities = {}
     if users:
-        entities["user_id"] = pb.EntityColumn(int64_values=list(users))
+        entities["user_id"] = EntityColumn(int64_values=list(users))
     if merchants:
-        entities["merchant_id"] = pb.EntityColumn(string_values=list(merchants))
-    resp = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities))
+        entities["merchant_id"] = EntityColumn(string_values=list(merchants))
+    resp = get_online(server, OnlineQuery(features=features, entities=entities))
     return {c.name: c for c in resp.features}
 
 
-def test_values_statuses_and_freshness(server: FeatureServer) -> None:
+def test_values_statuses_and_freshness(server: OnlineFeatures) -> None:
     assert push_users(server, [1, 2, 3], [10.5, 20.0, 0.0], null_spend=[2]).rows_written == 3
     cols = read(server, ["user_stats:spend_7d", "user_stats:segment", "user_stats:orders_7d", "user_stats:active"],
                 users=[3, 1, 99, 2])
@@ -96,13 +108,13 @@ def test_values_statuses_and_freshness(server: FeatureServer) -> None:
     assert list(cols["user_stats:active"].bool_values) == [True, True, False, False]
 
 
-def test_ttl_is_honoured(server: FeatureServer) -> None:
+def test_ttl_is_honoured(server: OnlineFeatures) -> None:
     push_users(server, [1], [5.0], ts=NOW - 3599)
     push_users(server, [2], [6.0], ts=NOW - 3601)
     assert list(read(server, ["user_stats:spend_7d"], users=[1, 2])["user_stats:spend_7d"].statuses) == [P, EXPIRED]
 
 
-def test_older_rows_never_replace_newer_ones(server: FeatureServer) -> None:
+def test_older_rows_never_replace_newer_ones(server: OnlineFeatures) -> None:
     push_users(server, [1], [5.0], ts=NOW - 10)
     push_users(server, [1], [1.0], ts=NOW - 20)  # late, older event
     assert list(read(server, ["user_stats:spend_7d"], users=[1])["user_stats:spend_7d"].double_values) == [5.0]
@@ -110,13 +122,13 @@ def test_older_rows_never_replace_newer_ones(server: FeatureServer) -> None:
     assert list(read(server, ["user_stats:spend_7d"], users=[1])["user_stats:spend_7d"].double_values) == [7.0]
 
 
-def test_many_entities_two_views_one_call(server: FeatureServer) -> None:
+def test_many_entities_two_views_one_call(server: OnlineFeatures) -> None:
     ids = list(range(1, 101))
     push_users(server, ids, [float(i) for i in ids])
-    server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-        "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in ids])},
+    server.push(PushRequest(view="merchant_risk", entities={
+        "merchant_id": EntityColumn(string_values=[f"m{i}" for i in ids])},
         event_timestamps_us=[int(NOW * US)] * 100,
-        features=[pb.FeatureValues(name="chargeback_rate", double_values=[i / 1000 for i in ids])]))
+        features=[FeatureValues(name="chargeback_rate", double_values=[i / 1000 for i in ids])]))
     cols = read(server, ["user_stats:spend_7d", "merchant_risk:chargeback_rate"], users=ids,
                 merchants=[f"m{i}" for i in ids])
     assert list(cols["user_stats:spend_7d"].double_values) == [float(i) for i in ids]
@@ -127,7 +139,7 @@ def test_many_entities_two_views_one_call(server: FeatureServer) -> None:
     ({"spend": [1.0, -5.0, 2.0]}, "rows[1].spend_7d", "-5.0 is below the minimum 0"),
     ({"segment": ["vip", "gold", "new"]}, "rows[1].segment", "'gold' is not an allowed value"),
 ])
-def test_a_bad_batch_is_refused_whole(server: FeatureServer, kw: dict, field: str, message: str) -> None:
+def test_a_bad_batch_is_refused_whole(server: OnlineFeatures, kw: dict, field: str, message: str) -> None:
     args = {"spend": [1.0, 2.0, 3.0], **kw}
     with pytest.raises(InvalidArgument) as err:
         push_users(server, [1, 2, 3], args["spend"], segment=kw.get("segment"))
@@ -136,7 +148,7 @@ def test_a_bad_batch_is_refused_whole(server: FeatureServer, kw: dict, field: st
     assert list(statuses) == [MISSING] * 3  # nothing of the batch was written
 
 
-def test_bad_requests(server: FeatureServer) -> None:
+def test_bad_requests(server: OnlineFeatures) -> None:
     with pytest.raises(InvalidArgument, match="has no feature 'nope'"):
         read(server, ["user_stats:nope"], users=[1])
     with pytest.raises(NotFound, match="featureViews/ghost not found"):
@@ -144,30 +156,30 @@ def test_bad_requests(server: FeatureServer) -> None:
     with pytest.raises(InvalidArgument, match="is not a feature reference"):
         read(server, ["spend_7d"], users=[1])
     with pytest.raises(InvalidArgument, match="keyed by INT64; got string values"):
-        get_online(server, pb.GetOnlineFeaturesRequest(features=["user_stats:spend_7d"], entities={
-            "user_id": pb.EntityColumn(string_values=["1"])}))
+        get_online(server, OnlineQuery(features=["user_stats:spend_7d"], entities={
+            "user_id": EntityColumn(string_values=["1"])}))
     with pytest.raises(InvalidArgument, match="needs join key 'user_id'"):
         read(server, ["user_stats:spend_7d"], merchants=["m1"])
     with pytest.raises(InvalidArgument, match="is FLOAT64; got int64_values"):
-        server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-            "merchant_id": pb.EntityColumn(string_values=["m1"])}, event_timestamps_us=[1],
-            features=[pb.FeatureValues(name="chargeback_rate", int64_values=[1])]))
+        server.push(PushRequest(view="merchant_risk", entities={
+            "merchant_id": EntityColumn(string_values=["m1"])}, event_timestamps_us=[1],
+            features=[FeatureValues(name="chargeback_rate", int64_values=[1])]))
     with pytest.raises(InvalidArgument, match="needs feature 'chargeback_rate'"):
-        server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-            "merchant_id": pb.EntityColumn(string_values=["m1"])}, event_timestamps_us=[1]))
+        server.push(PushRequest(view="merchant_risk", entities={
+            "merchant_id": EntityColumn(string_values=["m1"])}, event_timestamps_us=[1]))
     with pytest.raises(InvalidArgument, match="1 timestamps for 2 rows"):
-        server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-            "merchant_id": pb.EntityColumn(string_values=["m1", "m2"])}, event_timestamps_us=[1],
-            features=[pb.FeatureValues(name="chargeback_rate", double_values=[1, 2])]))
+        server.push(PushRequest(view="merchant_risk", entities={
+            "merchant_id": EntityColumn(string_values=["m1", "m2"])}, event_timestamps_us=[1],
+            features=[FeatureValues(name="chargeback_rate", double_values=[1, 2])]))
 
 
-def test_raw_columns_match_the_typed_ones(server: FeatureServer) -> None:
+def test_raw_columns_match_the_typed_ones(server: OnlineFeatures) -> None:
     import numpy as np
     push_users(server, [1, 2], [10.5, 20.0], null_spend=[1])
     features = ["user_stats:spend_7d", "user_stats:orders_7d", "user_stats:active", "user_stats:segment"]
-    entities = {"user_id": pb.EntityColumn(int64_values=[2, 1, 5])}
-    typed = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities)).features
-    raw = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True)).features
+    entities = {"user_id": EntityColumn(int64_values=[2, 1, 5])}
+    typed = get_online(server, OnlineQuery(features=features, entities=entities)).features
+    raw = get_online(server, OnlineQuery(features=features, entities=entities, raw=True)).features
     assert list(np.frombuffer(raw[0].raw_values, "<f8")) == list(typed[0].double_values)
     assert list(np.frombuffer(raw[1].raw_values, "<i8")) == list(typed[1].int64_values)
     assert list(np.frombuffer(raw[2].raw_values, np.uint8).astype(bool)) == list(typed[2].bool_values)
@@ -195,28 +207,28 @@ def _raw_from_typed(typed: pb.GetOnlineFeaturesResponse, dtypes: dict[str, int])
     return out
 
 
-def test_raw_answers_are_the_typed_ones_in_raw_form(server: FeatureServer) -> None:
-    """The raw answer is written as bytes by hand (serving.py, wire.py): for random reads over
+def test_raw_answers_are_the_typed_ones_in_raw_form(server: OnlineFeatures) -> None:
+    """The raw answer is written as bytes by hand (wire.py): for random reads over
     every feature type -- rows found or not, null, expired, fresh; the all-present fast path and
     the general one; repeated and reordered features; no rows at all -- it parses to exactly the
     typed answer in raw form."""
     import numpy as np
-    server.views.definitions.apply_view(pb.FeatureView(name="numeric", entities=["user"], ttl_seconds=3600, features=[
-        pb.Feature(name="x", dtype=F64), pb.Feature(name="n", dtype=I64), pb.Feature(name="b", dtype=BOOL)]), "t")
+    server.views.definitions.apply_view(FeatureView(name="numeric", entities=["user"], ttl_seconds=3600, features=[
+        Feature(name="x", dtype=F64), Feature(name="n", dtype=I64), Feature(name="b", dtype=BOOL)]), "t")
     push_users(server, list(range(1, 21)), [float(i) for i in range(1, 21)], null_spend=[3, 7])
     push_users(server, list(range(21, 31)), [1.0] * 10, ts=NOW - 7200)  # older than user_stats' ttl
     for ids, ts, nulls in ((range(1, 31), NOW - 30, []), (range(31, 36), NOW - 7200, []), (range(36, 41), NOW - 9, [1])):
         ids = list(ids)
-        server.push(pb.PushFeaturesRequest(view="numeric", entities={"user_id": pb.EntityColumn(int64_values=ids)},
+        server.push(PushRequest(view="numeric", entities={"user_id": EntityColumn(int64_values=ids)},
                                            event_timestamps_us=[int(ts * US)] * len(ids), features=[
-            pb.FeatureValues(name="x", double_values=[i * 0.5 for i in ids],
+            FeatureValues(name="x", double_values=[i * 0.5 for i in ids],
                              statuses=[NULL if r in nulls else P for r in range(len(ids))]),
-            pb.FeatureValues(name="n", int64_values=[-i * 2**40 for i in ids]),
-            pb.FeatureValues(name="b", bool_values=[i % 3 == 0 for i in ids])]))
+            FeatureValues(name="n", int64_values=[-i * 2**40 for i in ids]),
+            FeatureValues(name="b", bool_values=[i % 3 == 0 for i in ids])]))
     merchants = [f"m{i}" for i in range(1, 41)]
-    server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-        "merchant_id": pb.EntityColumn(string_values=merchants[:30])}, event_timestamps_us=[int(NOW * US)] * 30,
-        features=[pb.FeatureValues(name="chargeback_rate", double_values=[i / 7 for i in range(30)])]))
+    server.push(PushRequest(view="merchant_risk", entities={
+        "merchant_id": EntityColumn(string_values=merchants[:30])}, event_timestamps_us=[int(NOW * US)] * 30,
+        features=[FeatureValues(name="chargeback_rate", double_values=[i / 7 for i in range(30)])]))
     dtypes = {"user_stats:spend_7d": F64, "user_stats:orders_7d": I64, "user_stats:segment": STR,
               "user_stats:active": BOOL, "numeric:x": F64, "numeric:n": I64, "numeric:b": BOOL,
               "merchant_risk:chargeback_rate": F64}
@@ -228,20 +240,20 @@ def test_raw_answers_are_the_typed_ones_in_raw_form(server: FeatureServer) -> No
         cases.append(([int(i) for i in rng.choice(45, int(rng.integers(1, 12)), replace=False) + 1],
                       [refs[i] for i in rng.choice(len(refs), int(rng.integers(1, 9)))]))
     for ids, features in cases:
-        entities = {"user_id": pb.EntityColumn(int64_values=ids),
-                    "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in ids])}
-        typed = get_online(server, pb.GetOnlineFeaturesRequest(features=features, entities=entities))
-        request = pb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True)
+        entities = {"user_id": EntityColumn(int64_values=ids),
+                    "merchant_id": EntityColumn(string_values=[f"m{i}" for i in ids])}
+        typed = get_online(server, OnlineQuery(features=features, entities=entities))
+        request = OnlineQuery(features=features, entities=entities, raw=True)
         raw = get_online(server, request)
         assert raw == _raw_from_typed(typed, dtypes), (ids, features)
-        assert len(server.get_online(request, encoded=True)) == raw.ByteSize()  # no empty fields written
+        assert len(wire.encode_online(server.read(request))) == raw.ByteSize()  # no empty fields written
 
 
-def test_non_ascii_entity_keys(server: FeatureServer) -> None:
+def test_non_ascii_entity_keys(server: OnlineFeatures) -> None:
     keys = ["plain", "café", "日本-1", "x y\tz"]
-    server.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-        "merchant_id": pb.EntityColumn(string_values=keys)}, event_timestamps_us=[int((NOW - 5) * US)] * 4,
-        features=[pb.FeatureValues(name="chargeback_rate", double_values=[0.1, 0.2, 0.3, 0.4])]))
+    server.push(PushRequest(view="merchant_risk", entities={
+        "merchant_id": EntityColumn(string_values=keys)}, event_timestamps_us=[int((NOW - 5) * US)] * 4,
+        features=[FeatureValues(name="chargeback_rate", double_values=[0.1, 0.2, 0.3, 0.4])]))
     col = read(server, ["merchant_risk:chargeback_rate"], merchants=["日本-1", "nope", "café", "x y\tz", "plain"])
     assert list(col["merchant_risk:chargeback_rate"].double_values) == [0.3, 0.0, 0.2, 0.4, 0.1]
     assert list(col["merchant_risk:chargeback_rate"].statuses) == [P, MISSING, P, P, P]
@@ -267,13 +279,13 @@ def test_mget_frame_is_the_resp_encoding() -> None:
         store.close()
 
 
-def test_blocking_reads_reread_a_stale_definition_once(server: FeatureServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocking_reads_reread_a_stale_definition_once(server: OnlineFeatures, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker-thread path (SQLite): while one thread re-reads a stale definition, the others
     answer from the cached one instead of queueing on the definitions database."""
     import threading
-    request = pb.GetOnlineFeaturesRequest(features=["merchant_risk:chargeback_rate"], entities={
-        "merchant_id": pb.EntityColumn(string_values=["m1"])})
-    server.get_online(request)  # cached
+    request = OnlineQuery(features=["merchant_risk:chargeback_rate"], entities={
+        "merchant_id": EntityColumn(string_values=["m1"])})
+    server.read(request)  # cached
     server.views.max_age = 0.0
     definitions = server.views.definitions
     real, reads, entered, release = definitions.get_view, [], threading.Event(), threading.Event()
@@ -284,42 +296,42 @@ def test_blocking_reads_reread_a_stale_definition_once(server: FeatureServer, mo
         release.wait(5)
         return real(name, *args, **kw)
     monkeypatch.setattr(definitions, "get_view", slow)
-    first = threading.Thread(target=server.get_online, args=(request,))
+    first = threading.Thread(target=server.read, args=(request,))
     first.start()
     assert entered.wait(5)
     for _ in range(5):  # answered at once from the cache, no second re-read
-        assert server.get_online(request).view_versions["merchant_risk"] == 1
+        assert server.read(request).values().view_versions["merchant_risk"] == 1
     assert reads == ["merchant_risk"]
     release.set()
     first.join(5)
     assert not first.is_alive()
 
 
-def test_reads_by_feature_set_equal_reads_by_reference(server: FeatureServer) -> None:
+def test_reads_by_feature_set_equal_reads_by_reference(server: OnlineFeatures) -> None:
     ids = [1, 2, 3]
     push_users(server, ids, [1.0, 2.0, 3.0])
     refs = ["user_stats:segment", "user_stats:spend_7d"]
-    server.views.definitions.apply_feature_set(pb.FeatureSet(name="model_a", features=refs))
-    entities = {"user_id": pb.EntityColumn(int64_values=ids + [99])}
+    server.views.definitions.apply_feature_set(FeatureSet(name="model_a", features=refs))
+    entities = {"user_id": EntityColumn(int64_values=ids + [99])}
     for raw in (False, True):
-        by_set = get_online(server, pb.GetOnlineFeaturesRequest(feature_set="model_a", entities=entities, raw=raw))
-        by_refs = get_online(server, pb.GetOnlineFeaturesRequest(features=refs, entities=entities, raw=raw))
+        by_set = get_online(server, OnlineQuery(feature_set="model_a", entities=entities, raw=raw))
+        by_refs = get_online(server, OnlineQuery(features=refs, entities=entities, raw=raw))
         assert by_set == by_refs and [c.name for c in by_set.features] == refs
     with pytest.raises(InvalidArgument, match="feature_set.*not both"):
-        get_online(server, pb.GetOnlineFeaturesRequest(feature_set="model_a", features=refs, entities=entities))
+        get_online(server, OnlineQuery(feature_set="model_a", features=refs, entities=entities))
     with pytest.raises(NotFound, match="featureSets/nope"):
-        get_online(server, pb.GetOnlineFeaturesRequest(feature_set="nope", entities=entities))
+        get_online(server, OnlineQuery(feature_set="nope", entities=entities))
 
 
-def _push_at(server: FeatureServer, event_us: list[int]) -> pb.PushFeaturesResponse:
-    return server.push(pb.PushFeaturesRequest(
-        view="merchant_risk", entities={"merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in
+def _push_at(server: OnlineFeatures, event_us: list[int]) -> PushResult:
+    return server.push(PushRequest(
+        view="merchant_risk", entities={"merchant_id": EntityColumn(string_values=[f"m{i}" for i in
                                                                                       range(len(event_us))])},
-        event_timestamps_us=event_us, features=[pb.FeatureValues(name="chargeback_rate",
+        event_timestamps_us=event_us, features=[FeatureValues(name="chargeback_rate",
                                                                  double_values=[0.5] * len(event_us))]))
 
 
-def test_event_times_past_the_allowed_skew_are_refused_naming_the_row(server: FeatureServer) -> None:
+def test_event_times_past_the_allowed_skew_are_refused_naming_the_row(server: OnlineFeatures) -> None:
     # The largest timestamp would be served as PRESENT forever (never past its ttl) and, being
     # the newest, would hide every later push for its key.
     assert server.max_future_skew_us == DEFAULT_MAX_FUTURE_SKEW_SECONDS * US

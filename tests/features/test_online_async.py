@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.db import Database
 from services.common.errors import Unavailable
 from services.features.app import MIGRATIONS
 from services.features.definitions import Definitions
 from services.features.online import RedisOnlineStore
-from services.features.serving import FeatureServer, ViewCache
+from services.features.online_serving import OnlineFeatures, OnlineRows, ViewCache
+from services.features.types import EntityColumn, Feature, FeatureValues, FeatureView, OnlineQuery, PushRequest
 from tests.features.conftest import F64, apply_basics, user_view
 from tests.processes import free_port
 
@@ -35,20 +35,20 @@ def _store(db: int = 0) -> RedisOnlineStore:
 
 
 @pytest.fixture(params=[0, 3], ids=["db0", "db3"])
-def server(request: pytest.FixtureRequest, tmp_path) -> Iterator[FeatureServer]:  # noqa: ANN001
+def server(request: pytest.FixtureRequest, tmp_path) -> Iterator[OnlineFeatures]:  # noqa: ANN001
     store = _store(request.param)
     db = Database(f"sqlite:///{tmp_path / 'defs.db'}")
     db.migrate(MIGRATIONS)
     d = Definitions(db)
     apply_basics(d)
-    d.apply_view(pb.FeatureView(name="merchant_risk", entities=["merchant"], features=[
-        pb.Feature(name="rate", dtype=F64)]), "t")
-    s = FeatureServer(ViewCache(d), store, clock=lambda: NOW)
+    d.apply_view(FeatureView(name="merchant_risk", entities=["merchant"], features=[
+        Feature(name="rate", dtype=F64)]), "t")
+    s = OnlineFeatures(ViewCache(d), store, clock=lambda: NOW)
     n = 200
-    s.push(pb.PushFeaturesRequest(view="merchant_risk", entities={
-        "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in range(n)])},
+    s.push(PushRequest(view="merchant_risk", entities={
+        "merchant_id": EntityColumn(string_values=[f"m{i}" for i in range(n)])},
         event_timestamps_us=[int((NOW - 60) * 1e6)] * n,
-        features=[pb.FeatureValues(name="rate", double_values=[float(i) for i in range(n)])]))
+        features=[FeatureValues(name="rate", double_values=[float(i) for i in range(n)])]))
     yield s
     keys = list(store.client.scan_iter(f"{store.prefix}:*"))
     if keys:
@@ -57,7 +57,7 @@ def server(request: pytest.FixtureRequest, tmp_path) -> Iterator[FeatureServer]:
     db.dispose()
 
 
-def _run(server: FeatureServer, main) -> None:  # noqa: ANN001
+def _run(server: OnlineFeatures, main) -> None:  # noqa: ANN001
     """asyncio.run, closing the store's connection on the loop that opened it."""
     async def wrapped() -> None:
         try:
@@ -67,60 +67,60 @@ def _run(server: FeatureServer, main) -> None:  # noqa: ANN001
     asyncio.run(wrapped())
 
 
-def _request(ids: list[int]) -> pb.GetOnlineFeaturesRequest:
-    return pb.GetOnlineFeaturesRequest(features=["merchant_risk:rate"], entities={
-        "merchant_id": pb.EntityColumn(string_values=[f"m{i}" for i in ids])})
+def _request(ids: list[int]) -> OnlineQuery:
+    return OnlineQuery(features=["merchant_risk:rate"], entities={
+        "merchant_id": EntityColumn(string_values=[f"m{i}" for i in ids])})
 
 
-def _rates(resp: pb.GetOnlineFeaturesResponse) -> list[float]:
-    return list(resp.features[0].double_values)
+def _rates(read: OnlineRows) -> list[float]:
+    return list(read.values().features[0].double_values)
 
 
-def test_concurrent_calls_pipelined_on_one_connection_get_their_own_rows(server: FeatureServer) -> None:
+def test_concurrent_calls_pipelined_on_one_connection_get_their_own_rows(server: OnlineFeatures) -> None:
     async def main() -> None:
         wanted = [[(i * 7 + j) % 200 for j in range(1 + i % 17)] for i in range(300)]
-        got = await asyncio.gather(*(server.get_online_async(_request(ids)) for ids in wanted))
+        got = await asyncio.gather(*(server.read_async(_request(ids)) for ids in wanted))
         # Rows were pushed through redis-py into the URL's database: reading them here also
         # shows the pipe selected that database (db3) before its first read.
         assert [_rates(r) for r in got] == [[float(i) for i in ids] for ids in wanted]
     _run(server, main)
 
 
-def test_a_dropped_connection_is_reopened(server: FeatureServer) -> None:
+def test_a_dropped_connection_is_reopened(server: OnlineFeatures) -> None:
     store: RedisOnlineStore = server.store  # type: ignore[assignment]
 
     async def main() -> None:
-        assert _rates(await server.get_online_async(_request([5]))) == [5.0]
+        assert _rates(await server.read_async(_request([5]))) == [5.0]
         host, port = store._pipe._transport.get_extra_info("sockname")[:2]  # noqa: SLF001
         assert store.client.client_kill(f"{host}:{port}")  # the server closes our connection
         await asyncio.sleep(0.05)
-        assert _rates(await server.get_online_async(_request([6, 7]))) == [6.0, 7.0]
+        assert _rates(await server.read_async(_request([6, 7]))) == [6.0, 7.0]
     _run(server, main)
 
 
-def test_a_cancelled_call_does_not_shift_later_replies(server: FeatureServer) -> None:
+def test_a_cancelled_call_does_not_shift_later_replies(server: OnlineFeatures) -> None:
     async def main() -> None:
-        first = asyncio.ensure_future(server.get_online_async(_request(list(range(100)))))
+        first = asyncio.ensure_future(server.read_async(_request(list(range(100)))))
         await asyncio.sleep(0)  # the MGET is written; its reply is still on the way
         first.cancel()
-        results = await asyncio.gather(*(server.get_online_async(_request([i])) for i in (1, 2, 3)))
+        results = await asyncio.gather(*(server.read_async(_request([i])) for i in (1, 2, 3)))
         assert [_rates(r) for r in results] == [[1.0], [2.0], [3.0]]
     _run(server, main)
 
 
-def test_stale_definitions_are_reread_and_unknown_views_are_not_found(server: FeatureServer) -> None:
+def test_stale_definitions_are_reread_and_unknown_views_are_not_found(server: OnlineFeatures) -> None:
     from services.common.errors import NotFound
 
     async def main() -> None:
         server.views.max_age = 0.0  # every call finds its cached definition stale
-        assert _rates(await server.get_online_async(_request([9]))) == [9.0]
+        assert _rates(await server.read_async(_request([9]))) == [9.0]
         with pytest.raises(NotFound, match="ghost"):
-            await server.get_online_async(pb.GetOnlineFeaturesRequest(features=["ghost:x"], entities={
-                "merchant_id": pb.EntityColumn(string_values=["m1"])}))
+            await server.read_async(OnlineQuery(features=["ghost:x"], entities={
+                "merchant_id": EntityColumn(string_values=["m1"])}))
     _run(server, main)
 
 
-def test_a_stale_definition_is_served_while_one_reread_runs(server: FeatureServer,
+def test_a_stale_definition_is_served_while_one_reread_runs(server: OnlineFeatures,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Stale-while-revalidate: calls finding the cached definition too old are answered from it
     at once; one re-read per view runs in a thread, however many calls arrive meanwhile; a new
@@ -137,14 +137,14 @@ def test_a_stale_definition_is_served_while_one_reread_runs(server: FeatureServe
         return real_get_view(name, *args, **kw)
 
     async def main() -> None:
-        assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 1  # cached now
+        assert (await server.read_async(_request([1]))).values().view_versions["merchant_risk"] == 1  # cached now
         server.views.max_age = 0.0
         monkeypatch.setattr(definitions, "get_view", slow_get_view)
         # A schema change made elsewhere (another process): version 2.
-        definitions.apply_view(pb.FeatureView(name="merchant_risk", entities=["merchant"], features=[
-            pb.Feature(name="rate", dtype=F64), pb.Feature(name="volume", dtype=F64)]), "t")
-        results = await asyncio.gather(*(server.get_online_async(_request([i])) for i in range(20)))
-        assert [r.view_versions["merchant_risk"] for r in results] == [1] * 20  # all from the cache
+        definitions.apply_view(FeatureView(name="merchant_risk", entities=["merchant"], features=[
+            Feature(name="rate", dtype=F64), Feature(name="volume", dtype=F64)]), "t")
+        results = await asyncio.gather(*(server.read_async(_request([i])) for i in range(20)))
+        assert [r.values().view_versions["merchant_risk"] for r in results] == [1] * 20  # all from the cache
         assert reads == ["merchant_risk"]  # one re-read in flight, not twenty
         release.set()
         for _ in range(100):
@@ -152,13 +152,13 @@ def test_a_stale_definition_is_served_while_one_reread_runs(server: FeatureServe
                 break
             await asyncio.sleep(0.02)
         assert server.views.peek("merchant_risk").view.spec.version == 2
-        assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 2
+        assert (await server.read_async(_request([1]))).values().view_versions["merchant_risk"] == 2
 
         def broken(name: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
             raise RuntimeError("definitions database unreachable")
         monkeypatch.setattr(definitions, "get_view", broken)
         for _ in range(3):
-            assert (await server.get_online_async(_request([1]))).view_versions["merchant_risk"] == 2
+            assert (await server.read_async(_request([1]))).values().view_versions["merchant_risk"] == 2
             await asyncio.sleep(0.02)
     _run(server, main)
 
@@ -172,7 +172,7 @@ def test_unreachable_redis_is_unavailable(tmp_path) -> None:  # noqa: ANN001
         store.close()
 
 
-def test_warm_up_caches_definitions_and_opens_the_connection(server: FeatureServer) -> None:
+def test_warm_up_caches_definitions_and_opens_the_connection(server: OnlineFeatures) -> None:
     """Before a process serves: current definitions cached (no first read waits for the database)
     and the loop's Redis connection open; a limit stops early, the rest load on first use."""
     from services.common.swr_cache import NotCached

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
-from strata.inference.v1 import inference_pb2 as pb
 
 from services.common.db import Database
 from services.inference.tables import MIGRATIONS  # not from app: that loads the V2 stubs, which clash with tritonclient's
 from services.inference import tables as t
 from services.inference.endpoints import EndpointStore
+from services.inference.entities import Target, TrafficPolicy
 from services.inference.routing import LATENCY_BUCKETS_MS
 
 BUCKETS = len(LATENCY_BUCKETS_MS)
@@ -24,7 +24,7 @@ def endpoints(database_url: str) -> Iterator[EndpointStore]:
     db = Database(database_url)
     db.migrate(MIGRATIONS)
     store = EndpointStore(db)
-    store.create("fraud", "", pb.TrafficPolicy(targets=[pb.Target(model="m", version=1, weight=1)]), "alice")
+    store.create("fraud", "", TrafficPolicy(targets=(Target(model="m", version=1, weight=1),)), "alice")
     yield store
     db.dispose()
 
@@ -71,7 +71,7 @@ def test_statistics_stay_bounded_however_often_the_policy_changes(endpoints: End
         for worker in ("w1", "w2"):
             endpoints.report(worker, 1, {"fraud": rev}, {}, [
                 ("fraud", rev, "m:1", 5, 0, _hist(0, 5)), ("fraud", rev, "m:2:shadow", 5, 1, _hist(1, 5))])
-        new = pb.TrafficPolicy(targets=[pb.Target(model="m", version=rev + 1, weight=1)])
+        new = TrafficPolicy(targets=(Target(model="m", version=rev + 1, weight=1),))
         endpoints.set_policy("fraud", new, "alice")
     current = endpoints.get("fraud").revision
     rows = _stat_rows(endpoints)

@@ -226,3 +226,18 @@ def test_refusals_are_audited_with_the_endpoint(platform: Platform) -> None:
         rows = db.execute("SELECT principal, resource, outcome FROM audit_events WHERE method LIKE "
                           "'%CreateEndpoint' ORDER BY id DESC LIMIT 1").fetchall()
     assert rows == [("devon", "endpoints/prod-audit", "FAILED_PRECONDITION")]
+
+
+def test_the_approver_check_agrees_with_the_platform_role_table() -> None:
+    """governance.is_approver keeps its own role names (the role table is built on generated code,
+    which the domain does not load); it must answer as the table's ranks do."""
+    from strata.common.v1 import options_pb2
+
+    from services.common.auth import Principal
+    from services.common.policy import ROLE_NAMES, rank_of
+    from services.inference.governance import is_approver
+
+    names = [*ROLE_NAMES.values(), "auditor"]
+    for roles in [set(), *({n} for n in names), {"viewer", "developer"}, {"developer", "admin"}]:
+        p = Principal("someone", frozenset(roles))
+        assert is_approver(p) == (rank_of(p.roles) >= options_pb2.ROLE_APPROVER), roles

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import REGISTRY
 
-from services.inference.predlog import FileSink, PredictionLog, read_records
+from services.inference.predlog import FileSink, PredictionLog
+from services.inference.predlog_format import Encoder, read_records
 
 
 def _count(outcome: str) -> float:
@@ -45,7 +46,7 @@ def _wait(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
 def test_refused_batches_are_spooled_then_delivered(tmp_path: Path) -> None:
     spooled, delivered = _count("spooled"), _count("delivered")
     sink = FlakySink(tmp_path / "log.binpb", failures=1)
-    log = PredictionLog(sink, tmp_path / "spool", interval=0.01, retry_seconds=0.2)
+    log = PredictionLog(sink, tmp_path / "spool", encode=Encoder().encode, interval=0.01, retry_seconds=0.2)
     for i in range(50):
         log.record(_entry(i))
     _wait(lambda: _count("spooled") - spooled == 50)
@@ -62,7 +63,8 @@ def test_refused_batches_are_spooled_then_delivered(tmp_path: Path) -> None:
 
 def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     dropped = _count("dropped")
-    log = PredictionLog(FileSink(tmp_path / "log.binpb"), tmp_path / "spool", capacity=10, interval=5.0)
+    log = PredictionLog(FileSink(tmp_path / "log.binpb"), tmp_path / "spool", encode=Encoder().encode, capacity=10,
+                        interval=5.0)
     for i in range(1000):  # the flusher sleeps 5 s: the queue fills, record() drops instead of waiting
         log.record(_entry(i))
     assert _count("dropped") - dropped == 990
@@ -75,7 +77,7 @@ def test_fast_encoder_writes_the_same_records_as_protobuf() -> None:
     runtime builds, for every kind of tensor and field combination."""
     from strata.inference.v1 import inference_pb2 as pb
 
-    from services.inference.predlog import Encoder, encode
+    from services.inference.predlog_format import encode
 
     entries = [
         (time.time(), "abc-123", "bench", "bench-mlp", 1, 3, False, 0.51,

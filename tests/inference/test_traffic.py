@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from strata.inference.v1 import inference_pb2 as pb
 
-from services.inference.predlog import read_records
+from services.inference.predlog_format import read_records
 from tests.inference.conftest import Inference, Registry, policy, start_inference
 from tests.processes import stop_process
 

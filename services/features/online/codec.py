@@ -14,13 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from strata.common.v1 import types_pb2
-from strata.features.v1 import features_pb2 as pb
 
-_DT = types_pb2.DataType
-FLOATS = {_DT.DATA_TYPE_FLOAT32, _DT.DATA_TYPE_FLOAT64}
+from services.features.types import DataType, FeatureView
+
+FLOATS = {DataType.FLOAT32, DataType.FLOAT64}
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce
-INTS = {_DT.DATA_TYPE_INT32, _DT.DATA_TYPE_INT64}
+INTS = {DataType.INT32, DataType.INT64}
 
 
 @dataclass
@@ -37,9 +36,9 @@ class Decoded:
 class RowCodec:
     """Encodes and decodes the rows of one view version."""
 
-    def __init__(self, view: pb.FeatureView) -> None:
-        self.fixed = [f for f in view.features if f.dtype != _DT.DATA_TYPE_STRING]
-        self.strings = [f for f in view.features if f.dtype == _DT.DATA_TYPE_STRING]
+    def __init__(self, view: FeatureView) -> None:
+        self.fixed = [f for f in view.features if f.dtype != DataType.STRING]
+        self.strings = [f for f in view.features if f.dtype == DataType.STRING]
         self.names = [f.name for f in view.features]
         n = len(view.features)
         fields = [("ts", ">u8"), ("nulls", "u1", (n,))]
@@ -126,4 +125,4 @@ class RowCodec:
         word = decoded.fixed[j]
         if dtype in FLOATS:
             return word.view("<f8")
-        return word.view("<i8").astype(bool) if dtype == _DT.DATA_TYPE_BOOL else word.view("<i8")
+        return word.view("<i8").astype(bool) if dtype == DataType.BOOL else word.view("<i8")

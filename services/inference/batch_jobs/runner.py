@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +27,7 @@ from services.inference.batch_jobs.feeds import (
 )
 from services.inference.batch_jobs.output import Output
 from services.inference.batch_jobs.store import FAILED, INTERRUPTED, SUCCEEDED, BatchJobRecord, BatchJobStore
-
-if TYPE_CHECKING:  # for the type hints only: the model store's module talks to the registry
-    from services.inference.model_store import LoadedModel, ModelRef
+from services.inference.model_store import LoadedModel, ModelRef
 
 log = logging.getLogger("strata.inference.batch")
 

@@ -1,93 +1,137 @@
-"""Online reads and pushes: requests in columnar form, numpy in between, no per-value Python
-for numeric features.
+"""Online reads and pushes (`OnlineFeatures`): requests in columnar form, numpy in between, no
+per-value Python for numeric features.
 
 Reads: feature references are grouped by view; each view is read with one call to the online
 store for all entity rows (one MGET in Redis); statuses say PRESENT, NOT_FOUND, EXPIRED (older
 than the view's ttl) or NULL_VALUE -- a missing value is never a silent zero.
 Pushes: the whole batch is checked (types, entity keys, validation rules) before anything is
 written; the first problem is reported with its row and feature, and nothing is written.
+
+A read answers `OnlineRows`, the rows as the store holds them: `values()` decodes the typed
+answer; the raw answer is written from them by the transport (wire.py), straight to bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from itertools import chain
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from strata.common.v1 import types_pb2
-from strata.features.v1 import features_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.swr_cache import NotCached, SwrCache
-from services.features import wire
 from services.features.definitions import Definitions, ViewDef, one_feature_list, parse_refs
 from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
+from services.features.types import (
+    DataType, Feature, FeatureStatus, FeatureValues, FeatureView, KeyColumn, OnlineQuery, OnlineValues, PushRequest,
+    PushResult, ValueColumn, ValueType, type_name,
+)
 
-_DT = types_pb2.DataType
 KEY_SEP = "\x1f"
-# Enum values as plain ints (an attribute lookup on the generated enum costs a Python call).
-PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(pb.FEATURE_STATUS_PRESENT), int(pb.FEATURE_STATUS_NOT_FOUND),
-                                           int(pb.FEATURE_STATUS_EXPIRED), int(pb.FEATURE_STATUS_NULL_VALUE))
-_BOOL = int(_DT.DATA_TYPE_BOOL)
-_PRESENT_BYTE = bytes([PRESENT])
-_FEATURES_TAG = wire.tag(1, wire.LEN)         # GetOnlineFeaturesResponse.features
-_STRING_TAG = wire.tag(5, wire.LEN)           # FeatureValues.string_values
+# Enum values as plain ints (an attribute lookup on the enum costs a Python call).
+PRESENT, NOT_FOUND, EXPIRED, NULL_VALUE = (int(FeatureStatus.PRESENT), int(FeatureStatus.NOT_FOUND),
+                                           int(FeatureStatus.EXPIRED), int(FeatureStatus.NULL_VALUE))
+_BOOL = int(DataType.BOOL)
 #: How far ahead of this service's clock a pushed event time may be (client clocks drift). A row
 #: from further ahead would be served as PRESENT past its ttl and, being the newest, would hide
 #: every later push for its key. STRATA_FEATURES_MAX_FUTURE_SKEW_SECONDS (app.FeaturesConfig).
 DEFAULT_MAX_FUTURE_SKEW_SECONDS = 300
 
 
-@dataclass
-class _Cached:
+@dataclass(eq=False)
+class CachedView:
+    """A view version as reads use it: its definition, row codec and feature types. Hashed by
+    identity, so what a reader derives from it (wire.py's encoded names) can be kept with it."""
+
     view: ViewDef
     codec: RowCodec
     types: dict[str, int] = field(init=False)  # feature name -> DataType
-    # Feature name -> the encoded FeatureValues.name field ("{view}:{feature}"), for raw answers.
-    name_fields: dict[str, bytes] = field(init=False)
-    version_entry: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        spec = self.view.spec
-        self.types = {f.name: f.dtype for f in spec.features}
-        self.name_fields = {f.name: wire.string_field(1, f"{spec.name}:{f.name}") for f in spec.features}
-        self.version_entry = wire.string_int_entry(2, spec.name, spec.version)  # view_versions[name] = version
-
-
-def _string_value(data: bytes) -> tuple[bytes, bytes, bytes]:
-    return _STRING_TAG, wire.varint(len(data)), data
+        self.types = {f.name: f.dtype for f in self.view.spec.features}
 
 
 @dataclass
-class _Step:
+class ReadStep:
     """One view's part of a read: its definition, the wanted (position, feature), the row keys."""
 
-    cached: _Cached
+    cached: CachedView
     wanted: list[tuple[int, str]]
     keys: list[str]
 
 
-class ViewCache(SwrCache[str, _Cached]):
+def statuses(spec: FeatureView, decoded: Decoded, now_us: int) -> np.ndarray | None:
+    """FeatureStatus of every feature of the view and row, (features, rows) uint8, or None
+    when all are PRESENT (the usual case, answered without building the array)."""
+    expired = (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000) if spec.ttl_seconds else None
+    if decoded.found.all() and (expired is None or not expired.any()) and not decoded.nulls.any():
+        return None
+    base = np.full(len(decoded.found), PRESENT, np.uint8)
+    if expired is not None:
+        base[expired] = EXPIRED
+    base[~decoded.found] = NOT_FOUND
+    return np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
+
+
+@dataclass
+class OnlineRows:
+    """The rows an online read found, per view (`steps` and `blobs` line up), read at `now_us`:
+    what its answer is built from. `features`: the references in the request's order."""
+
+    features: Sequence[str]
+    steps: list[ReadStep]
+    blobs: list[list[bytes | None]]
+    now_us: int
+    raw: bool
+
+    def values(self) -> OnlineValues:
+        """The typed answer: one column per requested feature, with statuses and event times."""
+        names = self.features
+        columns: list = [None] * len(names)  # FeatureValues per requested position
+        versions: dict[str, int] = {}
+        for step, view_blobs in zip(self.steps, self.blobs, strict=True):
+            cached = step.cached
+            spec, codec, types = cached.view.spec, cached.codec, cached.types
+            decoded = codec.decode(view_blobs)
+            versions[spec.name] = spec.version
+            status = statuses(spec, decoded, self.now_us)
+            if status is None:
+                status = np.full(decoded.nulls.shape, PRESENT, np.uint8)
+            # Lists, not numpy arrays: the transport (protobuf) converts a list in C, an array per element.
+            event_us = decoded.event_us.tolist()
+            for i, feature in step.wanted:
+                dtype = types[feature]
+                values = codec.values(decoded, feature)
+                if isinstance(values, np.ndarray):
+                    values = values.tolist()
+                kind = ("double_values" if dtype in FLOATS else "int64_values" if dtype in INTS
+                        else "bool_values" if dtype == _BOOL else "string_values")
+                columns[i] = FeatureValues(names[i], **{kind: values},
+                                           statuses=status[codec.null_index[feature]].tolist(),
+                                           event_timestamps_us=event_us)
+        return OnlineValues(columns, versions)
+
+
+class ViewCache(SwrCache[str, CachedView]):
     """Current view definitions, re-read at most every `max_age` seconds (definitions change
     rarely; a process that applied a change drops its entry at once). Stale-while-revalidate
     (services/common/swr_cache.py): `fresh` on the event loop, `current` in worker threads, `get`
     to read a missing or old definition now; a re-read that finds the same version and update
-    time keeps the entry (its codec and encoded names)."""
+    time keeps the entry (its codec, and what readers derived from it)."""
 
     def __init__(self, definitions: Definitions, max_age: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(self._read, max_age, clock, what="feature view")
         self.definitions = definitions
 
-    def _read(self, name: str, cached: _Cached | None) -> _Cached:
+    def _read(self, name: str, cached: CachedView | None) -> CachedView:
         view = self.definitions.get_view(name)
         if cached is not None and (cached.view.spec.version, cached.view.spec.update_time) == \
                 (view.spec.version, view.spec.update_time):
             return cached
-        return _Cached(view, RowCodec(view.spec))
+        return CachedView(view, RowCodec(view.spec))
 
     def warm(self, limit: int = 1000) -> int:
         """Load the current definitions of up to `limit` views (in name order) before the first
@@ -118,13 +162,13 @@ class FeatureSetCache(SwrCache[str, tuple[str, ...]]):
                          max_age, clock, what="feature set")
 
 
-def with_feature_set(request: pb.GetOnlineFeaturesRequest, refs: Sequence[str]) -> pb.GetOnlineFeaturesRequest:
-    """The request with the set's references as its features."""
-    one_feature_list(request)
-    return pb.GetOnlineFeaturesRequest(features=refs, entities=request.entities, raw=request.raw)
+def with_feature_set(query: OnlineQuery, refs: Sequence[str]) -> OnlineQuery:
+    """The query with the set's references as its features."""
+    one_feature_list(query.features, query.feature_set)
+    return replace(query, features=refs, feature_set="")
 
 
-def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str = "entities") -> list[str]:
+def entity_keys(view: ViewDef, columns: Mapping[str, KeyColumn], field: str = "entities") -> list[str]:
     """One string key per row: the join key values, typed as the entities declare."""
     cols, rows = [], -1
     for e in view.entities:
@@ -132,7 +176,7 @@ def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str =
         if col is None:
             raise InvalidArgument(f"{field}[{e.join_key}]", f"view '{view.spec.name}' needs join key "
                                   f"'{e.join_key}' (entity {e.name})")
-        if e.value_type == pb.VALUE_TYPE_INT64:
+        if e.value_type == ValueType.INT64:
             if col.string_values:
                 raise InvalidArgument(f"{field}[{e.join_key}]", f"entity {e.name} is keyed by INT64; "
                                       "got string values")
@@ -151,9 +195,12 @@ def entity_keys(view: ViewDef, columns: dict[str, pb.EntityColumn], field: str =
     return [KEY_SEP.join(parts) for parts in zip(*cols, strict=True)]
 
 
-class FeatureServer:
+class OnlineFeatures:
+    """Online reads (`read` blocking, `read_async` on the event loop) and pushes of the feature
+    views in `views`, over the online store."""
+
     def __init__(self, views: ViewCache, store: OnlineStore, clock: Callable[[], float] = time.time,
-                 offline_append: Callable[[ViewDef, dict[str, pb.EntityColumn], np.ndarray, dict, dict], None]
+                 offline_append: Callable[[ViewDef, dict[str, KeyColumn], np.ndarray, dict, dict], None]
                  | None = None, max_future_skew_seconds: float = DEFAULT_MAX_FUTURE_SKEW_SECONDS) -> None:
         self.views = views
         self.sets = FeatureSetCache(views.definitions)
@@ -167,36 +214,33 @@ class FeatureServer:
         self._groups: dict[tuple[str, ...], dict[str, list[tuple[int, str]]]] = {}
 
     # -- reads -----------------------------------------------------------------------------------
-    def get_online(self, request: pb.GetOnlineFeaturesRequest,
-                   encoded: bool = False) -> pb.GetOnlineFeaturesResponse | bytes:
-        """Blocking: for worker threads and stores without async reads. With `encoded`, a raw
-        request's answer comes back as the serialized response (what the servicer sends)."""
-        if request.feature_set:
-            request = with_feature_set(request, self.sets.current(request.feature_set))
-        plan = self._plan(request, self.views.current)
-        return self._answer(request, plan, self.store.read_many(self._reads(plan)), encoded)
+    def read(self, query: OnlineQuery) -> OnlineRows:
+        """Blocking: for worker threads and stores without async reads."""
+        if query.feature_set:
+            query = with_feature_set(query, self.sets.current(query.feature_set))
+        plan = self._plan(query, self.views.current)
+        return self._rows(query, plan, self.store.read_many(self._reads(plan)))
 
-    async def get_online_async(self, request: pb.GetOnlineFeaturesRequest,
-                               encoded: bool = False) -> pb.GetOnlineFeaturesResponse | bytes:
+    async def read_async(self, query: OnlineQuery) -> OnlineRows:
         """On the event loop: the store read is awaited (pipelined with the other calls in
-        flight), the decode runs inline. Only a view not cached yet sends the planning (a
-        database read) to a worker thread; cached ones are re-read in the background."""
-        if request.feature_set:
-            request = with_feature_set(request, await self.sets.get_async(request.feature_set))
+        flight). Only a view not cached yet sends the planning (a database read) to a worker
+        thread; cached ones are re-read in the background."""
+        if query.feature_set:
+            query = with_feature_set(query, await self.sets.get_async(query.feature_set))
         try:
-            plan = self._plan(request, self.views.fresh)
+            plan = self._plan(query, self.views.fresh)
         except NotCached:
-            plan = await asyncio.to_thread(self._plan, request, self.views.get)
-        return self._answer(request, plan, await self.store.read_many_async(self._reads(plan)), encoded)
+            plan = await asyncio.to_thread(self._plan, query, self.views.get)
+        return self._rows(query, plan, await self.store.read_many_async(self._reads(plan)))
 
-    def _plan(self, request: pb.GetOnlineFeaturesRequest, lookup: Callable[[str], _Cached]) -> list[_Step]:
-        if not request.features:
+    def _plan(self, query: OnlineQuery, lookup: Callable[[str], CachedView]) -> list[ReadStep]:
+        if not query.features:
             raise InvalidArgument("features", "no features requested")
-        refs = tuple(request.features)
+        refs = tuple(query.features)
         by_view = self._groups.get(refs)
         if by_view is None:
             by_view = {}
-            for i, (view, feature) in enumerate(parse_refs(list(refs))):
+            for i, (view, feature) in enumerate(parse_refs(refs)):
                 by_view.setdefault(view, []).append((i, feature))
             if len(self._groups) >= 4096:  # clients ask for a few lists of features, over and over
                 self._groups.clear()
@@ -208,122 +252,19 @@ class FeatureServer:
                 if feature not in cached.types:
                     raise InvalidArgument(f"features[{i}]", f"view '{view_name}' (version {cached.view.spec.version}) "
                                           f"has no feature {quote(feature)}")
-            plan.append(_Step(cached, wanted, entity_keys(cached.view, request.entities)))
+            plan.append(ReadStep(cached, wanted, entity_keys(cached.view, query.entities)))
         return plan
 
     @staticmethod
-    def _reads(plan: list[_Step]) -> list[tuple[str, int, list[str]]]:
+    def _reads(plan: list[ReadStep]) -> list[tuple[str, int, list[str]]]:
         # Every view's rows in one round trip to the store.
         return [(s.cached.view.spec.name, s.cached.view.spec.version, s.keys) for s in plan]
 
-    def _answer(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step], blobs: list[list[bytes | None]],
-                encoded: bool) -> pb.GetOnlineFeaturesResponse | bytes:
-        if not request.raw:
-            return self._build_typed(request, plan, blobs)
-        data = self._encode_raw(request, plan, blobs)
-        return data if encoded else pb.GetOnlineFeaturesResponse.FromString(data)
-
-    @staticmethod
-    def _statuses(spec: pb.FeatureView, decoded: Decoded, now_us: int) -> np.ndarray | None:
-        """FeatureStatus of every feature of the view and row, (features, rows) uint8, or None
-        when all are PRESENT (the usual case, answered without building the array)."""
-        expired = (decoded.event_us < now_us - spec.ttl_seconds * 1_000_000) if spec.ttl_seconds else None
-        if decoded.found.all() and (expired is None or not expired.any()) and not decoded.nulls.any():
-            return None
-        base = np.full(len(decoded.found), PRESENT, np.uint8)
-        if expired is not None:
-            base[expired] = EXPIRED
-        base[~decoded.found] = NOT_FOUND
-        return np.where(decoded.nulls & (base == PRESENT), np.uint8(NULL_VALUE), base)
-
-    def _encode_raw(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step],
-                    blobs: list[list[bytes | None]]) -> bytes:
-        """The serialized GetOnlineFeaturesResponse of a raw request, written straight from the
-        row bytes (wire.py says why): what the protobuf serializer writes (fields in number
-        order, empty ones left out). A feature's name is the reference it was asked by, always
-        "{view}:{feature}", so its encoded field is cached with the view."""
-        now_us = int(self._clock() * 1e6)
-        columns: list[tuple] = [()] * len(request.features)  # the parts of each FeatureValues, by position
-        versions = []
-        for step, view_blobs in zip(plan, blobs, strict=True):
-            cached = step.cached
-            spec, codec = cached.view.spec, cached.codec
-            versions.append(cached.version_entry)
-            rows = len(step.keys)
-            statuses: np.ndarray | None = None  # None: every value PRESENT
-            strings: dict[str, list[str]] = {}
-            fast = codec.all_fixed(view_blobs)
-            if fast is not None and not fast[3] and not (spec.ttl_seconds and
-                                                         fast[2] < now_us - spec.ttl_seconds * 1_000_000):
-                fixed, events = fast[0], fast[1]
-            else:
-                decoded = codec.decode(view_blobs)
-                statuses = self._statuses(spec, decoded, now_us)
-                fixed, events, strings = decoded.fixed.tobytes(), decoded.event_us.astype("<i8").tobytes(), \
-                    decoded.strings
-            fixed_raw, word = memoryview(fixed), 8 * rows  # a fixed feature's column is a slice
-            status_raw = None if statuses is None else memoryview(statuses.tobytes())
-            # Heads and the status/event parts are the same for every feature of the view.
-            values_head, status_head, event_head = wire.head(8, word), wire.head(9, rows), wire.head(10, word)
-            tail = (status_head, _PRESENT_BYTE * rows, event_head, events) if rows else ()
-            tail_len = len(status_head) + rows + len(event_head) + word if rows else 0
-            fixed_len = len(values_head) + word + tail_len if rows else 0
-            for i, feature in step.wanted:
-                name = cached.name_fields[feature]
-                j = codec.fixed_index.get(feature)
-                if rows and j is not None and cached.types[feature] != _BOOL and status_raw is None:  # the usual case
-                    columns[i] = (_FEATURES_TAG, wire.varint(len(name) + fixed_len), name, values_head,
-                                  fixed_raw[j * word:(j + 1) * word], *tail)
-                    continue
-                if j is None:  # STRING: repeated string_values = 5, one field per row
-                    values = [part for text in strings.get(feature, ()) for part in _string_value(text.encode())]
-                elif not rows:
-                    values = []
-                elif cached.types[feature] == _BOOL:  # raw_values as one uint8 per row
-                    values = [wire.head(8, rows), np.frombuffer(fixed_raw, "<u8", rows, j * word).astype(np.uint8)
-                              .tobytes()]
-                else:
-                    values = [values_head, fixed_raw[j * word:(j + 1) * word]]
-                if status_raw is not None and rows:
-                    k = codec.null_index[feature]
-                    values += (status_head, status_raw[k * rows:(k + 1) * rows], event_head, events)
-                else:
-                    values += tail
-                columns[i] = (_FEATURES_TAG, wire.varint(len(name) + sum(map(len, values))), name, *values)
-        return b"".join(chain.from_iterable(columns)) + b"".join(versions)
-
-    def _build_typed(self, request: pb.GetOnlineFeaturesRequest, plan: list[_Step],
-                     blobs: list[list[bytes | None]]) -> pb.GetOnlineFeaturesResponse:
-        names = list(request.features)
-        columns: list[dict] = [{}] * len(names)  # FeatureValues fields per requested position
-        resp = pb.GetOnlineFeaturesResponse()
-        now_us = int(self._clock() * 1e6)
-        for step, view_blobs in zip(plan, blobs, strict=True):
-            cached = step.cached
-            spec, codec, types = cached.view.spec, cached.codec, cached.types
-            decoded = codec.decode(view_blobs)
-            resp.view_versions[spec.name] = spec.version
-            statuses = self._statuses(spec, decoded, now_us)
-            if statuses is None:
-                statuses = np.full(decoded.nulls.shape, PRESENT, np.uint8)
-            # Lists, not numpy arrays: protobuf converts a list in C, an array element by element.
-            event_us = decoded.event_us.tolist()
-            for i, feature in step.wanted:
-                dtype = types[feature]
-                values = codec.values(decoded, feature)
-                if isinstance(values, np.ndarray):
-                    values = values.tolist()
-                kind = ("double_values" if dtype in FLOATS else "int64_values" if dtype in INTS
-                        else "bool_values" if dtype == _BOOL else "string_values")
-                columns[i] = {"name": names[i], kind: values, "statuses": statuses[codec.null_index[feature]].tolist(),
-                              "event_timestamps_us": event_us}
-        add = resp.features.add
-        for col in columns:
-            add(**col)  # built in place: extend() would copy each message
-        return resp
+    def _rows(self, query: OnlineQuery, plan: list[ReadStep], blobs: list[list[bytes | None]]) -> OnlineRows:
+        return OnlineRows(query.features, plan, blobs, int(self._clock() * 1e6), query.raw)
 
     # -- pushes ----------------------------------------------------------------------------------
-    def push(self, request: pb.PushFeaturesRequest) -> pb.PushFeaturesResponse:
+    def push(self, request: PushRequest) -> PushResult:
         cached = self.views.get(request.view)
         spec, codec = cached.view.spec, cached.codec
         keys = entity_keys(cached.view, request.entities)
@@ -361,25 +302,24 @@ class FeatureServer:
         if self.offline_append is not None:  # first: the durable record; a failure writes nothing online
             self.offline_append(cached.view, dict(request.entities), ts, columns, nulls)
         self.store.write(spec.name, spec.version, keys, codec.encode(ts, columns, nulls))
-        return pb.PushFeaturesResponse(rows_written=rows, view_version=spec.version)
+        return PushResult(rows_written=rows, view_version=spec.version)
 
 
-def _column(f: pb.Feature, col: pb.FeatureValues, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _column(f: Feature, col: ValueColumn, rows: int) -> tuple[np.ndarray, np.ndarray]:
     field = f"features[{f.name}]"
     kinds = {"double_values": col.double_values, "int64_values": col.int64_values,
              "bool_values": col.bool_values, "string_values": col.string_values}
     want = ("double_values" if f.dtype in FLOATS else "int64_values" if f.dtype in INTS
-            else "bool_values" if f.dtype == _DT.DATA_TYPE_BOOL else "string_values")
+            else "bool_values" if f.dtype == DataType.BOOL else "string_values")
     for kind, values in kinds.items():
         if kind != want and len(values):
-            dtype = types_pb2.DataType.Name(f.dtype).removeprefix("DATA_TYPE_")
-            raise InvalidArgument(field, f"feature '{f.name}' is {dtype}; got {kind}")
+            raise InvalidArgument(field, f"feature '{f.name}' is {type_name(f.dtype)}; got {kind}")
     values = kinds[want]
     if len(values) != rows:
         raise InvalidArgument(field, f"feature '{f.name}': {len(values)} values for {rows} rows")
     if col.statuses and len(col.statuses) != rows:
         raise InvalidArgument(f"{field}.statuses", f"{len(col.statuses)} statuses for {rows} rows")
-    null = (np.asarray(col.statuses, dtype=np.int32) == pb.FEATURE_STATUS_NULL_VALUE) if col.statuses \
+    null = (np.asarray(col.statuses, dtype=np.int32) == NULL_VALUE) if col.statuses \
         else np.zeros(rows, dtype=bool)
     if want == "string_values":
         return np.array(list(values), dtype=object), null
@@ -388,13 +328,13 @@ def _column(f: pb.Feature, col: pb.FeatureValues, rows: int) -> tuple[np.ndarray
     if want == "double_values" and np.isnan(arr[~null]).any():
         row = int(np.flatnonzero(np.isnan(arr) & ~null)[0])
         raise InvalidArgument(f"rows[{row}].{f.name}", "NaN is not a value; mark the row NULL_VALUE instead")
-    if f.dtype == _DT.DATA_TYPE_INT32 and ((arr < -2**31) | (arr >= 2**31)).any():
+    if f.dtype == DataType.INT32 and ((arr < -2**31) | (arr >= 2**31)).any():
         row = int(np.flatnonzero((arr < -2**31) | (arr >= 2**31))[0])
         raise InvalidArgument(f"rows[{row}].{f.name}", f"{arr[row]} does not fit INT32")
     return arr, null
 
 
-def validate_rules(f: pb.Feature, values: np.ndarray, null: np.ndarray) -> None:
+def validate_rules(f: Feature, values: np.ndarray, null: np.ndarray) -> None:
     """The view's rules for this feature, vectorised; the first violating row is reported."""
     r = f.validation
     rows = len(values)
