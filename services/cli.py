@@ -10,6 +10,7 @@
     strata card NAME VERSION | audit | token --sub NAME --role ROLE
     strata deploy | traffic set | rollback | endpoints ... | predict   (see services/inference/cli.py)
     strata features apply | list | materialize | get | stats          (see services/features/cli.py)
+    strata train submit job.yaml --watch | train watch JOB | runs compare RUN...  (services/training/cli.py)
 
 The registry address comes from --addr or STRATA_REGISTRY_ADDR (default 127.0.0.1 at
 STRATA_REGISTRY_PORT, 50051: the same settings as `strata up`), the bearer token from --token or
@@ -35,6 +36,7 @@ from services.clients.registry import RegistryClient
 from services.common.settings import admin_port, listen_port, peer_address
 from services.features import cli as features_cli
 from services.inference import cli as inference_cli
+from services.training import cli as training_cli
 
 
 def parse_pairs(items: Iterable[str], what: str, value: Callable[[str], object] = str) -> dict:
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inference_cli.add_commands(sub, ap)
     features_cli.add_commands(sub, ap)
+    training_cli.add_commands(sub, ap)
     tok = sub.add_parser("token", help="mint a development HS256 token")
     tok.add_argument("--secret", default=os.environ.get("STRATA_JWT_SECRET"))
     tok.add_argument("--sub", required=True)
@@ -210,6 +213,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcomm
         return inference_cli.run(args)
     if args.cmd == "features":
         return features_cli.run(args)
+    if args.cmd in training_cli.COMMANDS:
+        return training_cli.run(args)
     out = args.json
     with RegistryClient(args.addr, args.token, args.tls_ca) as c:
         s = c.stub

@@ -29,7 +29,35 @@ from services.dev_credentials import dev_secret, write_tokens
 log = logging.getLogger("strata.launcher")
 
 # The services `strata up` runs, in start order. Add the others here as they land.
-PLATFORM_SERVICES = ["registry", "features", "inference"]
+PLATFORM_SERVICES = ["registry", "features", "training", "inference"]
+#: The MLflow tracking UI over the training service's backend (STRATA_MLFLOW_PORT), as MLflow users expect.
+MLFLOW_PORT = 5000
+
+
+def mlflow_ui(home: Path, host: str, port: int, log_path: Path) -> Child:
+    """`mlflow server` on the training service's tracking store, so the UI, its REST API and
+    `mlflow.search_runs` show every job and trial."""
+    backend = os.environ.get("STRATA_TRAINING_MLFLOW_TRACKING_URI") or f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    return Child("mlflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                            "--host", host, "--port", str(port), "--workers", "1"], log_path)
+
+
+def wait_http(url: str, timeout: float, alive) -> None:  # noqa: ANN001
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"{url}: the process exited during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,8 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
         upstreams[name] = f"{connect_host(service_host)}:{port}"
         listeners += [Listener(f"{name} gRPC", service_host, port, f"STRATA_{name.upper()}_PORT"),
                       Listener(f"{name} metrics", service_host, metrics, f"STRATA_{name.upper()}_METRICS_PORT")]
+    mlflow_port = int(os.environ.get("STRATA_MLFLOW_PORT", MLFLOW_PORT))
+    listeners.append(Listener("MLflow UI", gateway_host, mlflow_port, "STRATA_MLFLOW_PORT"))
     listeners += [Listener("gateway", gateway_host, gateway_port, "--gateway-port / STRATA_GATEWAY_PORT"),
                   Listener("Envoy admin", "127.0.0.1", admin_port, "--admin-port / STRATA_GATEWAY_ADMIN_PORT")]
     taken = ports_in_use(listeners)
@@ -124,6 +154,7 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
     for name in ("features", "inference"):
         key = f"STRATA_{name.upper()}_WORKERS"
         env[key] = os.environ.get(key, str(min(2, os.cpu_count() or 1)))
+    env["STRATA_TRAINING_WORKERS"] = os.environ.get("STRATA_TRAINING_WORKERS", "1")
     secret = None
     if auth:
         secret = dev_secret(home)
@@ -136,6 +167,7 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
     for name in PLATFORM_SERVICES:
         env[f"STRATA_{name.upper()}_ADDR"] = upstreams[name]  # how the services find each other
         children.append(Child(name, [sys.executable, "-m", f"services.{name}"], logs / f"{name}.log", env))
+    children.append(mlflow_ui(home, gateway_host, mlflow_port, logs / "mlflow.log"))
     config = render_envoy_config(upstreams=upstreams, descriptor_path=Path(__file__).parents[1] / "gateway" / "strata.pb",
                                  jwt_secret=secret, auth_enabled=auth, listen_host=gateway_host,
                                  listen_port=gateway_port, admin_port=admin_port, upstream_tls=tls)
@@ -151,6 +183,12 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
     def ready(child: Child) -> None:
         if child.name == "gateway":
             wait_ready(admin_port, 30, process=child.proc)
+        elif child.name == "mlflow":
+            proc = child.proc
+            try:
+                wait_http(f"http://{connect_host(gateway_host)}:{mlflow_port}/health", 90, alive=lambda: proc.poll() is None)
+            except (RuntimeError, TimeoutError) as e:
+                raise type(e)(f"{e}; see {child.log_path}") from None
         else:
             proc = child.proc
             try:
@@ -172,6 +210,7 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
         for name, addr in upstreams.items():
             print(f"  {name:<10} gRPC {addr}   metrics http://{addr.rsplit(':', 1)[0]}:{metrics_port(name)}/metrics")
         print(f"  gateway    REST + gRPC {gateway_url}   admin http://127.0.0.1:{admin_port}")
+        print(f"  mlflow     UI and REST http://{connect_host(gateway_host)}:{mlflow_port}")
         if tls is not None:
             mode = "mTLS" if tls_settings.tls_client_ca_file else "TLS"
             print(f"  {mode:<10} every gRPC port; clients trust {tls.ca_file or 'the system CA bundle'}")

@@ -11,12 +11,31 @@ from google.protobuf import json_format, struct_pb2
 from strata.training.v1 import training_pb2 as pb
 
 from services.common.convert import timestamp_pb
+from services.common.errors import InvalidArgument
 from services.training.dataplane import Comparison, Experiment, RunView
 from services.training.types import (
-    AutoMLSpec, DatasetSpec, HpoSpec, Job, JobSpec, ParamSpec, Progress, Result, Split, Task, ValidationSpec,
+    AutoMLSpec,
+    DatasetSpec,
+    HpoSpec,
+    Job,
+    JobSpec,
+    JobState,
+    ParamSpec,
+    Progress,
+    Result,
+    Split,
+    Task,
+    ValidationSpec,
 )
 
 _KIND = {"float_range": "float", "int_range": "int", "categorical": "categorical"}
+
+
+def _enum(cls: type, value: int, field: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise InvalidArgument(field, f"{value} is not a {cls.__name__} value") from None
 
 
 def _plain(v: Any) -> Any:
@@ -29,7 +48,7 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _values(values) -> tuple:  # noqa: ANN001 - repeated google.protobuf.Value
+def _values(values) -> tuple:
     return tuple(_plain(json_format.MessageToDict(v)) for v in values)
 
 
@@ -61,14 +80,19 @@ def spec_from_pb(s: pb.TrainingJobSpec) -> JobSpec:
                       timeout_seconds=h.timeout_seconds, sampler=h.sampler, pruner=h.pruner, parallelism=h.parallelism)
     automl = AutoMLSpec(tuple(s.automl.families), s.automl.time_budget_seconds) if s.HasField("automl") else None
     v = s.validation
-    validation = ValidationSpec(split=Split(v.split), holdout_fraction=v.holdout_fraction or 0.2,
+    validation = ValidationSpec(split=_enum(Split, v.split, "spec.validation.split"), holdout_fraction=v.holdout_fraction or 0.2,
                                 time_column=v.time_column, metric=v.metric, min_improvement=v.min_improvement,
                                 floors=dict(v.floors), champion_alias=v.champion_alias, seed=v.seed,
                                 parity_tolerance=v.parity_tolerance)
-    return JobSpec(dataset=dataset, task=Task(s.task) if s.task in (1, 2) else Task.UNSPECIFIED,
+    return JobSpec(dataset=dataset, task=_enum(Task, s.task, "spec.task"),
                    model_name=s.registration.model_name, family=s.trainer.family,
                    params=_plain(json_format.MessageToDict(s.trainer.params)), hpo=hpo, automl=automl,
                    validation=validation, alias=s.registration.alias, experiment=s.experiment)
+
+
+def state_from_pb(state: int) -> JobState | None:
+    """A list's state filter: unset is every state."""
+    return _enum(JobState, state, "state") if state else None
 
 
 def _struct(d: dict[str, Any]) -> struct_pb2.Struct:

@@ -65,7 +65,7 @@ def _ms(t: int | None) -> datetime | None:
     return datetime.fromtimestamp(t / 1000, UTC) if t else None
 
 
-def _run_view(r) -> RunView:  # noqa: ANN001 - mlflow.entities.Run
+def _run_view(r) -> RunView:
     tags = dict(r.data.tags)
     return RunView(run_id=r.info.run_id, experiment_id=r.info.experiment_id, run_name=r.info.run_name or "",
                    status=r.info.status, parent_run_id=tags.get(PARENT_TAG, ""), params=dict(r.data.params),

@@ -112,7 +112,7 @@ def load(spec: DatasetSpec, validation: ValidationSpec, confinement: Confinement
         matrix.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
     X = np.column_stack(matrix) if matrix else np.empty((table.num_rows, 0), np.float32)
     y = table.column(spec.label_column).to_numpy(zero_copy_only=False)
-    if len(y) and (y == None).any():  # noqa: E711 - numpy elementwise
+    if len(y) and (y == None).any():
         raise InvalidArgument("spec.dataset.label_column", f"column {quote(spec.label_column)} has missing labels")
     t = table.column(time_col).to_numpy(zero_copy_only=False) if time_col else None
     return Dataset(X=X, y=y, columns=columns, time=t, sha256=sha, uri=uri, feature_views=feature_views,

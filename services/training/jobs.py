@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, NotFound, quote
@@ -29,7 +29,7 @@ from services.training.types import Job, JobSpec, JobState, Progress, Result
 SUBMIT = "SubmitTrainingJob"
 
 
-def _job(row) -> Job:  # noqa: ANN001 - a Row
+def _job(row) -> Job:
     return Job(job_id=row.job_id, spec=JobSpec.from_dict(row.spec), state=JobState(row.state),
                progress=Progress(**row.progress), result=Result.from_dict(row.result) if row.result else None,
                error=row.error, created_by=row.created_by, create_time=as_utc(row.create_time),
@@ -42,6 +42,17 @@ class Lease:
 
     def __init__(self, store: JobStore, job: Job, owner: str, mlflow_run_id: str) -> None:
         self.store, self.job, self.owner, self.mlflow_run_id = store, job, owner, mlflow_run_id
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+
+class HelperLease:
+    """A helper worker's hold on one slot of a job's open search."""
+
+    def __init__(self, job: Job, owner: str, slot: int, mlflow_run_id: str) -> None:
+        self.job, self.owner, self.slot, self.mlflow_run_id = job, owner, slot, mlflow_run_id
 
     @property
     def job_id(self) -> str:
@@ -65,24 +76,24 @@ class JobStore:
         with self.db.session() as c:
             first = self.request_ids.lookup(c, principal, SUBMIT, request_id, payload)
             if first is not None:
-                return self._get(c, first.removeprefix("jobs/"))
+                return self._get(c, first.removeprefix("training/jobs/"))
             job_id = secrets.token_hex(8)
             now = utc_now()
             c.execute(t.jobs.insert().values(
                 job_id=job_id, spec=payload, state=int(JobState.QUEUED), progress=asdict(Progress(stage="queued")),
                 result=None, error="", created_by=principal, create_time=now, update_time=now, attempts=0,
                 cancel_requested=False, lease_owner="", lease_expires=0.0, mlflow_run_id=""))
-            self.request_ids.remember(c, principal, SUBMIT, request_id, payload, f"jobs/{job_id}")
+            self.request_ids.remember(c, principal, SUBMIT, request_id, payload, f"training/jobs/{job_id}")
             return self._get(c, job_id)
 
     def get(self, job_id: str) -> Job:
         with self.db.read() as c:
             return self._get(c, job_id)
 
-    def _get(self, c, job_id: str) -> Job:  # noqa: ANN001
+    def _get(self, c, job_id: str) -> Job:
         row = c.execute(select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
         if row is None:
-            raise NotFound(f"jobs/{quote(job_id, bare=True)} does not exist")
+            raise NotFound(f"training/jobs/{quote(job_id, bare=True)} does not exist")
         return _job(row)
 
     def list(self, state: JobState | None, page_size: int, page_token: str) -> tuple[list[Job], str]:
@@ -106,7 +117,7 @@ class JobStore:
         with self.db.session() as c:
             job = self._get(c, job_id)
             if job.state.finished:
-                raise FailedPrecondition(f"jobs/{job_id} already finished ({job.state.name})")
+                raise FailedPrecondition(f"training/jobs/{job_id} already finished ({job.state.name})")
             values: dict = {"cancel_requested": True, "update_time": utc_now()}
             if job.state == JobState.QUEUED:
                 values |= {"state": int(JobState.CANCELLED), "end_time": utc_now(),
@@ -138,12 +149,15 @@ class JobStore:
             job = self._get(c, row.job_id)
         return Lease(self, job, owner, row.mlflow_run_id)
 
-    def _held(self, lease: Lease):  # noqa: ANN202
+    def _held(self, lease: Lease):
         j = t.jobs.c
         return and_(j.job_id == lease.job_id, j.lease_owner == lease.owner, j.state == int(JobState.RUNNING))
 
-    def heartbeat(self, lease: Lease) -> bool:
-        """Renew the lease; True when a cancel was asked. LeaseLost when another worker has it."""
+    def heartbeat(self, lease: Lease | HelperLease) -> bool:
+        """Renew the lease; True when the work should stop (a cancel was asked; for a helper, also
+        the search closed). LeaseLost when another worker has it."""
+        if isinstance(lease, HelperLease):
+            return self._helper_heartbeat(lease)
         with self.db.session() as c:
             n = c.execute(update(t.jobs).where(self._held(lease)).values(
                 lease_expires=time.time() + self.lease_seconds)).rowcount
@@ -151,6 +165,61 @@ class JobStore:
                 raise LeaseLost(f"jobs/{lease.job_id}: the lease is lost")
             return bool(c.execute(select(t.jobs.c.cancel_requested).where(t.jobs.c.job_id == lease.job_id))
                         .scalar_one())
+
+    # -- parallel trials ---------------------------------------------------------------------------
+    def open_search(self, lease: Lease, slots: int) -> None:
+        """Let up to `slots` other workers join this job's study (claim_helper)."""
+        self._write(lease, helper_slots=slots)
+
+    def close_search(self, lease: Lease) -> None:
+        self._write(lease, helper_slots=0)
+
+    def claim_helper(self, owner: str) -> HelperLease | None:
+        """A free slot of a running job whose search is open, leased to `owner` (a dead helper's
+        slot is free once its lease runs out)."""
+        now = time.time()
+        j, h = t.jobs.c, t.helpers.c
+        with self.db.session() as c:
+            q = (select(t.jobs).where(j.state == int(JobState.RUNNING), j.helper_slots > 0, j.lease_expires >= now,
+                                      j.cancel_requested.is_(False)).order_by(j.create_time))
+            if self.db.dialect == "postgresql":
+                q = q.with_for_update(of=t.jobs)  # helpers of one job take its slots one at a time
+            for row in c.execute(q).all():
+                taken = {r.slot: r for r in c.execute(select(t.helpers).where(h.job_id == row.job_id))}
+                if any(r.owner == owner and r.lease_expires >= now for r in taken.values()):
+                    continue
+                free = [s for s in range(1, row.helper_slots + 1)
+                        if s not in taken or taken[s].lease_expires < now]
+                if not free:
+                    continue
+                slot = free[0]
+                c.execute(delete(t.helpers).where(h.job_id == row.job_id, h.slot == slot))
+                c.execute(insert(t.helpers).values(job_id=row.job_id, slot=slot, owner=owner,
+                                                   lease_expires=now + self.lease_seconds))
+                return HelperLease(_job(row), owner, slot, row.mlflow_run_id)
+        return None
+
+    def _helper_heartbeat(self, helper: HelperLease) -> bool:
+        h, j = t.helpers.c, t.jobs.c
+        with self.db.session() as c:
+            n = c.execute(update(t.helpers).where(h.job_id == helper.job_id, h.slot == helper.slot,
+                                                  h.owner == helper.owner).values(
+                lease_expires=time.time() + self.lease_seconds)).rowcount
+            if not n:
+                raise LeaseLost(f"jobs/{helper.job_id}: helper slot {helper.slot} is lost")
+            row = c.execute(select(j.state, j.helper_slots, j.cancel_requested).where(j.job_id == helper.job_id)).first()
+            return row is None or row.cancel_requested or row.state != int(JobState.RUNNING) or row.helper_slots == 0
+
+    def release_helper(self, helper: HelperLease) -> None:
+        h = t.helpers.c
+        with self.db.session() as c:
+            c.execute(delete(t.helpers).where(h.job_id == helper.job_id, h.slot == helper.slot,
+                                              h.owner == helper.owner))
+
+    def live_helpers(self, job_id: str) -> int:
+        h = t.helpers.c
+        with self.db.read() as c:
+            return len(c.execute(select(h.slot).where(h.job_id == job_id, h.lease_expires >= time.time())).all())
 
     def set_run(self, lease: Lease, mlflow_run_id: str) -> None:
         self._write(lease, mlflow_run_id=mlflow_run_id)
@@ -162,7 +231,8 @@ class JobStore:
     def finish(self, lease: Lease, state: JobState, progress: Progress, result: Result | None = None,
                error: str = "") -> None:
         self._write(lease, state=int(state), progress=asdict(progress), error=error[:4000],
-                    result=asdict(result) if result is not None else None, end_time=utc_now(), lease_owner="")
+                    result=asdict(result) if result is not None else None, end_time=utc_now(), lease_owner="",
+                    helper_slots=0)
 
     def _write(self, lease: Lease, **values: object) -> None:
         with self.db.session() as c:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import socket
 import threading
 import time
 import warnings
@@ -35,11 +37,17 @@ from optuna.trial import TrialState
 from services.common.errors import InvalidArgument, StrataError
 from services.common.paths import Confinement
 from services.training import datasets, export, metrics, search
-from services.training.jobs import JobStore, Lease, LeaseLost
+from services.training.jobs import HelperLease, JobStore, Lease, LeaseLost
 from services.training.tracking import Tracker
 from services.training.trainers import FAMILIES
 from services.training.types import (
-    Gate, JobSpec, JobState, LeaderboardEntry, Progress, Result, Task,
+    Gate,
+    JobSpec,
+    JobState,
+    LeaderboardEntry,
+    Progress,
+    Result,
+    Task,
 )
 
 log = logging.getLogger("strata.training.runner")
@@ -126,6 +134,7 @@ class JobRunner:
         self.features = features
         self.threads = threads
         self.workdir = workdir or Path("/tmp")
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial it runs
 
     def storage(self) -> RDBStorage:
         lease = self.store.lease_seconds
@@ -179,20 +188,8 @@ class JobRunner:
 
     def _run(self, lease: Lease, spec: JobSpec, progress: Progress, watch: _Watch) -> Result:
         self.store.report(lease, progress)
-        data = datasets.load(spec.dataset, spec.validation, self.confinement, self.features, lease.job.created_by,
-                             lease.job_id)
-        y = data.y
-        classes = np.unique(y) if spec.task == Task.CLASSIFICATION else None
-        if classes is not None and len(classes) < 2:
-            raise InvalidArgument("spec.dataset.label_column", "a classifier needs at least two classes in the labels")
-        if spec.task == Task.REGRESSION:
-            y = y.astype(np.float64)
-        train, held = datasets.split(len(y), y, spec.task, spec.validation, data.time)
-        if len(held) == 0 or len(train) < 2:
-            raise InvalidArgument("spec.dataset", f"{len(y)} rows are too few to hold some out")
-        tags = {"strata.job_id": lease.job_id, "strata.dataset_hash": data.sha256, "strata.dataset_uri": data.uri,
-                "strata.feature_set": data.feature_set, "strata.feature_views": ",".join(data.feature_views),
-                "strata.principal": lease.job.created_by, "strata.task": spec.task.name.lower()}
+        data, y, classes, train, held = self._load(spec, lease.job_id, lease.job.created_by)
+        tags = self._tags(lease.job_id, lease.job.created_by, spec, data)
         experiment_id = self.tracker.experiment(spec.experiment)
         if not lease.mlflow_run_id:
             self.store.set_run(lease, self.tracker.start(experiment_id, f"job-{lease.job_id}", tags))
@@ -256,6 +253,28 @@ class JobRunner:
             self.tracker.log(run_id, tags={"strata.registered": f"{spec.model_name}/{version}"})
         return result
 
+    def _load(self, spec: JobSpec, job_id: str, principal: str) -> tuple[datasets.Dataset, np.ndarray,
+                                                                        np.ndarray | None, np.ndarray, np.ndarray]:
+        """The dataset, labels, classes and the (train, held-out) rows: the same for the driver and
+        every helper of a job (the split is seeded)."""
+        data = datasets.load(spec.dataset, spec.validation, self.confinement, self.features, principal, job_id)
+        y = data.y
+        classes = np.unique(y) if spec.task == Task.CLASSIFICATION else None
+        if classes is not None and len(classes) < 2:
+            raise InvalidArgument("spec.dataset.label_column", "a classifier needs at least two classes in the labels")
+        if spec.task == Task.REGRESSION:
+            y = y.astype(np.float64)
+        train, held = datasets.split(len(y), y, spec.task, spec.validation, data.time)
+        if len(held) == 0 or len(train) < 2:
+            raise InvalidArgument("spec.dataset", f"{len(y)} rows are too few to hold some out")
+        return data, y, classes, train, held
+
+    @staticmethod
+    def _tags(job_id: str, principal: str, spec: JobSpec, data: datasets.Dataset) -> dict[str, str]:
+        return {"strata.job_id": job_id, "strata.dataset_hash": data.sha256, "strata.dataset_uri": data.uri,
+                "strata.feature_set": data.feature_set, "strata.feature_views": ",".join(data.feature_views),
+                "strata.principal": principal, "strata.task": spec.task.name.lower()}
+
     def _log_native(self, run_id: str, fam: Any, model: Any, columns: list[str]) -> None:
         import joblib
 
@@ -303,70 +322,18 @@ class JobRunner:
     def _search(self, lease: Lease, spec: JobSpec, data: datasets.Dataset, y: np.ndarray, train: np.ndarray,
                 classes: np.ndarray | None, experiment_id: str, tags: dict[str, str], progress: Progress,
                 watch: _Watch) -> tuple[str, dict[str, Any], list[LeaderboardEntry]]:
-        hpo = spec.hpo
-        automl = spec.automl
-        metric = spec.validation.metric
-        maximize = metrics.MAXIMIZE[metric]
-        fit_rows, val_rows = datasets.split(len(train), y[train], spec.task, spec.validation,
-                                            data.time[train] if data.time is not None else None, INNER_VALIDATION)
-        fit_rows, val_rows = train[fit_rows], train[val_rows]
-        X_fit, y_fit, X_val, y_val = data.X[fit_rows], y[fit_rows], data.X[val_rows], y[val_rows]
-        families = list(automl.families or FAMILIES) if automl else [spec.family]
-        space = hpo.search_space if hpo else ()
-        n_trials = hpo.n_trials if hpo and hpo.n_trials else 0
-        timeout = (automl.time_budget_seconds if automl else 0) or (hpo.timeout_seconds if hpo else 0) or None
-        sampler_spec = hpo or search.HpoSpec()
-        storage = self.storage()
-        study = optuna.create_study(study_name=f"job-{lease.job_id}", storage=storage, load_if_exists=True,
-                                    direction="maximize" if maximize else "minimize",
-                                    sampler=search.sampler(sampler_spec, spec.validation.seed),
-                                    pruner=search.pruner(sampler_spec))
+        """The driver's search: it creates the study, opens it to helper workers when the spec asks
+        for parallel trials, runs trials itself, and once the study is done waits for the helpers
+        before it reads the best trial."""
+        s = _Search(self, spec, data, y, train, classes, experiment_id, tags, lease.mlflow_run_id, watch)
+        study = s.study(create=True)
         self._close_stale_runs(lease.mlflow_run_id)
         self._stage(lease, progress, "searching", watch)
         started = time.monotonic()
-
-        def objective(trial: optuna.Trial) -> float:
-            watch.check()
-            family = trial.suggest_categorical("family", families) if automl else spec.family
-            fam = FAMILIES[family]
-            fam_space = space if not automl else (space or fam.space(spec.task))
-            params = {**spec.params, **search.suggest(trial, fam_space, prefix=f"{family}." if automl else "")}
-            run_id = self.tracker.start(experiment_id, f"trial-{trial.number}", {**tags, "strata.trial": str(
-                trial.number), "strata.family": family}, parent=lease.mlflow_run_id)
-            trial.set_user_attr("run_id", run_id)
-            trial.set_user_attr("family", family)
-            steps: list[tuple[str, float, int]] = []
-
-            def report(step: int, out: np.ndarray) -> None:
-                watch.check()
-                value = metrics.score(metric, spec.task, y_val, out, classes)
-                steps.append((f"val_{metric}", value, step))
-                trial.report(value, step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {step}")
-
-            try:
-                model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.threads), X_fit, y_fit,
-                                X_val, report)
-                value = metrics.score(metric, spec.task, y_val, fam.output(model, X_val, spec.task), classes)
-            except optuna.TrialPruned:
-                self.tracker.log(run_id, params={"family": family, **params}, steps=steps, tags={"strata.state": "pruned"})
-                self.tracker.end(run_id, "KILLED")
-                raise
-            except (Cancelled, LeaseLost):
-                self.tracker.end(run_id, "KILLED")
-                raise
-            except Exception as e:
-                self.tracker.log(run_id, params={"family": family, **params}, tags={"strata.error": str(e)[:500]})
-                self.tracker.end(run_id, "FAILED")
-                raise
-            self.tracker.log(run_id, params={"family": family, **params}, metrics={f"val_{metric}": value},
-                             steps=steps)
-            self.tracker.end(run_id)
-            return value
+        parallel = spec.hpo.parallelism if spec.hpo else 1
 
         def after_trial(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
-            self._progress(study, progress, n_trials, started, hpo.parallelism if hpo else 1)
+            self._progress(study, progress, s.n_trials, started, parallel)
             try:
                 self.store.report(lease, progress)
             except LeaseLost:
@@ -374,16 +341,21 @@ class JobRunner:
             if watch.cancelled.is_set() or watch.lost.is_set():
                 study.stop()
 
-        callbacks: list[Callable] = [after_trial]
-        if n_trials:
-            callbacks.insert(0, MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        done = self._counted(study)
-        if not n_trials or done < n_trials:
-            study.optimize(objective, n_trials=None if n_trials else None, timeout=timeout,
-                           n_jobs=hpo.parallelism if hpo else 1, callbacks=callbacks,
-                           catch=(ValueError, ArithmeticError, RuntimeError))
+        if s.automl is not None and not study.trials:
+            # Every family with its default parameters first: the search starts from the baselines a
+            # user would try by hand, and the winner is never worse than the best of them.
+            for f in s.families:
+                study.enqueue_trial({"family": f}, user_attrs={"defaults": True})
+        if parallel > 1:
+            self.store.open_search(lease, parallel - 1)
+        try:
+            s.optimize(study, [after_trial])
+        finally:
+            if parallel > 1:
+                self.store.close_search(lease)
+                self._wait_for_helpers(lease, study, watch)
         watch.check()
-        self._progress(study, progress, n_trials, started, 1)
+        self._progress(study, progress, s.n_trials, started, 1)
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if not complete:
             failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -391,13 +363,45 @@ class JobRunner:
             raise ValueError(f"no trial completed ({len(study.trials)} tried){': ' + why if why else ''}")
         best = study.best_trial
         family = best.user_attrs.get("family", spec.family)
-        prefix = f"{family}." if automl else ""
+        prefix = f"{family}." if s.automl else ""
         params = {**spec.params, **{k.removeprefix(prefix): v for k, v in best.params.items()
                                     if k != "family" and k.startswith(prefix)}}
-        self.tracker.log(lease.mlflow_run_id, metrics={f"best_val_{metric}": best.value},
+        self.tracker.log(lease.mlflow_run_id, metrics={f"best_val_{s.metric}": best.value},
                          tags={"strata.best_trial": str(best.number), "strata.best_run_id":
                                best.user_attrs.get("run_id", "")})
-        return family, params, self._leaderboard(complete, maximize) if automl else []
+        return family, params, self._leaderboard(complete, s.maximize) if s.automl else []
+
+    def _wait_for_helpers(self, lease: Lease, study: optuna.Study, watch: _Watch) -> None:
+        """Helpers finish the trial they are in once the search closes; a dead one's lease runs
+        out (its trial is then failed by its missing heartbeat)."""
+        deadline = time.monotonic() + 2 * self.store.lease_seconds
+        while self.store.live_helpers(lease.job_id) and time.monotonic() < deadline:
+            if watch.lost.is_set():
+                return
+            time.sleep(0.2)
+        optuna.storages.fail_stale_trials(study)
+
+    def run_helper(self, helper: HelperLease) -> None:
+        """A helper worker's part of a job's search: trials of the same study, until the study has
+        its trials or the driver closes the search. It never fits the final model or registers."""
+        job = helper.job
+        spec = job.spec
+        with _Watch(self.store, helper, every=max(0.5, self.store.lease_seconds / 6)) as watch:
+            try:
+                data, y, classes, train, _held = self._load(spec, job.job_id, job.created_by)
+                s = _Search(self, spec, data, y, train, classes, self.tracker.experiment(spec.experiment),
+                            self._tags(job.job_id, job.created_by, spec, data), helper.mlflow_run_id, watch)
+
+                def still_open(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
+                    if watch.cancelled.is_set() or watch.lost.is_set():
+                        study.stop()
+                s.optimize(s.study(create=False), [still_open])
+            except (Cancelled, LeaseLost):
+                pass
+            except Exception:
+                log.exception("helper search failed", extra={"fields": {"job": job.job_id}})
+            finally:
+                self.store.release_helper(helper)
 
     @staticmethod
     def _counted(study: optuna.Study) -> int:
@@ -439,3 +443,91 @@ class JobRunner:
                 self.tracker.end(r.info.run_id, "KILLED")
         except Exception:
             log.exception("could not close stale trial runs", extra={"fields": {"run": parent}})
+
+
+class _Search:
+    """What the driver and the helpers of one job share: the rows a trial fits and is scored on,
+    the study, and the objective (one MLflow child run per trial)."""
+
+    def __init__(self, runner: JobRunner, spec: JobSpec, data: datasets.Dataset, y: np.ndarray, train: np.ndarray,
+                 classes: np.ndarray | None, experiment_id: str, tags: dict[str, str], parent_run: str,
+                 watch: _Watch) -> None:
+        self.runner, self.spec, self.classes = runner, spec, classes
+        self.experiment_id, self.tags, self.parent_run, self.watch = experiment_id, tags, parent_run, watch
+        self.hpo, self.automl = spec.hpo, spec.automl
+        self.metric = spec.validation.metric
+        self.maximize = metrics.MAXIMIZE[self.metric]
+        fit_rows, val_rows = datasets.split(len(train), y[train], spec.task, spec.validation,
+                                            data.time[train] if data.time is not None else None, INNER_VALIDATION)
+        fit_rows, val_rows = train[fit_rows], train[val_rows]
+        self.X_fit, self.y_fit, self.X_val, self.y_val = data.X[fit_rows], y[fit_rows], data.X[val_rows], y[val_rows]
+        self.families = list(self.automl.families or FAMILIES) if self.automl else [spec.family]
+        self.space = self.hpo.search_space if self.hpo else ()
+        self.n_trials = self.hpo.n_trials if self.hpo and self.hpo.n_trials else 0
+        self.timeout = ((self.automl.time_budget_seconds if self.automl else 0)
+                        or (self.hpo.timeout_seconds if self.hpo else 0) or None)
+
+    def study(self, *, create: bool) -> optuna.Study:
+        hpo = self.hpo or search.HpoSpec()
+        name = f"job-{self.tags['strata.job_id']}"
+        sampler = search.sampler(hpo, self.spec.validation.seed)
+        pruner = search.pruner(hpo, automl=self.automl is not None)
+        if create:
+            return optuna.create_study(study_name=name, storage=self.runner.storage(), load_if_exists=True,
+                                       direction="maximize" if self.maximize else "minimize", sampler=sampler,
+                                       pruner=pruner)
+        return optuna.load_study(study_name=name, storage=self.runner.storage(), sampler=sampler, pruner=pruner)
+
+    def optimize(self, study: optuna.Study, callbacks: list[Callable]) -> None:
+        if self.n_trials:
+            if JobRunner._counted(study) >= self.n_trials:
+                return
+            callbacks = [MaxTrialsCallback(self.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                         *callbacks]
+        study.optimize(self.objective, timeout=self.timeout, callbacks=callbacks,
+                       catch=(ValueError, ArithmeticError, RuntimeError))
+
+    def objective(self, trial: optuna.Trial) -> float:
+        spec, tracker, metric, watch = self.spec, self.runner.tracker, self.metric, self.watch
+        watch.check()
+        family = trial.suggest_categorical("family", self.families) if self.automl else spec.family
+        fam = FAMILIES[family]
+        fam_space = self.space if not self.automl else (self.space or fam.space(spec.task))
+        if trial.user_attrs.get("defaults"):  # AutoML's baseline: the family as it comes
+            params = dict(spec.params)
+        else:
+            params = {**spec.params, **search.suggest(trial, fam_space, prefix=f"{family}." if self.automl else "")}
+        run_id = tracker.start(self.experiment_id, f"trial-{trial.number}", {
+            **self.tags, "strata.trial": str(trial.number), "strata.family": family}, parent=self.parent_run)
+        trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("family", family)
+        trial.set_user_attr("worker", self.runner.worker)
+        steps: list[tuple[str, float, int]] = []
+
+        def report(step: int, out: np.ndarray) -> None:
+            watch.check()
+            value = metrics.score(metric, spec.task, self.y_val, out, self.classes)
+            steps.append((f"val_{metric}", value, step))
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+        try:
+            model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.runner.threads), self.X_fit,
+                            self.y_fit, self.X_val, report)
+            value = metrics.score(metric, spec.task, self.y_val, fam.output(model, self.X_val, spec.task),
+                                  self.classes)
+        except optuna.TrialPruned:
+            tracker.log(run_id, params={"family": family, **params}, steps=steps, tags={"strata.state": "pruned"})
+            tracker.end(run_id, "KILLED")
+            raise
+        except (Cancelled, LeaseLost):
+            tracker.end(run_id, "KILLED")
+            raise
+        except Exception as e:
+            tracker.log(run_id, params={"family": family, **params}, tags={"strata.error": str(e)[:500]})
+            tracker.end(run_id, "FAILED")
+            raise
+        tracker.log(run_id, params={"family": family, **params}, metrics={f"val_{metric}": value}, steps=steps)
+        tracker.end(run_id)
+        return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optuna
 
 from services.training.types import HpoSpec, ParamSpec
@@ -43,9 +44,38 @@ def sampler(hpo: HpoSpec, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
-def pruner(hpo: HpoSpec) -> optuna.pruners.BasePruner:
+class FamilyMedianPruner(optuna.pruners.BasePruner):
+    """AutoML's pruner: a trial is stopped when its intermediate value is worse than the median of
+    earlier trials *of the same family* at the same step (a forest at 20 % of its trees and a
+    boosted model after 10 rounds are not comparable), and never while it runs a family's defaults
+    (the baselines every search starts from)."""
+
+    def __init__(self, n_startup_trials: int = 3, n_warmup_steps: int = 1) -> None:
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps or trial.user_attrs.get("defaults"):
+            return False
+        family = trial.params.get("family")
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.PRUNED))
+        values = [t.intermediate_values[step] for t in done
+                  if t.params.get("family") == family and step in t.intermediate_values]
+        if len(values) < self.n_startup_trials:
+            return False
+        median = float(np.median(values))
+        value = trial.intermediate_values[step]
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return value < median if maximize else value > median
+
+
+def pruner(hpo: HpoSpec, automl: bool = False) -> optuna.pruners.BasePruner:
     if hpo.pruner == "none":
         return optuna.pruners.NopPruner()
     if hpo.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner()
+    if automl:
+        return FamilyMedianPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)

@@ -10,47 +10,46 @@ from services.common.audit import current_resource
 from services.common.auth import current_principal
 from services.training import convert
 from services.training.dataplane import TrainingDataPlane
-from services.training.types import JobState
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def __init__(self, plane: TrainingDataPlane) -> None:
         self.plane = plane
 
-    async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:  # noqa: ANN001, N802, E501
-        current_resource.set("jobs")
+    async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:
+        current_resource.set("training/jobs")
         job = await self.plane.submit(convert.spec_from_pb(request.spec), current_principal.get().subject,
                                       request.request_id)
-        current_resource.set(f"jobs/{job.job_id}")
+        current_resource.set(f"training/jobs/{job.job_id}")
         return pb.SubmitTrainingJobResponse(job=convert.job_pb(job))
 
-    async def GetTrainingJob(self, request: pb.GetTrainingJobRequest, context) -> pb.GetTrainingJobResponse:  # noqa: ANN001, N802
+    async def GetTrainingJob(self, request: pb.GetTrainingJobRequest, context) -> pb.GetTrainingJobResponse:
         return pb.GetTrainingJobResponse(job=convert.job_pb(await self.plane.get(request.job_id)))
 
-    async def ListTrainingJobs(self, request: pb.ListTrainingJobsRequest, context) -> pb.ListTrainingJobsResponse:  # noqa: ANN001, N802
-        state = JobState(request.state) if request.state in JobState._value2member_map_ and request.state else None
-        jobs, token = await self.plane.list(state, request.page_size, request.page_token)
+    async def ListTrainingJobs(self, request: pb.ListTrainingJobsRequest, context) -> pb.ListTrainingJobsResponse:
+        jobs, token = await self.plane.list(convert.state_from_pb(request.state), request.page_size,
+                                            request.page_token)
         return pb.ListTrainingJobsResponse(jobs=[convert.job_pb(j) for j in jobs], next_page_token=token)
 
-    async def CancelTrainingJob(self, request: pb.CancelTrainingJobRequest, context) -> pb.CancelTrainingJobResponse:  # noqa: ANN001, N802
-        current_resource.set(f"jobs/{request.job_id[:64]}")
+    async def CancelTrainingJob(self, request: pb.CancelTrainingJobRequest, context) -> pb.CancelTrainingJobResponse:
+        current_resource.set(f"training/jobs/{request.job_id[:64]}")
         return pb.CancelTrainingJobResponse(job=convert.job_pb(await self.plane.cancel(request.job_id)))
 
-    async def WatchTrainingJob(self, request: pb.WatchTrainingJobRequest, context):  # noqa: ANN001, ANN201, N802
+    async def WatchTrainingJob(self, request: pb.WatchTrainingJobRequest, context):
         async for job in self.plane.watch(request.job_id):
             yield pb.WatchTrainingJobResponse(job=convert.job_pb(job))
 
-    async def ListExperiments(self, request: pb.ListExperimentsRequest, context) -> pb.ListExperimentsResponse:  # noqa: ANN001, N802
+    async def ListExperiments(self, request: pb.ListExperimentsRequest, context) -> pb.ListExperimentsResponse:
         items, token = await self.plane.experiments(request.page_size, request.page_token)
         return pb.ListExperimentsResponse(experiments=[convert.experiment_pb(e) for e in items], next_page_token=token)
 
-    async def SearchRuns(self, request: pb.SearchRunsRequest, context) -> pb.SearchRunsResponse:  # noqa: ANN001, N802
+    async def SearchRuns(self, request: pb.SearchRunsRequest, context) -> pb.SearchRunsResponse:
         runs, token = await self.plane.search_runs(list(request.experiment_ids), request.filter, list(request.order_by),
                                                    request.page_size, request.page_token)
         return pb.SearchRunsResponse(runs=[convert.run_pb(r) for r in runs], next_page_token=token)
 
-    async def GetRun(self, request: pb.GetRunRequest, context) -> pb.GetRunResponse:  # noqa: ANN001, N802
+    async def GetRun(self, request: pb.GetRunRequest, context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=convert.run_pb(await self.plane.get_run(request.run_id)))
 
-    async def CompareRuns(self, request: pb.CompareRunsRequest, context) -> pb.CompareRunsResponse:  # noqa: ANN001, N802
+    async def CompareRuns(self, request: pb.CompareRunsRequest, context) -> pb.CompareRunsResponse:
         return convert.comparison_pb(await self.plane.compare(list(request.run_ids)))

@@ -148,4 +148,4 @@ def trials_of(spec: JobSpec) -> int:
     return spec.hpo.n_trials if spec.hpo is not None else 0
 
 
-__all__ = ["check", "trials_of", "HpoSpec"]
+__all__ = ["HpoSpec", "check", "trials_of"]

@@ -37,8 +37,19 @@ jobs = Table(
     Column("lease_owner", String(128), nullable=False, default=""),
     Column("lease_expires", Float, nullable=False, default=0.0),  # epoch seconds
     Column("mlflow_run_id", String(64), nullable=False, default=""),
+    # Parallel trials: while the driver's search is open, up to `helper_slots` other workers join
+    # its study (training_job_helpers holds their leases).
+    Column("helper_slots", Integer, nullable=False, default=0),
     Index("ix_training_jobs_state_create", "state", "create_time"),
     Index("ix_training_jobs_create", "create_time"),
+)
+
+helpers = Table(
+    "training_job_helpers", metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("lease_expires", Float, nullable=False),  # epoch seconds
 )
 
 audit_events = audit_table(metadata)

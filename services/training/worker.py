@@ -1,4 +1,6 @@
-"""A training worker: claims jobs from the database under a lease and runs them, one at a time.
+"""A training worker: claims jobs from the database under a lease and runs them, one at a time;
+with nothing queued, it joins the open search of a job that asked for parallel trials (runs trials
+of the same Optuna study until it is done).
 
 `python -m services.training.worker` (the training service starts STRATA_TRAINING_WORKERS of them
 and restarts any that dies; more run on other machines against the same database). A worker
@@ -22,7 +24,7 @@ def threads_per_worker(workers: int) -> int:
 
 
 class Worker:
-    def __init__(self, runner, poll_seconds: float = 1.0, owner: str = "") -> None:  # noqa: ANN001
+    def __init__(self, runner, poll_seconds: float = 1.0, owner: str = "") -> None:
         self.runner = runner
         self.poll_seconds = poll_seconds
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -32,7 +34,12 @@ class Worker:
         """Claim and run one job; False when there was none."""
         lease = self.runner.store.claim(self.owner)
         if lease is None:
-            return False
+            helper = self.runner.store.claim_helper(self.owner)
+            if helper is None:
+                return False
+            log.info("joining a job's search", extra={"fields": {"job": helper.job_id, "slot": helper.slot}})
+            self.runner.run_helper(helper)
+            return True
         log.info("running job", extra={"fields": {"job": lease.job_id, "attempt": lease.job.attempts}})
         state = self.runner.run(lease)
         log.info("job ended", extra={"fields": {"job": lease.job_id, "state": state.name}})
@@ -54,9 +61,8 @@ def main() -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, threads)
     from services.common import telemetry
-    from services.training.app import TrainingConfig, build_runner
-
     from services.common.settings import ServiceSettings
+    from services.training.app import TrainingConfig, build_runner
 
     settings = ServiceSettings.for_service("training")
     telemetry.setup_logging(settings.log_level, settings.log_format)

@@ -20,7 +20,7 @@ from pathlib import Path
 from tests.processes import ROOT, free_port
 
 STRATA = str(Path(sys.executable).parent / "strata")
-SERVICES = ("registry", "features", "inference")
+SERVICES = ("registry", "features", "training", "inference")
 
 
 @dataclass
@@ -60,6 +60,7 @@ def port_env() -> dict[str, str]:
         env[f"STRATA_{name.upper()}_METRICS_PORT"] = str(free_port())
     env["STRATA_GATEWAY_PORT"] = str(free_port())
     env["STRATA_GATEWAY_ADMIN_PORT"] = str(free_port())
+    env["STRATA_MLFLOW_PORT"] = str(free_port())
     return env
 
 

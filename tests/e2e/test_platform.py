@@ -34,7 +34,9 @@ def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "STRATA_REGISTRY_PORT": str(port), "STRATA_REGISTRY_METRICS_PORT": str(free_port()),
            "STRATA_INFERENCE_PORT": str(free_port()), "STRATA_INFERENCE_METRICS_PORT": str(free_port()),
-           "STRATA_FEATURES_PORT": str(free_port()), "STRATA_FEATURES_METRICS_PORT": str(free_port())}
+           "STRATA_FEATURES_PORT": str(free_port()), "STRATA_FEATURES_METRICS_PORT": str(free_port()),
+           "STRATA_TRAINING_PORT": str(free_port()), "STRATA_TRAINING_METRICS_PORT": str(free_port()),
+           "STRATA_MLFLOW_PORT": str(free_port())}
     with open(log, "wb") as out:
         up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--demo", "--home", str(home),
                                "--gateway-port", str(free_port()), "--admin-port", str(free_port())],

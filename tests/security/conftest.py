@@ -1,4 +1,4 @@
-"""The platform the security suites probe: registry, features and inference as real processes
+"""The platform the security suites probe: registry, features, training and inference as real processes
 with authentication on (HS256 with a secret of the suite's own), each with its own STRATA_HOME,
 one serving process per service (so a crash is a dead process, not a restarted worker).
 
@@ -23,7 +23,7 @@ from tests.processes import free_port, start_service, stop_process
 
 SECRET = "security-suite-secret-0123456789abcdef0123"
 ROLES = ("viewer", "developer", "approver", "admin")
-SERVICES = ("registry", "features", "inference")
+SERVICES = ("registry", "features", "training", "inference")
 #: How far below the sandbox the homes lie (`..` segments a generated path may climb and
 #: still land in the sandbox).
 SANDBOX_DEPTH = 8
@@ -112,6 +112,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             env = {**common, f"STRATA_{name.upper()}_WORKERS": "1"}
             if name == "inference":
                 env |= {"STRATA_REGISTRY_ADDR": addrs["registry"], "STRATA_INFERENCE_POLL_SECONDS": "0.2"}
+            if name == "training":  # jobs are submitted, not run: no worker processes
+                env |= {"STRATA_REGISTRY_ADDR": addrs["registry"], "STRATA_FEATURES_ADDR": addrs["features"],
+                        "STRATA_TRAINING_WORKERS": "0"}
             procs[name] = start_service(name, homes[name], port, env)
             addrs[name] = f"127.0.0.1:{port}"
         p = Platform(sandbox, homes, addrs, procs)

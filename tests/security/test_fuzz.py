@@ -67,7 +67,7 @@ class Seeded:
         """What the seeded objects are called, by the field names that name them (names only:
         numbers such as versions stay hostile, next to a name that exists). `name` is first what
         the service itself keeps under that name."""
-        first = {"registry": MODEL, "features": VIEW, "inference": ENDPOINT}[service]
+        first = {"registry": MODEL, "features": VIEW, "inference": ENDPOINT, "training": MODEL}[service]
         return {"model": [MODEL], "model_name": [MODEL], "endpoint": [ENDPOINT], "view": [VIEW],
                 "name": [first, *(n for n in (MODEL, ENDPOINT, VIEW, ENTITY) if n != first)],
                 "model_version": [str(self.model_version)], "features": [f"{VIEW}:spend", f"{VIEW}:segment"],
@@ -235,7 +235,7 @@ def _sandbox_file(p: Platform) -> callable:
 
 # Inference first and the registry last: an admin's fuzzed DeleteRegisteredModel may well name
 # the seeded model, and the inference service's draws should still find it.
-@pytest.mark.parametrize("service", sorted(SERVICES, key=("inference", "features", "registry").index))
+@pytest.mark.parametrize("service", sorted(SERVICES, key=("inference", "training", "features", "registry").index))
 def test_fuzz(platform: Platform, seeded: Seeded, service: str) -> None:
     rpcs = [r for r in all_rpcs() if r.process == service]
     assert rpcs

@@ -50,12 +50,12 @@ class Platform:
     def store(self) -> Path:
         return self.home / "artifacts"
 
-    def training(self):  # noqa: ANN201
+    def training(self):
         from strata.training.v1 import training_pb2_grpc
 
         return training_pb2_grpc.TrainingServiceStub(grpc.insecure_channel(self.training_addr))
 
-    def registry(self):  # noqa: ANN201
+    def registry(self):
         from strata.registry.v1 import registry_pb2_grpc
 
         return registry_pb2_grpc.RegistryServiceStub(grpc.insecure_channel(self.registry_addr))

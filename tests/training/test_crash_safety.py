@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def bare(tmp_path) -> Iterator[Platform]:  # noqa: ANN001 - no workers of its own: the test runs them
+def bare(tmp_path) -> Iterator[Platform]:
     p = start_platform(tmp_path, workers=0)
     try:
         yield p
@@ -59,3 +59,29 @@ def test_a_killed_worker_leaves_the_job_to_another_with_exact_trial_counts(bare:
           f"{len(study.trials)} in all")
     assert len(counted) == n and done.progress.trials_done == n
     assert len(failed) <= 1 and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_two_workers_share_one_study(bare: Platform) -> None:
+    breast_cancer(bare.store / "data" / "bc-par.parquet")
+    stub = bare.training()
+    n = 12
+    spec = pb.TrainingJobSpec(
+        dataset=pb.Dataset(table=pb.TableDataset(uri="data/bc-par.parquet"), label_column="target"),
+        task=pb.TASK_CLASSIFICATION, trainer=pb.Trainer(family="random_forest"),
+        hpo=pb.Hpo(n_trials=n, parallelism=2, pruner="none", search_space=[
+            pb.Param(name="n_estimators", int_range=pb.IntRange(low=40, high=80))]),
+        registration=pb.Registration(model_name="bc-parallel"))
+    bare.start_worker()
+    bare.start_worker()
+    job = stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec)).job
+    done = wait(stub, job.job_id, timeout=240)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    study = optuna.load_study(study_name=f"job-{job.job_id}", storage=f"sqlite:///{bare.home / 'training.db'}")
+    counted = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    workers = {t.user_attrs.get("worker") for t in counted}
+    print(f"\n{len(counted)} trials counted, run by {len(workers)} workers; {len(study.trials)} in all")
+    assert len(workers) == 2
+    # A helper's trial in flight when the study reaches n_trials is stopped (FAIL, not counted); one that
+    # finished in the same instant may add one.
+    assert n <= len(counted) <= n + 1
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

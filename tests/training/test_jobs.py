@@ -92,3 +92,23 @@ def test_a_cancelled_job_whose_worker_died_is_closed_not_rerun(store: JobStore) 
     time.sleep(1.2)
     assert store.claim("w2") is None
     assert store.get(job.job_id).state == JobState.CANCELLED
+
+
+def test_helpers_take_the_open_slots_of_a_search_and_free_them(store: JobStore) -> None:
+    job = store.submit(_spec(), "alice")
+    driver = store.claim("w1")
+    assert store.claim_helper("w2") is None  # the search is not open yet
+    store.open_search(driver, 2)
+    a, b = store.claim_helper("w2"), store.claim_helper("w3")
+    assert (a.job_id, a.slot, b.slot) == (job.job_id, 1, 2) and store.live_helpers(job.job_id) == 2
+    assert store.claim_helper("w4") is None  # both slots taken
+    assert store.heartbeat(a) is False
+    store.release_helper(a)
+    c = store.claim_helper("w4")
+    assert c.slot == 1
+    store.close_search(driver)
+    assert store.heartbeat(c) is True  # closed: the helper stops
+    time.sleep(1.2)  # b stopped renewing: its slot is free again, but the search is closed
+    assert store.live_helpers(job.job_id) <= 1 and store.claim_helper("w5") is None
+    with pytest.raises(LeaseLost):
+        store.release_helper(b) or store.heartbeat(b)

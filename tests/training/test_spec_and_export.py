@@ -11,7 +11,16 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.training import export, spec
 from services.training.trainers import FAMILIES
-from services.training.types import AutoMLSpec, DatasetSpec, HpoSpec, JobSpec, ParamSpec, Split, Task, ValidationSpec
+from services.training.types import (
+    AutoMLSpec,
+    DatasetSpec,
+    HpoSpec,
+    JobSpec,
+    ParamSpec,
+    Split,
+    Task,
+    ValidationSpec,
+)
 
 BASE = JobSpec(dataset=DatasetSpec(label_column="y", table_uri="t.parquet"), task=Task.CLASSIFICATION,
                model_name="m", family="linear")

@@ -20,7 +20,7 @@ def _table(uri: str, label: str = "target") -> pb.Dataset:
     return pb.Dataset(table=pb.TableDataset(uri=uri), label_column=label)
 
 
-def wait(stub, job_id: str, timeout: float = 240) -> pb.TrainingJob:  # noqa: ANN001
+def wait(stub, job_id: str, timeout: float = 240) -> pb.TrainingJob:
     deadline = time.monotonic() + timeout
     job = None
     for update in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job_id), timeout=timeout):
@@ -116,7 +116,7 @@ def test_gate_admits_a_better_candidate_and_refuses_a_worse_one(platform: Platfo
     assert sorted(v.version for v in versions) == [1, 2]  # the refused candidate was not registered
 
 
-def _bad(stub, spec: pb.TrainingJobSpec) -> str:  # noqa: ANN001
+def _bad(stub, spec: pb.TrainingJobSpec) -> str:
     with pytest.raises(grpc.RpcError) as e:
         stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
@@ -128,7 +128,7 @@ def test_bad_specs_are_refused_naming_the_field_and_create_nothing(platform: Pla
     stub = platform.training()
     before = len(stub.ListTrainingJobs(pb.ListTrainingJobsRequest(page_size=500)).jobs)
 
-    def spec(**kw) -> pb.TrainingJobSpec:  # noqa: ANN003
+    def spec(**kw) -> pb.TrainingJobSpec:
         base = dict(dataset=_table("data/bc2.parquet"), task=pb.TASK_CLASSIFICATION,
                     trainer=pb.Trainer(family="linear"), registration=pb.Registration(model_name="bad"))
         return pb.TrainingJobSpec(**{**base, **kw})
@@ -169,3 +169,23 @@ def test_cancel_stops_a_running_job_within_seconds(platform: Platform) -> None:
     with pytest.raises(grpc.RpcError) as e:
         stub.CancelTrainingJob(pb.CancelTrainingJobRequest(job_id=job.job_id))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_automl_searches_families_within_its_budget_with_a_leaderboard(platform: Platform) -> None:
+    breast_cancer(platform.store / "data" / "bc-automl.parquet")
+    stub = platform.training()
+    families = ["linear", "random_forest", "hist_gradient_boosting", "lightgbm"]
+    spec = pb.TrainingJobSpec(
+        dataset=_table("data/bc-automl.parquet"), task=pb.TASK_CLASSIFICATION,
+        automl=pb.AutoML(families=families, time_budget_seconds=15),
+        registration=pb.Registration(model_name="bc-automl"))
+    started = time.monotonic()
+    job = wait(stub, stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec)).job.job_id)
+    took = time.monotonic() - started
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    board = job.result.leaderboard
+    print(f"\nAutoML 15 s: {job.progress.trials_done} trials in {took:.0f} s; leaderboard " +
+          ", ".join(f"{e.family} {e.best_value:.4f} ({e.trials})" for e in board))
+    assert {e.family for e in board} == set(families)  # every family ran, its defaults first
+    assert job.result.family == board[0].family and board[0].best_value == max(e.best_value for e in board)
+    assert took < 15 + 60  # the budget stops the search; fit, export, gate and registration follow

@@ -12,7 +12,10 @@ from skl2onnx import to_onnx
 from skl2onnx.common import tree_ensemble as _tree_ensemble
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.ensemble import (
-    HistGradientBoostingClassifier, HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor,
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
 )
 from sklearn.linear_model import LogisticRegression, Ridge
 

@@ -33,7 +33,8 @@ class TrainingServiceStub:
     parent run and every trial a child run, on the service's tracking backend
     (the MLflow UI and `mlflow.search_runs` see them unchanged).
 
-    Resource names: jobs/{job_id}, experiments/{experiment_id}, runs/{run_id}.
+    Resource names (as in the REST paths): training/jobs/{job_id},
+    training/experiments/{experiment_id}, training/runs/{run_id}.
     """
 
     def __init__(self, channel):
@@ -97,7 +98,8 @@ class TrainingServiceServicer:
     parent run and every trial a child run, on the service's tracking backend
     (the MLflow UI and `mlflow.search_runs` see them unchanged).
 
-    Resource names: jobs/{job_id}, experiments/{experiment_id}, runs/{run_id}.
+    Resource names (as in the REST paths): training/jobs/{job_id},
+    training/experiments/{experiment_id}, training/runs/{run_id}.
     """
 
     def SubmitTrainingJob(self, request, context):
@@ -234,7 +236,8 @@ class TrainingService:
     parent run and every trial a child run, on the service's tracking backend
     (the MLflow UI and `mlflow.search_runs` see them unchanged).
 
-    Resource names: jobs/{job_id}, experiments/{experiment_id}, runs/{run_id}.
+    Resource names (as in the REST paths): training/jobs/{job_id},
+    training/experiments/{experiment_id}, training/runs/{run_id}.
     """
 
     @staticmethod

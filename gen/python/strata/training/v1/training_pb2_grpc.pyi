@@ -34,7 +34,8 @@ class TrainingServiceStub:
     parent run and every trial a child run, on the service's tracking backend
     (the MLflow UI and `mlflow.search_runs` see them unchanged).
 
-    Resource names: jobs/{job_id}, experiments/{experiment_id}, runs/{run_id}.
+    Resource names (as in the REST paths): training/jobs/{job_id},
+    training/experiments/{experiment_id}, training/runs/{run_id}.
     """
 
     @_typing.overload
@@ -81,7 +82,8 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     parent run and every trial a child run, on the service's tracking backend
     (the MLflow UI and `mlflow.search_runs` see them unchanged).
 
-    Resource names: jobs/{job_id}, experiments/{experiment_id}, runs/{run_id}.
+    Resource names (as in the REST paths): training/jobs/{job_id},
+    training/experiments/{experiment_id}, training/runs/{run_id}.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -124,7 +126,8 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     parent run and every trial a child run, on the service's tracking backend
     (the MLflow UI and `mlflow.search_runs` see them unchanged).
 
-    Resource names: jobs/{job_id}, experiments/{experiment_id}, runs/{run_id}.
+    Resource names (as in the REST paths): training/jobs/{job_id},
+    training/experiments/{experiment_id}, training/runs/{run_id}.
     """
 
     @_abc_1.abstractmethod
