@@ -4,6 +4,8 @@ worker processes (worker.py) it keeps running beside the server."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from services.training.server import TrainingServicer
 from services.training.tracking import Tracker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("strata.training")
 
 
 class TrainingConfig(ServiceConfig):
@@ -43,6 +46,8 @@ class TrainingConfig(ServiceConfig):
     lease_seconds: float = Field(30.0, gt=1, allow_inf_nan=False, description="a dead worker's job is resumed "
                                                                               "after this long")
     poll_seconds: float = Field(1.0, gt=0, allow_inf_nan=False, description="how often an idle worker looks for jobs")
+    schedule_tick_seconds: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often due schedules "
+                                                                                   "are submitted")
     mlflow_tracking_uri: str = Field("", description="MLflow backend (default sqlite under STRATA_HOME)")
     mlflow_artifact_root: str = Field("", description="where runs' artifacts go (default <artifact store>/mlflow)")
     study_storage_url: str = Field("", description="Optuna's storage (default: this service's database)")
@@ -108,7 +113,25 @@ def build_service(settings: ServiceSettings | None = None, config: TrainingConfi
     audit = AuditLog(db, tables.audit_events)
     servicer = TrainingServicer(plane)
     supervisor = Supervisor(worker_children(settings, config)) if config.workers else None
-    on_start, on_stop = [], [db.dispose, plane.features.close]
+    ticker: list[asyncio.Task] = []
+
+    async def tick_forever() -> None:
+        while True:
+            try:
+                submitted = await plane.tick()
+                if submitted:
+                    log.info("scheduled jobs submitted", extra={"fields": {"jobs": submitted}})
+            except Exception:  # a database hiccup: the next tick tries again
+                log.exception("schedule tick failed")
+            await asyncio.sleep(config.schedule_tick_seconds)
+
+    def start_ticker() -> None:
+        ticker.append(asyncio.ensure_future(tick_forever()))
+
+    def stop_ticker() -> None:
+        for task in ticker:
+            task.cancel()
+    on_start, on_stop = [start_ticker], [stop_ticker, db.dispose, plane.features.close]
     if supervisor is not None:
         import threading
 

@@ -3,6 +3,8 @@
     strata train submit job.yaml [--request-id ID] [--watch]   a TrainingJobSpec in YAML (proto JSON names)
     strata train watch JOB          progress bar: trials done / total, pruned, best metric, ETA
     strata train list [--state RUNNING] | train show JOB | train cancel JOB
+    strata train schedule create job.yaml --cron "0 3 * * 1" | schedule list | pause|resume|delete ID
+    strata train schedule trigger ID --reason "drift on amount"   submit the stored job now
     strata runs search [--experiment ID] [--filter "metrics.val_roc_auc > 0.9"] [--order-by "metrics.x DESC"]
     strata runs compare RUN RUN ...   params and metrics side by side, differing keys marked
 
@@ -47,6 +49,19 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     ls.add_argument("--state", default="", choices=["", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"])
     tr.add_parser("show").add_argument("job")
     tr.add_parser("cancel").add_argument("job")
+    sch = tr.add_parser("schedule", help="cron schedules and retraining templates").add_subparsers(
+        dest="schedule_action", required=True)
+    mk = sch.add_parser("create")
+    mk.add_argument("file", type=Path, help="the job spec (YAML), as for submit")
+    mk.add_argument("--cron", default="", help="five fields, UTC ('0 3 * * 1'); none: only by trigger")
+    mk.add_argument("--description", default="")
+    sch.add_parser("list")
+    for verb in ("pause", "resume", "delete"):
+        sch.add_parser(verb).add_argument("schedule")
+    trig = sch.add_parser("trigger")
+    trig.add_argument("schedule")
+    trig.add_argument("--reason", default="")
+    trig.add_argument("--request-id", default="")
     runs = sub.add_parser("runs", help="MLflow runs of training jobs").add_subparsers(dest="action", required=True)
     se = runs.add_parser("search")
     se.add_argument("--experiment", action="append", default=[])
@@ -110,6 +125,33 @@ def _short(v: str) -> str:
         return v[:14]
 
 
+def _schedule_line(s: pb.Schedule) -> str:
+    when = s.next_run_time.ToJsonString() if s.HasField("next_run_time") else ("paused" if s.paused else "on trigger")
+    return (f"{s.schedule_id}  {s.cron or '-':<16} next {when:<24} last job {s.last_job_id or '-':<16} "
+            f"{s.spec.registration.model_name}  {s.description}")
+
+
+def _schedule(stub, args: argparse.Namespace, show) -> None:
+    a = args.schedule_action
+    if a == "create":
+        spec = json_format.ParseDict(yaml.safe_load(args.file.read_text()), pb.TrainingJobSpec())
+        s = stub.CreateSchedule(pb.CreateScheduleRequest(schedule=pb.Schedule(
+            cron=args.cron, description=args.description, spec=spec))).schedule
+        show(s) if args.json else print(_schedule_line(s))
+    elif a == "list":
+        for s in stub.ListSchedules(pb.ListSchedulesRequest(page_size=500)).schedules:
+            show(s) if args.json else print(_schedule_line(s))
+    elif a in ("pause", "resume"):
+        s = stub.PauseSchedule(pb.PauseScheduleRequest(schedule_id=args.schedule, paused=a == "pause")).schedule
+        print(_schedule_line(s))
+    elif a == "delete":
+        stub.DeleteSchedule(pb.DeleteScheduleRequest(schedule_id=args.schedule))
+    elif a == "trigger":
+        job = stub.TriggerSchedule(pb.TriggerScheduleRequest(schedule_id=args.schedule, reason=args.reason,
+                                                             request_id=args.request_id)).job
+        print(job.job_id)
+
+
 def run(args: argparse.Namespace) -> int:
     raw, channel = open_channel(args.training_addr, args.token, args.tls_ca)
     stub = training_pb2_grpc.TrainingServiceStub(channel)
@@ -137,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
             show(stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=args.job)).job)
         elif args.cmd == "train" and args.action == "cancel":
             print(_line(stub.CancelTrainingJob(pb.CancelTrainingJobRequest(job_id=args.job)).job))
+        elif args.cmd == "train" and args.action == "schedule":
+            _schedule(stub, args, show)
         elif args.cmd == "runs" and args.action == "search":
             resp = stub.SearchRuns(pb.SearchRunsRequest(experiment_ids=args.experiment, filter=args.filter,
                                                         order_by=args.order_by, page_size=args.limit))

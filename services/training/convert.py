@@ -23,6 +23,7 @@ from services.training.types import (
     ParamSpec,
     Progress,
     Result,
+    Schedule,
     Split,
     Task,
     ValidationSpec,
@@ -205,3 +206,14 @@ def run_pb(r: RunView) -> pb.Run:
 def comparison_pb(c: Comparison) -> pb.CompareRunsResponse:
     return pb.CompareRunsResponse(runs=[run_pb(r) for r in c.runs], rows=[
         pb.ComparedValues(key=row.key, values=row.values, differs=row.differs) for row in c.rows])
+
+
+def schedule_pb(s: Schedule) -> pb.Schedule:
+    out = pb.Schedule(schedule_id=s.schedule_id, description=s.description, cron=s.cron, spec=spec_pb(s.spec),
+                      paused=s.paused, last_job_id=s.last_job_id, created_by=s.created_by,
+                      create_time=timestamp_pb(s.create_time))
+    if s.next_run_time is not None:
+        out.next_run_time.CopyFrom(timestamp_pb(s.next_run_time))
+    if s.last_run_time is not None:
+        out.last_run_time.CopyFrom(timestamp_pb(s.last_run_time))
+    return out

@@ -19,8 +19,9 @@ from services.training import datasets
 from services.training import spec as specs
 from services.training.datasets import FeatureSource
 from services.training.jobs import JobStore
+from services.training.schedules import ScheduleStore, check_cron
 from services.training.tracking import PARENT_TAG, Tracker
-from services.training.types import Job, JobSpec, JobState
+from services.training.types import Job, JobSpec, JobState, Schedule
 
 WATCH_POLL_SECONDS = 0.5
 MAX_COMPARE = 50
@@ -75,14 +76,19 @@ def _run_view(r) -> RunView:
 
 class TrainingDataPlane:
     def __init__(self, jobs: JobStore, tracker: Tracker, confinement: Confinement,
-                 features: FeatureSource | None = None) -> None:
+                 features: FeatureSource | None = None, schedules: ScheduleStore | None = None) -> None:
         self.jobs = jobs
+        self.schedules = schedules or ScheduleStore(jobs.db, jobs)
         self.tracker = tracker
         self.confinement = confinement
         self.features = features
 
     # -- jobs --------------------------------------------------------------------------------------
     async def submit(self, spec: JobSpec, principal: str, request_id: str) -> Job:
+        spec = await self._checked(spec)
+        return await asyncio.to_thread(self.jobs.submit, spec, principal, request_id)
+
+    async def _checked(self, spec: JobSpec, field: str = "spec") -> JobSpec:
         spec = specs.check(spec)
         ds = spec.dataset
         # What can be known now is refused now, not when a worker runs the job: paths, columns,
@@ -95,7 +101,7 @@ class TrainingDataPlane:
                 raise InvalidArgument("spec.dataset.features", "this training service has no feature store "
                                       "configured")
             await asyncio.to_thread(self.features.check, ds)
-        return await asyncio.to_thread(self.jobs.submit, spec, principal, request_id)
+        return spec
 
     async def get(self, job_id: str) -> Job:
         return await asyncio.to_thread(self.jobs.get, job_id)
@@ -118,6 +124,28 @@ class TrainingDataPlane:
             if job.state.finished:
                 return
             await asyncio.sleep(WATCH_POLL_SECONDS)
+
+    # -- schedules ---------------------------------------------------------------------------------
+    async def create_schedule(self, description: str, cron: str, spec: JobSpec, principal: str,
+                              request_id: str) -> Schedule:
+        check_cron(cron)
+        spec = await self._checked(spec)
+        return await asyncio.to_thread(self.schedules.create, description, cron, spec, principal, request_id)
+
+    async def schedules_page(self, page_size: int, page_token: str) -> tuple[list[Schedule], str]:
+        return await asyncio.to_thread(self.schedules.list, page_size, page_token)
+
+    async def pause_schedule(self, schedule_id: str, paused: bool) -> Schedule:
+        return await asyncio.to_thread(self.schedules.pause, schedule_id, paused)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        await asyncio.to_thread(self.schedules.delete, schedule_id)
+
+    async def trigger(self, schedule_id: str, principal: str, reason: str, request_id: str) -> Job:
+        return await asyncio.to_thread(self.schedules.trigger, schedule_id, principal, reason, request_id)
+
+    async def tick(self) -> list[str]:
+        return await asyncio.to_thread(self.schedules.tick)
 
     # -- runs (MLflow) -----------------------------------------------------------------------------
     async def experiments(self, page_size: int, page_token: str) -> tuple[list[Experiment], str]:

@@ -111,8 +111,9 @@ def load(spec: DatasetSpec, validation: ValidationSpec, confinement: Confinement
                                   "boolean columns are features (exclude it, or encode it as numbers)")
         matrix.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
     X = np.column_stack(matrix) if matrix else np.empty((table.num_rows, 0), np.float32)
-    y = table.column(spec.label_column).to_numpy(zero_copy_only=False)
-    if len(y) and (y == None).any():
+    label = table.column(spec.label_column)
+    y = label.to_numpy(zero_copy_only=False)
+    if label.null_count or (y.dtype.kind == "f" and np.isnan(y).any()):
         raise InvalidArgument("spec.dataset.label_column", f"column {quote(spec.label_column)} has missing labels")
     t = table.column(time_col).to_numpy(zero_copy_only=False) if time_col else None
     return Dataset(X=X, y=y, columns=columns, time=t, sha256=sha, uri=uri, feature_views=feature_views,
@@ -156,3 +157,14 @@ def split(n: int, y: np.ndarray, task: Task, v: ValidationSpec, time: np.ndarray
         stratify = None  # a class with one row cannot be split both ways
     train, held = train_test_split(index, test_size=fraction, random_state=v.seed, stratify=stratify)
     return np.sort(train), np.sort(held)
+
+
+def folds(y: np.ndarray, task: Task, v: ValidationSpec, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k (fit rows, validation rows) folds: stratified for classification, seeded."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if task == Task.CLASSIFICATION and np.min(np.unique(y, return_counts=True)[1]) >= k:
+        splitter = StratifiedKFold(k, shuffle=True, random_state=v.seed)
+    else:
+        splitter = KFold(k, shuffle=True, random_state=v.seed)
+    return [(np.sort(f), np.sort(t)) for f, t in splitter.split(np.zeros(len(y)), y)]

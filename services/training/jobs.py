@@ -72,19 +72,23 @@ class JobStore:
     # -- the API side --------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, principal: str, request_id: str = "") -> Job:
         check_request_id(request_id)
-        payload = spec.to_dict()
         with self.db.session() as c:
-            first = self.request_ids.lookup(c, principal, SUBMIT, request_id, payload)
-            if first is not None:
-                return self._get(c, first.removeprefix("training/jobs/"))
-            job_id = secrets.token_hex(8)
-            now = utc_now()
-            c.execute(t.jobs.insert().values(
-                job_id=job_id, spec=payload, state=int(JobState.QUEUED), progress=asdict(Progress(stage="queued")),
-                result=None, error="", created_by=principal, create_time=now, update_time=now, attempts=0,
-                cancel_requested=False, lease_owner="", lease_expires=0.0, mlflow_run_id=""))
-            self.request_ids.remember(c, principal, SUBMIT, request_id, payload, f"training/jobs/{job_id}")
-            return self._get(c, job_id)
+            return self.submit_in(c, spec, principal, request_id)
+
+    def submit_in(self, c, spec: JobSpec, principal: str, request_id: str = "") -> Job:
+        """Submit in the caller's transaction (a schedule's tick submits and advances together)."""
+        payload = spec.to_dict()
+        first = self.request_ids.lookup(c, principal, SUBMIT, request_id, payload)
+        if first is not None:
+            return self._get(c, first.removeprefix("training/jobs/"))
+        job_id = secrets.token_hex(8)
+        now = utc_now()
+        c.execute(t.jobs.insert().values(
+            job_id=job_id, spec=payload, state=int(JobState.QUEUED), progress=asdict(Progress(stage="queued")),
+            result=None, error="", created_by=principal, create_time=now, update_time=now, attempts=0,
+            cancel_requested=False, lease_owner="", lease_expires=0.0, mlflow_run_id="", helper_slots=0))
+        self.request_ids.remember(c, principal, SUBMIT, request_id, payload, f"training/jobs/{job_id}")
+        return self._get(c, job_id)
 
     def get(self, job_id: str) -> Job:
         with self.db.read() as c:

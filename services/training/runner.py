@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from services.common.errors import InvalidArgument, StrataError
 from services.common.paths import Confinement
-from services.training import datasets, export, metrics, search
+from services.training import datasets, export, metrics, plots, search, tracking
 from services.training.jobs import HelperLease, JobStore, Lease, LeaseLost
 from services.training.tracking import Tracker
 from services.training.trainers import FAMILIES
@@ -47,6 +47,7 @@ from services.training.types import (
     LeaderboardEntry,
     Progress,
     Result,
+    Split,
     Task,
 )
 
@@ -55,6 +56,14 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Trial heartbeats and grouped TPE are marked experimental; they are what this runner is built on.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 INNER_VALIDATION = 0.2  # share of the training rows each trial is scored on (the held-out rows never are)
+AUTOML_FOLDS = 3
+INFO = "strata"  # the user attribute holding a trial's MLflow run, family and worker
+PROGRESS_EVERY = 1.0  # seconds between progress writes during a search
+
+
+def trial_info(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The MLflow run id, family and worker a trial recorded."""
+    return trial.user_attrs.get(INFO, {})
 
 
 @dataclass(frozen=True)
@@ -141,10 +150,13 @@ class JobRunner:
         # Trial heartbeats: a trial whose worker stopped beating for `grace` seconds is failed and
         # retried (with its parameters) by the next worker; grace < the job lease, so by the time
         # another worker holds the job the dead one's trial is already stale.
-        return RDBStorage(self.study_storage_url, heartbeat_interval=max(1, int(lease / 6)),
-                          grace_period=max(2, int(lease / 2)),
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                          engine_kwargs={"pool_pre_ping": True})
+        storage = RDBStorage(self.study_storage_url, heartbeat_interval=max(1, int(lease / 6)),
+                             grace_period=max(2, int(lease / 2)),
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                             engine_kwargs={"pool_pre_ping": True})
+        if self.study_storage_url.startswith("sqlite"):
+            tracking.sqlite_wal(storage.engine)
+        return storage
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self, lease: Lease) -> JobState:
@@ -212,6 +224,8 @@ class JobRunner:
         scores = metrics.all_scores(spec.task, y[held], held_out, getattr(model, "classes_", classes))
         self.tracker.log(run_id, params={"family": family, **{f"param.{k}": v for k, v in params.items()}},
                          metrics={f"holdout_{k}": v for k, v in scores.items()})
+        self.tracker.artifact(run_id, *plots.held_out_plot(spec.task, y[held], held_out,
+                                                          getattr(model, "classes_", classes)))
         # Export, checked against the native model on the held-out rows.
         self._stage(lease, progress, "exporting", watch)
         onnx_model = export.with_column_inputs(fam.export(model, len(data.columns), spec.task), data.columns,
@@ -273,7 +287,7 @@ class JobRunner:
     def _tags(job_id: str, principal: str, spec: JobSpec, data: datasets.Dataset) -> dict[str, str]:
         return {"strata.job_id": job_id, "strata.dataset_hash": data.sha256, "strata.dataset_uri": data.uri,
                 "strata.feature_set": data.feature_set, "strata.feature_views": ",".join(data.feature_views),
-                "strata.principal": principal, "strata.task": spec.task.name.lower()}
+                "strata.principal": principal, "strata.task": spec.task.name.lower(), "strata.origin": spec.origin}
 
     def _log_native(self, run_id: str, fam: Any, model: Any, columns: list[str]) -> None:
         import joblib
@@ -332,13 +346,19 @@ class JobRunner:
         started = time.monotonic()
         parallel = spec.hpo.parallelism if spec.hpo else 1
 
+        last_write = [0.0]
+
         def after_trial(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+            if watch.cancelled.is_set() or watch.lost.is_set():
+                study.stop()
+                return
+            if time.monotonic() - last_write[0] < PROGRESS_EVERY:  # a watcher polls twice a second
+                return
+            last_write[0] = time.monotonic()
             self._progress(study, progress, s.n_trials, started, parallel)
             try:
                 self.store.report(lease, progress)
             except LeaseLost:
-                study.stop()
-            if watch.cancelled.is_set() or watch.lost.is_set():
                 study.stop()
 
         if s.automl is not None and not study.trials:
@@ -362,13 +382,13 @@ class JobRunner:
             why = failed[0].system_attrs.get("fail_reason", "") if failed else ""
             raise ValueError(f"no trial completed ({len(study.trials)} tried){': ' + why if why else ''}")
         best = study.best_trial
-        family = best.user_attrs.get("family", spec.family)
+        family = trial_info(best).get("family", spec.family)
         prefix = f"{family}." if s.automl else ""
         params = {**spec.params, **{k.removeprefix(prefix): v for k, v in best.params.items()
                                     if k != "family" and k.startswith(prefix)}}
         self.tracker.log(lease.mlflow_run_id, metrics={f"best_val_{s.metric}": best.value},
                          tags={"strata.best_trial": str(best.number), "strata.best_run_id":
-                               best.user_attrs.get("run_id", "")})
+                               trial_info(best).get("run_id", "")})
         return family, params, self._leaderboard(complete, s.maximize) if s.automl else []
 
     def _wait_for_helpers(self, lease: Lease, study: optuna.Study, watch: _Watch) -> None:
@@ -426,11 +446,11 @@ class JobRunner:
     def _leaderboard(complete: list, maximize: bool) -> list[LeaderboardEntry]:
         by_family: dict[str, list] = {}
         for t in complete:
-            by_family.setdefault(t.user_attrs.get("family", ""), []).append(t)
+            by_family.setdefault(trial_info(t).get("family", ""), []).append(t)
         board = []
         for family, trials in by_family.items():
             best = (max if maximize else min)(trials, key=lambda t: t.value)
-            board.append(LeaderboardEntry(family, float(best.value), len(trials), best.user_attrs.get("run_id", "")))
+            board.append(LeaderboardEntry(family, float(best.value), len(trials), trial_info(best).get("run_id", "")))
         return sorted(board, key=lambda e: -e.best_value if maximize else e.best_value)
 
     def _close_stale_runs(self, parent: str) -> None:
@@ -457,13 +477,18 @@ class _Search:
         self.hpo, self.automl = spec.hpo, spec.automl
         self.metric = spec.validation.metric
         self.maximize = metrics.MAXIMIZE[self.metric]
-        fit_rows, val_rows = datasets.split(len(train), y[train], spec.task, spec.validation,
-                                            data.time[train] if data.time is not None else None, INNER_VALIDATION)
-        fit_rows, val_rows = train[fit_rows], train[val_rows]
-        self.X_fit, self.y_fit, self.X_val, self.y_val = data.X[fit_rows], y[fit_rows], data.X[val_rows], y[val_rows]
+        # (fit rows, validation rows) of each fold: AutoML scores a trial by 3-fold cross-validation
+        # over the training rows (choosing among families on one 20 % split picked by noise);
+        # an HPO trial on one inner split; a time split keeps one split (no look-ahead).
+        folds = datasets.folds(y[train], spec.task, spec.validation, AUTOML_FOLDS) \
+            if self.automl is not None and spec.validation.split != Split.TIME else \
+            [datasets.split(len(train), y[train], spec.task, spec.validation,
+                            data.time[train] if data.time is not None else None, INNER_VALIDATION)]
+        self.folds = [(data.X[train[f]], y[train[f]], data.X[train[v]], y[train[v]]) for f, v in folds]
         self.families = list(self.automl.families or FAMILIES) if self.automl else [spec.family]
         self.space = self.hpo.search_space if self.hpo else ()
         self.n_trials = self.hpo.n_trials if self.hpo and self.hpo.n_trials else 0
+        self.prunes = (self.hpo.pruner if self.hpo else "median") != "none"
         self.timeout = ((self.automl.time_budget_seconds if self.automl else 0)
                         or (self.hpo.timeout_seconds if self.hpo else 0) or None)
 
@@ -499,24 +524,30 @@ class _Search:
             params = {**spec.params, **search.suggest(trial, fam_space, prefix=f"{family}." if self.automl else "")}
         run_id = tracker.start(self.experiment_id, f"trial-{trial.number}", {
             **self.tags, "strata.trial": str(trial.number), "strata.family": family}, parent=self.parent_run)
-        trial.set_user_attr("run_id", run_id)
-        trial.set_user_attr("family", family)
-        trial.set_user_attr("worker", self.runner.worker)
+        # One write: the trial's MLflow run, family and worker (trial_info reads them back).
+        trial.set_user_attr(INFO, {"run_id": run_id, "family": family, "worker": self.runner.worker})
         steps: list[tuple[str, float, int]] = []
 
-        def report(step: int, out: np.ndarray) -> None:
+        def report(step: int, out: np.ndarray) -> None:  # on the first fold: every trial's same rows
             watch.check()
-            value = metrics.score(metric, spec.task, self.y_val, out, self.classes)
+            value = metrics.score(metric, spec.task, self.folds[0][3], out, self.classes)
             steps.append((f"val_{metric}", value, step))
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step}")
+            if self.prunes:  # Optuna keeps intermediate values for its pruner; MLflow keeps the steps anyway
+                trial.report(value, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step}")
+
+        def check(_step: int, _out: np.ndarray) -> None:
+            watch.check()
 
         try:
-            model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.runner.threads), self.X_fit,
-                            self.y_fit, self.X_val, report)
-            value = metrics.score(metric, spec.task, self.y_val, fam.output(model, self.X_val, spec.task),
-                                  self.classes)
+            scores = []
+            for k, (X_fit, y_fit, X_val, y_val) in enumerate(self.folds):
+                model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.runner.threads), X_fit,
+                                y_fit, X_val, report if k == 0 else check)
+                scores.append(metrics.score(metric, spec.task, y_val, fam.output(model, X_val, spec.task),
+                                            self.classes))
+            value = float(np.mean(scores))
         except optuna.TrialPruned:
             tracker.log(run_id, params={"family": family, **params}, steps=steps, tags={"strata.state": "pruned"})
             tracker.end(run_id, "KILLED")

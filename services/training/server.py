@@ -39,6 +39,34 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         async for job in self.plane.watch(request.job_id):
             yield pb.WatchTrainingJobResponse(job=convert.job_pb(job))
 
+    async def CreateSchedule(self, request: pb.CreateScheduleRequest, context) -> pb.CreateScheduleResponse:
+        current_resource.set("training/schedules")
+        s = request.schedule
+        created = await self.plane.create_schedule(s.description, s.cron, convert.spec_from_pb(s.spec),
+                                                   current_principal.get().subject, request.request_id)
+        current_resource.set(f"training/schedules/{created.schedule_id}")
+        return pb.CreateScheduleResponse(schedule=convert.schedule_pb(created))
+
+    async def ListSchedules(self, request: pb.ListSchedulesRequest, context) -> pb.ListSchedulesResponse:
+        items, token = await self.plane.schedules_page(request.page_size, request.page_token)
+        return pb.ListSchedulesResponse(schedules=[convert.schedule_pb(s) for s in items], next_page_token=token)
+
+    async def PauseSchedule(self, request: pb.PauseScheduleRequest, context) -> pb.PauseScheduleResponse:
+        current_resource.set(f"training/schedules/{request.schedule_id[:64]}")
+        s = await self.plane.pause_schedule(request.schedule_id, request.paused)
+        return pb.PauseScheduleResponse(schedule=convert.schedule_pb(s))
+
+    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest, context) -> pb.DeleteScheduleResponse:
+        current_resource.set(f"training/schedules/{request.schedule_id[:64]}")
+        await self.plane.delete_schedule(request.schedule_id)
+        return pb.DeleteScheduleResponse()
+
+    async def TriggerSchedule(self, request: pb.TriggerScheduleRequest, context) -> pb.TriggerScheduleResponse:
+        current_resource.set(f"training/schedules/{request.schedule_id[:64]}")
+        job = await self.plane.trigger(request.schedule_id, current_principal.get().subject, request.reason,
+                                       request.request_id)
+        return pb.TriggerScheduleResponse(job=convert.job_pb(job))
+
     async def ListExperiments(self, request: pb.ListExperimentsRequest, context) -> pb.ListExperimentsResponse:
         items, token = await self.plane.experiments(request.page_size, request.page_token)
         return pb.ListExperimentsResponse(experiments=[convert.experiment_pb(e) for e in items], next_page_token=token)

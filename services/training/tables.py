@@ -44,6 +44,20 @@ jobs = Table(
     Index("ix_training_jobs_create", "create_time"),
 )
 
+schedules = Table(
+    "training_schedules", metadata,
+    Column("schedule_id", String(32), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("cron", String(256), nullable=False, default=""),   # "" : runs only when triggered
+    Column("spec", JSON, nullable=False),                       # types.JobSpec.to_dict()
+    Column("paused", Boolean, nullable=False, default=False),
+    _ts("next_run_time", True), _ts("last_run_time", True),
+    Column("last_job_id", String(32), nullable=False, default=""),
+    Column("created_by", String(256), nullable=False),
+    _ts("create_time"),
+    Index("ix_training_schedules_due", "paused", "next_run_time"),
+)
+
 helpers = Table(
     "training_job_helpers", metadata,
     Column("job_id", String(32), primary_key=True),

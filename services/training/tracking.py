@@ -14,16 +14,61 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy import Engine, event
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def sqlite_wal(engine: Engine) -> None:
+    """SQLite in WAL mode with synchronous=NORMAL, as the services' own databases
+    (services/common/db.py): a commit costs no fsync, and is still durable across a process crash.
+    For engines made by MLflow and Optuna: connections opened from now on get the settings."""
+    def pragmas(conn, _record) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # the pool's connections were opened before the listener
+
+
+def _open_store(tracking_uri: str) -> tuple[MlflowClient, object]:
+    """MLflow's store, its tables created or upgraded on first use. Worker processes starting
+    together would each run MLflow's migrations on a new database, and all but one fail; on one
+    host a lock file beside a SQLite database puts them in turn, and elsewhere (PostgreSQL) a
+    failed attempt is retried once the winner has finished."""
+    import fcntl
+
+    lock = None
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///") + ".init-lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "w")  # noqa: SIM115 - released below
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        for attempt in range(10):
+            try:
+                client = MlflowClient(tracking_uri=tracking_uri)
+                return client, client._tracking_client.store  # noqa: SLF001 - makes MLflow initialise now
+            except Exception:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+    finally:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
 
 
 class Tracker:
     def __init__(self, tracking_uri: str, artifact_root: str) -> None:
         self.uri = tracking_uri
         self.artifact_root = artifact_root.rstrip("/")
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client, store = _open_store(tracking_uri)
+        if tracking_uri.startswith("sqlite") and getattr(store, "engine", None) is not None:
+            sqlite_wal(store.engine)  # MLflow's SqlAlchemyStore; its UI server reads the same file
 
     def experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

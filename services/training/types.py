@@ -92,7 +92,7 @@ class ValidationSpec:
     floors: dict[str, float] = field(default_factory=dict)
     champion_alias: str = "production"
     seed: int = 0
-    parity_tolerance: float = 1e-4
+    parity_tolerance: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,9 @@ class JobSpec:
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     alias: str = "challenger"
     experiment: str = ""
+    #: What submitted it, when not a user directly ("schedule:<id>", "trigger:<id>: <reason>"); the
+    #: MLflow run's tag strata.origin.
+    origin: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +127,7 @@ class JobSpec:
                                                                      for k, x in p.items()})
                                                           for p in hpo["search_space"])}) if hpo else None,
             automl=AutoMLSpec(**{**automl, "families": tuple(automl["families"])}) if automl else None,
-            validation=ValidationSpec(**v), alias=d["alias"], experiment=d["experiment"])
+            validation=ValidationSpec(**v), alias=d["alias"], experiment=d["experiment"], origin=d.get("origin", ""))
 
 
 @dataclass
@@ -187,6 +190,20 @@ class Result:
         d["gate"] = Gate(**d["gate"]) if d.get("gate") else None
         d["leaderboard"] = [LeaderboardEntry(**e) for e in d.get("leaderboard", [])]
         return cls(**d)
+
+
+@dataclass
+class Schedule:
+    schedule_id: str
+    description: str
+    cron: str                             # "" : only when triggered
+    spec: JobSpec
+    paused: bool
+    next_run_time: Any                    # datetime (UTC) or None
+    last_run_time: Any
+    last_job_id: str
+    created_by: str
+    create_time: Any
 
 
 @dataclass

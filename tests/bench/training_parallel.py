@@ -6,8 +6,8 @@ workers numeric threads, as `python -m services.training` gives its workers).
 
 Per round and setup: a fresh PostgreSQL database on 127.0.0.1:5432 for the job store and the
 Optuna study, MLflow on a SQLite file, the worker processes (`python -m services.training.worker`),
-one job with `n_trials` trials (`parallelism` 1 or 2) on a generated table (20,000 x 40,
-make_classification). Trials/s is the number of counted trials over the span from the first
+one job with `n_trials` trials (`parallelism` 1 or 2) on a generated table (`--rows` x 40,
+make_classification; 20,000 by default). Trials/s is the number of counted trials over the span from the first
 trial's start to the last trial's end, as the study recorded it. The registry at the end is not
 reachable (the job then fails at registration, after the measured search; the figure is the
 search's).
@@ -31,6 +31,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from services.training.runner import trial_info
 from tests.processes import ROOT
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -48,7 +49,7 @@ def _drop(name: str) -> None:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def one(workers: int, trials: int, family: str, home: Path) -> tuple[float, int, int]:
+def one(workers: int, trials: int, family: str, home: Path, rows: int = 20_000) -> tuple[float, int, int]:
     from sklearn.datasets import make_classification
 
     from services.common.db import Database
@@ -57,7 +58,7 @@ def one(workers: int, trials: int, family: str, home: Path) -> tuple[float, int,
     from services.training.jobs import JobStore
     from services.training.types import DatasetSpec, HpoSpec, JobSpec, ParamSpec, Task
 
-    X, y = make_classification(n_samples=20_000, n_features=40, n_informative=12, random_state=0)
+    X, y = make_classification(n_samples=rows, n_features=40, n_informative=12, random_state=0)
     (home / "artifacts" / "data").mkdir(parents=True)
     pq.write_table(pa.table({**{f"x{i}": X[:, i] for i in range(X.shape[1])}, "y": y}),
                    home / "artifacts" / "data" / "t.parquet")
@@ -76,12 +77,15 @@ def one(workers: int, trials: int, family: str, home: Path) -> tuple[float, int,
                "STRATA_TRAINING_WORKERS": str(workers), "STRATA_TRAINING_POLL_SECONDS": "0.2",
                "STRATA_REGISTRY_ADDR": "127.0.0.1:1"}
         env.pop("STRATA_TRAINING_THREADS_PER_WORKER", None)
+        log = open(home / "workers.log", "ab")  # noqa: SIM115 - closed below
         procs = [subprocess.Popen([sys.executable, "-m", "services.training.worker"], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+                                  stdout=log, stderr=subprocess.STDOUT) for _ in range(workers)]
         try:
             store = JobStore(db)
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
+                if all(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"the workers exited:\n{(home / 'workers.log').read_text()[-3000:]}")
                 j = store.get(job.job_id)
                 if j.state.finished or j.progress.stage in ("fitting", "exporting", "validating", "registering"):
                     break
@@ -89,7 +93,7 @@ def one(workers: int, trials: int, family: str, home: Path) -> tuple[float, int,
             study = optuna.load_study(study_name=f"job-{job.job_id}", storage=url)
             counted = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             span = (max(t.datetime_complete for t in counted) - min(t.datetime_start for t in counted)).total_seconds()
-            return len(counted) / span, len(counted), len({t.user_attrs.get("worker") for t in counted})
+            return len(counted) / span, len(counted), len({trial_info(t)["worker"] for t in counted})
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -98,6 +102,7 @@ def one(workers: int, trials: int, family: str, home: Path) -> tuple[float, int,
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            log.close()
             db.dispose()
     finally:
         _drop(name)
@@ -108,15 +113,16 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--family", default="linear", choices=["linear", "hist_gradient_boosting", "random_forest"])
+    ap.add_argument("--rows", type=int, default=20_000)
     args = ap.parse_args()
-    print(f"{os.cpu_count()} cores; family {args.family}; {args.trials} trials per job; threads per worker = "
-          "cores / workers (the platform's sizing)")
+    print(f"{os.cpu_count()} cores; family {args.family}; {args.rows} x 40 rows; {args.trials} trials per job; OpenMP threads per "
+          "worker = cores / workers, BLAS 1 (the platform's sizing)")
     rates: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
                 home = Path(tmp) / f"{r}-{workers}"
-                rate, n, used = one(workers, args.trials, args.family, home)
+                rate, n, used = one(workers, args.trials, args.family, home, args.rows)
                 rates[workers].append(rate)
                 print(f"round {r + 1}: {workers} worker(s): {rate:.2f} trials/s ({n} trials, run by {used} "
                       f"worker(s))", flush=True)

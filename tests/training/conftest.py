@@ -55,6 +55,11 @@ class Platform:
 
         return training_pb2_grpc.TrainingServiceStub(grpc.insecure_channel(self.training_addr))
 
+    def features(self):  # noqa: ANN201
+        from strata.features.v1 import features_pb2_grpc
+
+        return features_pb2_grpc.FeatureServiceStub(grpc.insecure_channel(self.env["STRATA_FEATURES_ADDR"]))
+
     def registry(self):
         from strata.registry.v1 import registry_pb2_grpc
 

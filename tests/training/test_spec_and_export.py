@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
+import joblib
 import numpy as np
 import pytest
 
@@ -92,6 +94,12 @@ def test_every_family_exports_with_parity(family: str, task: Task) -> None:
     assert parity.passed and parity.rows == len(X)
     sess = export.session(data)
     assert [i.name for i in sess.get_inputs()] == columns and sess.get_inputs()[0].shape == [None, 1]
+    # The native model is kept as a run artifact (joblib): it must come back the same.
+    buf = io.BytesIO()
+    joblib.dump(model, buf)
+    buf.seek(0)
+    again = joblib.load(buf)
+    assert np.array_equal(fam.output(again, X[:20], task), fam.output(model, X[:20], task))
 
 
 def test_parity_fails_when_the_export_differs() -> None:

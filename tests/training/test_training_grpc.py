@@ -5,12 +5,16 @@ datasets as Parquet tables on the artifact store."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
 from strata.registry.v1 import registry_pb2 as rpb
 from strata.training.v1 import training_pb2 as pb
 
+from tests.processes import free_port, stop_process
 from tests.training.conftest import Platform, breast_cancer, diabetes
 
 pytestmark = pytest.mark.e2e
@@ -18,6 +22,20 @@ pytestmark = pytest.mark.e2e
 
 def _table(uri: str, label: str = "target") -> pb.Dataset:
     return pb.Dataset(table=pb.TableDataset(uri=uri), label_column=label)
+
+
+@contextmanager
+def mlflow_server(db: Path) -> Iterator[str]:
+    from services.launcher import mlflow_ui, wait_http
+
+    port = free_port()
+    child = mlflow_ui(db.parent, "127.0.0.1", port, db.parent / "mlflow-ui.log")
+    child.start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 90, alive=lambda: child.proc.poll() is None)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(child.proc)
 
 
 def wait(stub, job_id: str, timeout: float = 240) -> pb.TrainingJob:
@@ -64,7 +82,16 @@ def test_hpo_job_tracks_prunes_exports_and_registers_with_lineage(platform: Plat
     parent = mlflow.get_run(r.mlflow_run_id)
     assert parent.data.tags["strata.dataset_hash"] == r.dataset_hash and "holdout_roc_auc" in parent.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(r.mlflow_run_id)}
-    assert {"model.onnx", "parity.json", "gate.json", "native_model.joblib"} <= artifacts
+    assert {"model.onnx", "parity.json", "gate.json", "native_model.joblib", "confusion_matrix.png"} <= artifacts
+    # The MLflow server `strata up` runs, on the same store: its REST API returns the same runs.
+    import requests
+
+    with mlflow_server(platform.home / "mlflow.db") as url:
+        exp = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name",
+                           params={"experiment_name": "bc-hpo"}).json()["experiment"]
+        rest = requests.post(f"{url}/api/2.0/mlflow/runs/search", json={
+            "experiment_ids": [exp["experiment_id"]], "max_results": 1000}).json()["runs"]
+        assert {x["info"]["run_id"] for x in rest} == {x.info.run_id for x in runs}
     # The registered version: what inference serves, with its lineage and the challenger alias.
     reg = platform.registry()
     mv = reg.GetModelVersionByAlias(rpb.GetModelVersionByAliasRequest(name="bc-hpo", alias="challenger")).model_version
@@ -189,3 +216,74 @@ def test_automl_searches_families_within_its_budget_with_a_leaderboard(platform:
     assert {e.family for e in board} == set(families)  # every family ran, its defaults first
     assert job.result.family == board[0].family and board[0].best_value == max(e.best_value for e in board)
     assert took < 15 + 60  # the budget stops the search; fit, export, gate and registration follow
+
+
+def test_a_retraining_template_runs_when_triggered(platform: Platform) -> None:
+    breast_cancer(platform.store / "data" / "bc-trigger.parquet")
+    stub = platform.training()
+    spec = pb.TrainingJobSpec(dataset=_table("data/bc-trigger.parquet"), task=pb.TASK_CLASSIFICATION,
+                              trainer=pb.Trainer(family="linear"), registration=pb.Registration(model_name="bc-trig"))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CreateSchedule(pb.CreateScheduleRequest(schedule=pb.Schedule(cron="every day", spec=spec)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "schedule.cron" in e.value.details()
+    assert not stub.ListSchedules(pb.ListSchedulesRequest()).schedules
+    template = stub.CreateSchedule(pb.CreateScheduleRequest(schedule=pb.Schedule(
+        description="retrain on drift", spec=spec))).schedule
+    assert not template.HasField("next_run_time")
+    job = stub.TriggerSchedule(pb.TriggerScheduleRequest(schedule_id=template.schedule_id, reason="drift",
+                                                         request_id="alert-1")).job
+    again = stub.TriggerSchedule(pb.TriggerScheduleRequest(schedule_id=template.schedule_id, reason="drift",
+                                                           request_id="alert-1")).job
+    assert again.job_id == job.job_id
+    done = wait(stub, job.job_id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.result.model_version == 1, done.error
+    run = stub.GetRun(pb.GetRunRequest(run_id=done.result.mlflow_run_id)).run
+    assert run.tags["strata.origin"] == f"trigger:{template.schedule_id}: drift"
+    listed = stub.ListSchedules(pb.ListSchedulesRequest()).schedules
+    assert [s.last_job_id for s in listed] == [job.job_id]
+
+
+def test_a_job_on_a_feature_set_trains_on_point_in_time_features_with_lineage(platform: Platform) -> None:
+    """features -> training set -> job -> registered version naming the view versions and the set."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_breast_cancer
+    from strata.common.v1 import types_pb2
+    from strata.features.v1 import features_pb2 as fpb
+
+    fs = platform.features()
+    d = load_breast_cancer()
+    n, names = len(d.target), ["mean_radius", "mean_texture", "mean_area", "worst_radius", "worst_concavity"]
+    cols = [list(d.feature_names).index(x.replace("_", " ")) for x in names]
+    us = pa.timestamp("us", tz="UTC")
+    t0 = 1_767_225_600_000_000
+    src = platform.store / "sources" / "tumours.parquet"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    (platform.store / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"patient_id": pa.array(range(n), pa.int64()), "ts": pa.array([t0] * n, us),
+                             **{name: d.data[:, c] for name, c in zip(names, cols, strict=True)}}), src)
+    fs.ApplyEntity(fpb.ApplyEntityRequest(entity=fpb.Entity(name="patient", join_key="patient_id",
+                                                             value_type=fpb.VALUE_TYPE_INT64)))
+    fs.ApplyFeatureView(fpb.ApplyFeatureViewRequest(feature_view=fpb.FeatureView(
+        name="tumour", entities=["patient"], source=fpb.DataSource(path="sources/tumours.parquet", timestamp_field="ts"),
+        features=[fpb.Feature(name=x, dtype=types_pb2.DATA_TYPE_FLOAT64) for x in names])))
+    fs.ApplyFeatureSet(fpb.ApplyFeatureSetRequest(feature_set=fpb.FeatureSet(
+        name="tumour_v1", features=[f"tumour:{x}" for x in names])))
+    (platform.store / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"patient_id": pa.array(range(n), pa.int64()),
+                             "event_timestamp": pa.array([t0 + 1] * n, us), "target": d.target}),
+                   platform.store / "data" / "patients.parquet")
+    stub = platform.training()
+    spec = pb.TrainingJobSpec(
+        dataset=pb.Dataset(features=pb.FeatureDataset(feature_set="tumour_v1", entity_table_uri="data/patients.parquet",
+                                                      timestamp_column="event_timestamp"), label_column="target"),
+        task=pb.TASK_CLASSIFICATION, trainer=pb.Trainer(family="hist_gradient_boosting"),
+        registration=pb.Registration(model_name="tumour"))
+    job = wait(stub, stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(spec=spec)).job.job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert list(job.result.feature_views) == ["tumour:1"] and job.result.metrics["roc_auc"] > 0.9
+    mv = platform.registry().GetModelVersion(rpb.GetModelVersionRequest(name="tumour", version=1)).model_version
+    assert list(mv.lineage.feature_views) == ["tumour:1"] and mv.lineage.feature_set == "tumour_v1"
+    assert mv.lineage.dataset_hash == job.result.dataset_hash and mv.lineage.dataset_uri.endswith(".parquet")
+    # The model takes the training set's columns, in the feature set's order.
+    assert [i.name for i in mv.signature.inputs] == [f"tumour__{x}" for x in names]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from services.training.trainers.base import Family, Report
 from services.training.trainers.boosting import LightGBM, XGBoost
 from services.training.trainers.sklearn_models import HistGradientBoosting, Linear, RandomForest
+from services.training.trainers.torch_mlp import MLP
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Linear(), RandomForest(), HistGradientBoosting(),
-                                                   LightGBM(), XGBoost())}
+                                                   LightGBM(), XGBoost(), MLP())}
 
 __all__ = ["FAMILIES", "Family", "Report"]

@@ -88,6 +88,31 @@ class TrainingServiceStub:
                 request_serializer=strata_dot_training_dot_v1_dot_training__pb2.CompareRunsRequest.SerializeToString,
                 response_deserializer=strata_dot_training_dot_v1_dot_training__pb2.CompareRunsResponse.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/strata.training.v1.TrainingService/CreateSchedule',
+                request_serializer=strata_dot_training_dot_v1_dot_training__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=strata_dot_training_dot_v1_dot_training__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/strata.training.v1.TrainingService/ListSchedules',
+                request_serializer=strata_dot_training_dot_v1_dot_training__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=strata_dot_training_dot_v1_dot_training__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/strata.training.v1.TrainingService/PauseSchedule',
+                request_serializer=strata_dot_training_dot_v1_dot_training__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=strata_dot_training_dot_v1_dot_training__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/strata.training.v1.TrainingService/DeleteSchedule',
+                request_serializer=strata_dot_training_dot_v1_dot_training__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=strata_dot_training_dot_v1_dot_training__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.TriggerSchedule = channel.unary_unary(
+                '/strata.training.v1.TrainingService/TriggerSchedule',
+                request_serializer=strata_dot_training_dot_v1_dot_training__pb2.TriggerScheduleRequest.SerializeToString,
+                response_deserializer=strata_dot_training_dot_v1_dot_training__pb2.TriggerScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -172,6 +197,45 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Creates a schedule: a stored job spec run on a cron schedule (UTC), or,
+        without cron, only when triggered (a retraining template for monitoring
+        alerts). Retrying with the same request_id returns the first schedule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Lists schedules by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Pauses (paused = true) or resumes a schedule; a resumed schedule next runs
+        at its next cron time from now (missed runs are not caught up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Deletes a schedule (its jobs stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerSchedule(self, request, context):
+        """Submits the schedule's job now (a paused schedule too): the retraining
+        trigger. Idempotent by request_id (an alert's id, say).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +283,31 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.CompareRuns,
                     request_deserializer=strata_dot_training_dot_v1_dot_training__pb2.CompareRunsRequest.FromString,
                     response_serializer=strata_dot_training_dot_v1_dot_training__pb2.CompareRunsResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=strata_dot_training_dot_v1_dot_training__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=strata_dot_training_dot_v1_dot_training__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=strata_dot_training_dot_v1_dot_training__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=strata_dot_training_dot_v1_dot_training__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=strata_dot_training_dot_v1_dot_training__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=strata_dot_training_dot_v1_dot_training__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=strata_dot_training_dot_v1_dot_training__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=strata_dot_training_dot_v1_dot_training__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=strata_dot_training_dot_v1_dot_training__pb2.TriggerScheduleRequest.FromString,
+                    response_serializer=strata_dot_training_dot_v1_dot_training__pb2.TriggerScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +562,141 @@ class TrainingService:
             '/strata.training.v1.TrainingService/CompareRuns',
             strata_dot_training_dot_v1_dot_training__pb2.CompareRunsRequest.SerializeToString,
             strata_dot_training_dot_v1_dot_training__pb2.CompareRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.training.v1.TrainingService/CreateSchedule',
+            strata_dot_training_dot_v1_dot_training__pb2.CreateScheduleRequest.SerializeToString,
+            strata_dot_training_dot_v1_dot_training__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.training.v1.TrainingService/ListSchedules',
+            strata_dot_training_dot_v1_dot_training__pb2.ListSchedulesRequest.SerializeToString,
+            strata_dot_training_dot_v1_dot_training__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.training.v1.TrainingService/PauseSchedule',
+            strata_dot_training_dot_v1_dot_training__pb2.PauseScheduleRequest.SerializeToString,
+            strata_dot_training_dot_v1_dot_training__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.training.v1.TrainingService/DeleteSchedule',
+            strata_dot_training_dot_v1_dot_training__pb2.DeleteScheduleRequest.SerializeToString,
+            strata_dot_training_dot_v1_dot_training__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.training.v1.TrainingService/TriggerSchedule',
+            strata_dot_training_dot_v1_dot_training__pb2.TriggerScheduleRequest.SerializeToString,
+            strata_dot_training_dot_v1_dot_training__pb2.TriggerScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

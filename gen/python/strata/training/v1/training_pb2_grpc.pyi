@@ -72,6 +72,23 @@ class TrainingServiceStub:
     """Puts the params and metrics of several runs side by side: one row per
     key, one column per run, and which keys differ.
     """
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_training_pb2.CreateScheduleRequest, _training_pb2.CreateScheduleResponse]
+    """Creates a schedule: a stored job spec run on a cron schedule (UTC), or,
+    without cron, only when triggered (a retraining template for monitoring
+    alerts). Retrying with the same request_id returns the first schedule.
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListSchedulesRequest, _training_pb2.ListSchedulesResponse]
+    """Lists schedules by id."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_training_pb2.PauseScheduleRequest, _training_pb2.PauseScheduleResponse]
+    """Pauses (paused = true) or resumes a schedule; a resumed schedule next runs
+    at its next cron time from now (missed runs are not caught up).
+    """
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_training_pb2.DeleteScheduleRequest, _training_pb2.DeleteScheduleResponse]
+    """Deletes a schedule (its jobs stay)."""
+    TriggerSchedule: _grpc.UnaryUnaryMultiCallable[_training_pb2.TriggerScheduleRequest, _training_pb2.TriggerScheduleResponse]
+    """Submits the schedule's job now (a paused schedule too): the retraining
+    trigger. Idempotent by request_id (an alert's id, say).
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -116,6 +133,23 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     CompareRuns: _aio.UnaryUnaryMultiCallable[_training_pb2.CompareRunsRequest, _training_pb2.CompareRunsResponse]  # type: ignore[assignment]
     """Puts the params and metrics of several runs side by side: one row per
     key, one column per run, and which keys differ.
+    """
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_training_pb2.CreateScheduleRequest, _training_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """Creates a schedule: a stored job spec run on a cron schedule (UTC), or,
+    without cron, only when triggered (a retraining template for monitoring
+    alerts). Retrying with the same request_id returns the first schedule.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_training_pb2.ListSchedulesRequest, _training_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """Lists schedules by id."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_training_pb2.PauseScheduleRequest, _training_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """Pauses (paused = true) or resumes a schedule; a resumed schedule next runs
+    at its next cron time from now (missed runs are not caught up).
+    """
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_training_pb2.DeleteScheduleRequest, _training_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """Deletes a schedule (its jobs stay)."""
+    TriggerSchedule: _aio.UnaryUnaryMultiCallable[_training_pb2.TriggerScheduleRequest, _training_pb2.TriggerScheduleResponse]  # type: ignore[assignment]
+    """Submits the schedule's job now (a paused schedule too): the retraining
+    trigger. Idempotent by request_id (an alert's id, say).
     """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -212,6 +246,53 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_training_pb2.CompareRunsResponse, _abc.Awaitable[_training_pb2.CompareRunsResponse]]:
         """Puts the params and metrics of several runs side by side: one row per
         key, one column per run, and which keys differ.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _training_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.CreateScheduleResponse, _abc.Awaitable[_training_pb2.CreateScheduleResponse]]:
+        """Creates a schedule: a stored job spec run on a cron schedule (UTC), or,
+        without cron, only when triggered (a retraining template for monitoring
+        alerts). Retrying with the same request_id returns the first schedule.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _training_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListSchedulesResponse, _abc.Awaitable[_training_pb2.ListSchedulesResponse]]:
+        """Lists schedules by id."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _training_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.PauseScheduleResponse, _abc.Awaitable[_training_pb2.PauseScheduleResponse]]:
+        """Pauses (paused = true) or resumes a schedule; a resumed schedule next runs
+        at its next cron time from now (missed runs are not caught up).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _training_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.DeleteScheduleResponse, _abc.Awaitable[_training_pb2.DeleteScheduleResponse]]:
+        """Deletes a schedule (its jobs stay)."""
+
+    @_abc_1.abstractmethod
+    def TriggerSchedule(
+        self,
+        request: _training_pb2.TriggerScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.TriggerScheduleResponse, _abc.Awaitable[_training_pb2.TriggerScheduleResponse]]:
+        """Submits the schedule's job now (a paused schedule too): the retraining
+        trigger. Idempotent by request_id (an alert's id, say).
         """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
