@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.common.auth import mint_token
+from services.common.auth import service_token
 from services.common.settings import ServiceConfig, ServiceSettings
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import STATS_KEEP_REVISIONS
@@ -75,9 +75,4 @@ class InferenceConfig(ServiceConfig):
     def registry_credentials(self, settings: ServiceSettings) -> str | None:
         """The token inference presents to the registry: STRATA_INFERENCE_REGISTRY_TOKEN, else, with
         auth on and an HS256 secret, a read-only one minted for the service."""
-        if self.registry_token is not None:
-            return self.registry_token.get_secret_value()
-        if settings.auth == "enabled" and settings.jwt_secret is not None:
-            return mint_token(settings.jwt_secret.get_secret_value(), "strata-inference", ["viewer"],
-                              ttl_seconds=365 * 86400, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-        return None
+        return service_token(settings, "strata-inference", ["viewer"], self.registry_token)

@@ -16,7 +16,7 @@ from strata.training.v1 import training_pb2, training_pb2_grpc
 
 from services.clients.registry import RegistryClient
 from services.common.audit import AuditLog
-from services.common.auth import mint_token
+from services.common.auth import service_token
 from services.common.db import Database
 from services.common.paths import Confinement
 from services.common.server import Service
@@ -65,12 +65,7 @@ class TrainingConfig(ServiceConfig):
 
     def credentials(self, settings: ServiceSettings) -> str | None:
         """Registering models and writing training sets need the developer role."""
-        if self.registry_token is not None:
-            return self.registry_token.get_secret_value()
-        if settings.auth == "enabled" and settings.jwt_secret is not None:
-            return mint_token(settings.jwt_secret.get_secret_value(), "strata-training", ["developer"],
-                              ttl_seconds=365 * 86400, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-        return None
+        return service_token(settings, "strata-training", ["developer"], self.registry_token)
 
 
 def _confinement(settings: ServiceSettings) -> Confinement:
