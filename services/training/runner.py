@@ -200,6 +200,9 @@ class JobRunner:
 
     def _run(self, lease: Lease, spec: JobSpec, progress: Progress, watch: _Watch) -> Result:
         self.store.report(lease, progress)
+        if spec.hpo is not None and spec.hpo.parallelism > 1:
+            # Helpers join now: they load the rows while this worker does, and wait for the study.
+            self.store.open_search(lease, spec.hpo.parallelism - 1)
         data, y, classes, train, held = self._load(spec, lease.job_id, lease.job.created_by)
         tags = self._tags(lease.job_id, lease.job.created_by, spec, data)
         experiment_id = self.tracker.experiment(spec.experiment)
@@ -340,8 +343,8 @@ class JobRunner:
         for parallel trials, runs trials itself, and once the study is done waits for the helpers
         before it reads the best trial."""
         s = _Search(self, spec, data, y, train, classes, experiment_id, tags, lease.mlflow_run_id, watch)
+        self._close_stale_runs(lease.mlflow_run_id)  # before helpers can start runs in the new study
         study = s.study(create=True)
-        self._close_stale_runs(lease.mlflow_run_id)
         self._stage(lease, progress, "searching", watch)
         started = time.monotonic()
         parallel = spec.hpo.parallelism if spec.hpo else 1
@@ -366,8 +369,6 @@ class JobRunner:
             # user would try by hand, and the winner is never worse than the best of them.
             for f in s.families:
                 study.enqueue_trial({"family": f}, user_attrs={"defaults": True})
-        if parallel > 1:
-            self.store.open_search(lease, parallel - 1)
         try:
             s.optimize(study, [after_trial])
         finally:
@@ -415,7 +416,7 @@ class JobRunner:
                 def still_open(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
                     if watch.cancelled.is_set() or watch.lost.is_set():
                         study.stop()
-                s.optimize(s.study(create=False), [still_open])
+                s.optimize(s.wait_for_study(watch), [still_open])
             except (Cancelled, LeaseLost):
                 pass
             except Exception:
@@ -502,6 +503,15 @@ class _Search:
                                        direction="maximize" if self.maximize else "minimize", sampler=sampler,
                                        pruner=pruner)
         return optuna.load_study(study_name=name, storage=self.runner.storage(), sampler=sampler, pruner=pruner)
+
+    def wait_for_study(self, watch: _Watch) -> optuna.Study:
+        """A helper's study: the driver creates it once it has its rows, as the helper does."""
+        while True:
+            try:
+                return self.study(create=False)
+            except KeyError:  # optuna: no study of that name yet
+                watch.check()
+                time.sleep(0.2)
 
     def optimize(self, study: optuna.Study, callbacks: list[Callable]) -> None:
         if self.n_trials:

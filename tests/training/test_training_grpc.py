@@ -92,6 +92,9 @@ def test_hpo_job_tracks_prunes_exports_and_registers_with_lineage(platform: Plat
         rest = requests.post(f"{url}/api/2.0/mlflow/runs/search", json={
             "experiment_ids": [exp["experiment_id"]], "max_results": 1000}).json()["runs"]
         assert {x["info"]["run_id"] for x in rest} == {x.info.run_id for x in runs}
+        # ... and the UI's artifact browser lists the job's files (kept on the artifact store).
+        listed = requests.get(f"{url}/api/2.0/mlflow/artifacts/list", params={"run_id": r.mlflow_run_id}).json()
+        assert {"model.onnx", "confusion_matrix.png"} <= {f["path"] for f in listed["files"]}
     # The registered version: what inference serves, with its lineage and the challenger alias.
     reg = platform.registry()
     mv = reg.GetModelVersionByAlias(rpb.GetModelVersionByAliasRequest(name="bc-hpo", alias="challenger")).model_version
