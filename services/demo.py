@@ -1,6 +1,7 @@
 """The README demo: register a small ONNX model, alias it, promote it through approval, read it
 back over gRPC, over REST/JSON through Envoy and with grpcurl, then deploy it behind an endpoint
-and predict over REST through Envoy, printing each command (`$ ...` lines that work when pasted
+and predict over REST through Envoy; define, push and read features; train a model on a bundled
+table with an Optuna search and serve the registered challenger, printing each command (`$ ...` lines that work when pasted
 into a shell after `source <home>/tokens.env`).
 
 It finds the platform where `strata up` puts it: the same STRATA_<NAME>_PORT / _ADDR and
@@ -101,6 +102,72 @@ def _features_demo(home: Path, gateway: str) -> None:
     assert col["double_values"][:2] == [33.0, 120.5] and col["statuses"][2] == "FEATURE_STATUS_NOT_FOUND"
 
 
+def _get(gateway: str, path: str, token: str) -> dict:
+    req = urllib.request.Request(f"{gateway}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _training_demo(home: Path, gateway: str) -> None:
+    """A bundled dataset (scikit-learn's breast cancer table) -> an HPO job (MLflow runs, Optuna
+    trials, ONNX parity, the gate) -> the challenger version -> an endpoint -> predictions by
+    column name."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_breast_cancer
+
+    store = os.environ.get("STRATA_ARTIFACT_STORE") or str(home / "artifacts")
+    if "://" in store:
+        print(f"\n(training demo skipped: it writes its table into a local artifact store, and this one is {store})")
+        return
+    developer = mint_token(dev_secret(home), "demo-developer", ["developer"])
+    d = load_breast_cancer()
+    columns = {n.replace(" ", "_"): d.data[:, i] for i, n in enumerate(d.feature_names)}
+    table = Path(store) / "data" / "breast_cancer.parquet"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({**columns, "target": d.target}), table)
+    model = f"demo-tumour-{time.strftime('%Y%m%d-%H%M%S')}"
+    _step(f"training: an 8-trial Optuna search on a bundled table ({len(d.target)} rows), tracked in MLflow, "
+          f"registered as {model} if it passes the gate (REST)")
+    job = {"spec": {"dataset": {"table": {"uri": "data/breast_cancer.parquet"}, "label_column": "target"},
+                    "task": "TASK_CLASSIFICATION", "trainer": {"family": "hist_gradient_boosting"},
+                    "hpo": {"n_trials": 8, "search_space": [
+                        {"name": "learning_rate", "float_range": {"low": 0.02, "high": 0.3, "log": True}},
+                        {"name": "max_iter", "int_range": {"low": 20, "high": 120}}]},
+                    "registration": {"model_name": model}}}
+    _show("curl", "-H", AUTH_HEADER, "-d", json.dumps(job), f"{gateway}/v1/training/jobs")
+    job_id = _rest(gateway, "/v1/training/jobs", developer, job)["job"]["job_id"]
+    deadline, last = time.monotonic() + 300, ""
+    while True:
+        j = _get(gateway, f"/v1/training/jobs/{job_id}", developer)["job"]
+        p = j.get("progress", {})
+        line = f"{j['state'].removeprefix('JOB_STATE_')} {p.get('stage', '')} {p.get('trials_done', 0)}/8 trials"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if j["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
+            break
+        assert time.monotonic() < deadline, f"training job {job_id} still {j['state']} after 300 s"
+        time.sleep(0.5)
+    assert j["state"] == "JOB_STATE_SUCCEEDED", j.get("error", j["state"])
+    r = j["result"]
+    print(f"held-out roc_auc {r['metrics']['roc_auc']:.4f}; ONNX parity max |onnx - native| "
+          f"{r['parity']['max_abs_diff']:.2g}; gate: {r['gate']['reason']}")
+    print(f"registered {r['model_name']} v{r['model_version']} (alias challenger), MLflow run {r['mlflow_run_id']} "
+          "(see it at http://127.0.0.1:5000 under `strata up`)")
+    _step("serve the challenger and predict by column name (REST)")
+    endpoint = model.replace("demo-tumour-", "demo-t-")
+    _rest(gateway, "/v1/endpoints", developer, {"endpoint": {"name": endpoint, "policy": {
+        "targets": [{"model": model, "alias": "challenger", "weight": 1}]}}})
+    rows = [{k: float(v[i]) for k, v in columns.items()} for i in (0, 19)]
+    answer = _rest(gateway, f"/v1/endpoints/{endpoint}:predict", developer, {"rows": rows})
+    labels = [row["label"] for row in answer["rows"]]
+    print(f"rows 0 and 19 of the table -> labels {labels} (true {[int(d.target[0]), int(d.target[19])]})")
+    assert len(labels) == 2
+
+
 def _weights(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import onnx
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
@@ -123,6 +190,7 @@ def run_demo(home: Path, *, gateway: str | None = None, registry: str | None = N
     try:
         _demo(home, gateway, registry, inference)
         _features_demo(home, gateway)
+        _training_demo(home, gateway)
     except (grpc.RpcError, OSError, AssertionError, KeyError, subprocess.CalledProcessError) as e:
         detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
         if isinstance(e, subprocess.CalledProcessError):
