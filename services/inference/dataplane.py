@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.common.audit import current_resource
@@ -109,6 +109,8 @@ class DataPlane:
         route = self.engine.route(req.endpoint)
         ref = route.pick(req.routing_key)
         model = self.store.get(ref) or await self.store.load(ref)
+        if req.output_names:  # refused before the model runs: a bad request is neither served nor logged
+            _known_outputs(model.runtime.output_names, req.output_names, lambda i, _n: f"output_names[{i}]")
         feeds = decode_rows(req.rows, model.specs) if req.rows else decode_tensors(req.inputs, model.specs)
         result = await self.engine.serve(route, model, feeds, req.request_id)
         if req.output_names:
@@ -122,12 +124,15 @@ class DataPlane:
         if route is not None and not req.version:
             ref = route.pick(req.routing_key)
             model = self.store.get(ref) or await self.store.load(ref)
-            result = await self.engine.serve(route, model, decode_v2_inputs(req.inputs, req.raw_count),
-                                             req.request_id)
         else:
-            model = self.model(req.model, req.version)
-            result = await self.engine.infer_model(model, decode_v2_inputs(req.inputs, req.raw_count),
-                                                   req.request_id)
+            route, model = None, self.model(req.model, req.version)
+        if req.outputs:
+            _known_outputs(model.runtime.output_names, req.outputs, lambda _i, n: f"outputs[{quote(n, bare=True)}]")
+        feeds = decode_v2_inputs(req.inputs, req.raw_count)
+        if route is not None:
+            result = await self.engine.serve(route, model, feeds, req.request_id)
+        else:
+            result = await self.engine.infer_model(model, feeds, req.request_id)
         if req.outputs:
             result.outputs = _requested_order(result.outputs, req.outputs)
         return result
@@ -343,21 +348,21 @@ class DataPlane:
             await self.store.load(ModelRef(tg.model, tg.version))
 
 
-def _model_order(outputs: list, names: Sequence[str]) -> list:
-    """The outputs named in `names` (Predict's output_names), in the model's order."""
-    known = {n for n, _ in outputs}
+def _known_outputs(known: Sequence[str], names: Sequence[str], field: Callable[[int, str], str]) -> None:
+    """INVALID_ARGUMENT naming the first of `names` the model does not output."""
+    have = set(known)
     for i, n in enumerate(names):
-        if n not in known:
-            raise InvalidArgument(f"output_names[{i}]", f"unknown output {quote(n)}; outputs are {sorted(known)}")
+        if n not in have:
+            raise InvalidArgument(field(i, n), f"unknown output {quote(n)}; outputs are {sorted(have)}")
+
+
+def _model_order(outputs: list, names: Sequence[str]) -> list:
+    """The outputs named in `names` (Predict's output_names, checked), in the model's order."""
     wanted = set(names)
     return [(n, a) for n, a in outputs if n in wanted]
 
 
 def _requested_order(outputs: list, names: Sequence[str]) -> list:
-    """The outputs named in `names` (V2's outputs), in that order."""
+    """The outputs named in `names` (V2's outputs, checked), in that order."""
     known = dict(outputs)
-    for n in names:
-        if n not in known:
-            raise InvalidArgument(f"outputs[{quote(n, bare=True)}]", f"unknown output {quote(n)}; outputs "
-                                  f"are {sorted(known)}")
     return [(n, known[n]) for n in names]

@@ -218,6 +218,24 @@ def test_every_response_names_the_version(inference: Inference) -> None:
     assert (r.endpoint, r.model, r.version, r.policy_revision) == ("named", "mlp", 2, 1)
 
 
+def test_an_unknown_output_name_is_refused_before_the_model_runs(inference: Inference) -> None:
+    stub = inference.stub()
+    _create(stub, "outputs-checked", policy(("mlp", 1, 1)))
+    good = stub.Predict(_request("outputs-checked", rid="outputs-good"))
+    req = _request("outputs-checked", rid="outputs-bad")
+    req.output_names.append("no-such-output")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_names[0]" in e.value.details()
+    deadline = time.time() + 10
+    logged: set[str] = set()
+    while "outputs-good" not in logged and time.time() < deadline:  # the log is flushed every 20 ms
+        logged = {r.request_id for f in (inference.home / "inference" / "predictions").glob("*.binpb")
+                  for r in read_records(f)}
+        time.sleep(0.1)
+    assert good.version == 1 and "outputs-good" in logged and "outputs-bad" not in logged
+
+
 def test_metrics_per_endpoint_and_version_summed_over_processes(serving: Inference) -> None:
     """The parent's /metrics merges every serving process (prometheus-client multiprocess mode)."""
     import urllib.request
