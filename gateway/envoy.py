@@ -5,13 +5,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from services.common.health import wait_http
 
 
 def envoy_binary() -> str:
@@ -62,16 +61,4 @@ def start_envoy(config_path: Path, log_path: Path, base_id: int | None = None) -
 
 def wait_ready(admin_port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
     """Poll the admin /ready endpoint; with `process`, fail at once if Envoy has exited."""
-    url = f"http://127.0.0.1:{admin_port}/ready"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"envoy exited with status {process.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass  # not listening yet, or 503 while still initialising
-        time.sleep(0.05)
-    raise TimeoutError(f"envoy not ready on {url} after {timeout}s")
+    wait_http(f"http://127.0.0.1:{admin_port}/ready", timeout, process, what="envoy")

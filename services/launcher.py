@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.client import ClientTLS
-from services.common.health import wait_serving
+from services.common.health import wait_http, wait_serving
 from services.common.settings import (TLSSettings, admin_port as default_admin_port, connect_host, listen_host,
                                       listen_port, metrics_port)
 from services.common.supervisor import Child, Supervisor
@@ -40,24 +40,6 @@ def mlflow_ui(home: Path, host: str, port: int, log_path: Path) -> Child:
     backend = os.environ.get("STRATA_TRAINING_MLFLOW_TRACKING_URI") or f"sqlite:///{(home / 'mlflow.db').resolve()}"
     return Child("mlflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                             "--host", host, "--port", str(port), "--workers", "1"], log_path)
-
-
-def wait_http(url: str, timeout: float, alive) -> None:  # noqa: ANN001
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"{url}: the process exited during start-up")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -184,9 +166,8 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
         if child.name == "gateway":
             wait_ready(admin_port, 30, process=child.proc)
         elif child.name == "mlflow":
-            proc = child.proc
             try:
-                wait_http(f"http://{connect_host(gateway_host)}:{mlflow_port}/health", 90, alive=lambda: proc.poll() is None)
+                wait_http(f"http://{connect_host(gateway_host)}:{mlflow_port}/health", 90, child.proc, what="mlflow")
             except (RuntimeError, TimeoutError) as e:
                 raise type(e)(f"{e}; see {child.log_path}") from None
         else:

@@ -1,5 +1,5 @@
 """The domain of every service knows nothing of protobuf: importing a domain module must not load
-any generated module (gen/python's `strata.*` packages). Only the transport side of a service
+any generated module (gen/python's `strata.*` packages), nor its service's transport side. Only the transport side of a service
 (its servicers, the converters beside them, the hand-written wire encoder, the CLI and the
 process wiring) may. Each module is imported in a fresh interpreter, so one module's imports
 cannot hide another's."""
@@ -43,15 +43,23 @@ DOMAIN = [m for package in TRANSPORT for m in _domain_modules(package)]
 def test_every_service_has_domain_modules() -> None:
     for package in TRANSPORT:
         assert [m for m in DOMAIN if m.startswith(f"{package}.")], package
+    registry = {m.rsplit(".", 1)[1] for m in DOMAIN if m.startswith("services.registry.domain.")}
+    assert {"entities", "models", "versions", "uploads", "promotions"} <= registry
 
 
 @pytest.mark.parametrize("module", DOMAIN)
 def test_domain_module_loads_no_generated_code(module: str) -> None:
+    package = next(p for p in TRANSPORT if module.startswith(f"{p}."))
     code = (
         "import importlib, json, sys\n"
         f"importlib.import_module({module!r})\n"
-        "print(json.dumps(sorted(n for n in sys.modules if n == 'strata' or n.startswith('strata.'))))\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout) == [], f"{module} loads generated code"
+    loaded = json.loads(out.stdout)
+    assert [n for n in loaded if n == "strata" or n.startswith("strata.")] == [], f"{module} loads generated code"
+    # Nor its service's transport side (the servicer, the converters, the wiring).
+    transport = [n for n in loaded if n.startswith(f"{package}.")
+                 and n.removeprefix(f"{package}.").split(".")[0] in TRANSPORT[package]]
+    assert transport == [], f"{module} loads {transport}"

@@ -16,6 +16,23 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 
 
+def _wal(cur) -> None:  # noqa: ANN001 - a DBAPI cursor
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+
+
+def sqlite_wal(engine: Engine) -> None:
+    """WAL with synchronous=NORMAL, as this module's own engines, for an SQLite engine another
+    library made (MLflow's tracking store, Optuna's storage): a commit costs no fsync. Connections
+    opened from now on get the settings."""
+    def pragmas(conn, _record) -> None:  # noqa: ANN001 - DBAPI types
+        cur = conn.cursor()
+        _wal(cur)
+        cur.close()
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # the pool's connections were opened before the listener
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
@@ -25,8 +42,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # noqa: ANN001 - DBAPI types
             cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            _wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
             conn.isolation_level = None  # the "begin" hook below issues BEGIN itself

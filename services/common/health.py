@@ -1,9 +1,13 @@
-"""Waiting for a gRPC service to report SERVING (launcher, tests, scripts), over a channel from
-services/common/client.py, so the probe speaks TLS/mTLS when the platform does."""
+"""Waiting for a process to be ready (launcher, gateway, tests, scripts): a gRPC service to report
+SERVING, over a channel from services/common/client.py so the probe speaks TLS/mTLS when the
+platform does; an HTTP endpoint (Envoy's admin /ready, the MLflow server's /health) to answer 200."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -29,3 +33,19 @@ def wait_serving(addr: str, timeout: float = 30, alive: Callable[[], bool] | Non
             except grpc.RpcError:
                 time.sleep(0.1)
     raise TimeoutError(f"{what} not SERVING on {addr} after {timeout:.0f} s")
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, what: str = "service") -> None:
+    """Poll `url` until it answers 200; with `process`, fail at once if it has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet, or 503 while still initialising
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready on {url} after {timeout}s")

@@ -12,6 +12,12 @@ import sys
 import threading
 
 
+def threads_per_process(processes: int) -> int:
+    """The cores each of `processes` processes sharing this machine may keep busy (at least one):
+    ONNX Runtime's intra-op threads per serving process, OpenMP's per training worker."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
 def _tune_for_latency() -> None:
     """Once a serving process has started (only there: these settings are process-wide).
     Everything loaded so far (modules, definitions, models) is long-lived, so the collector need

@@ -10,10 +10,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.auth import service_token
+from services.common.process_tuning import threads_per_process
 from services.common.settings import ServiceConfig, ServiceSettings
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import STATS_KEEP_REVISIONS
-from services.inference.runtime import default_intra_op_threads
 
 
 class InferenceConfig(ServiceConfig):
@@ -57,7 +57,7 @@ class InferenceConfig(ServiceConfig):
 
     @property
     def threads(self) -> int:
-        return self.intra_op_threads or default_intra_op_threads(self.workers)
+        return self.intra_op_threads or threads_per_process(self.workers)
 
     @property
     def memory_budget_bytes(self) -> int:

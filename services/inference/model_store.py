@@ -138,9 +138,6 @@ class ModelStore:
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
 
-    def loading(self) -> list[ModelRef]:
-        return list(self._loading)
-
     def versions_of(self, model: str) -> list[int]:
         return sorted(r.version for r in self._loaded if r.model == model)
 

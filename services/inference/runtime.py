@@ -8,7 +8,6 @@ one device->host copy per output per batch), as ONNX Runtime's CUDA guide recomm
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +71,6 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
-
-
-def default_intra_op_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 class ModelRuntime:

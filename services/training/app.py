@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from services.common.audit import AuditLog
 from services.common.auth import service_token
 from services.common.db import Database
 from services.common.paths import Confinement
+from services.common.process_tuning import threads_per_process
 from services.common.server import Service
 from services.common.settings import ServiceConfig, ServiceSettings, peer_address
 from services.common.supervisor import Child, Supervisor
@@ -91,7 +91,7 @@ def build_runner(settings: ServiceSettings, config: TrainingConfig, threads: int
 
 
 def worker_children(settings: ServiceSettings, config: TrainingConfig) -> list[Child]:
-    threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, config.workers))
+    threads = config.threads_per_worker or threads_per_process(config.workers)
     env = {"STRATA_TRAINING_THREADS_PER_WORKER": str(threads), "STRATA_TRAINING_WORKERS": str(config.workers)}
     return [Child(f"training-worker-{i}", [sys.executable, "-m", "services.training.worker"], env=env)
             for i in range(config.workers)]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from services.common.errors import InvalidArgument, quote
-from services.common.paths import Confinement
+from services.common.paths import Confinement, Place
 from services.training.types import DatasetSpec, Split, Task, ValidationSpec
 
 
@@ -52,15 +52,19 @@ class Dataset:
     feature_set: str = ""
 
 
+def _table_files(confinement: Confinement, place: Place, field_name: str) -> list[str]:
+    """The Parquet files of a checked local place: a directory's *.parquet, or a file or glob."""
+    if os.path.isdir(place.path):
+        return sorted(os.path.join(place.path, f) for f in os.listdir(place.path) if f.endswith(".parquet"))
+    return confinement.expand(place, field_name)
+
+
 def _read(confinement: Confinement, uri: str, field_name: str) -> tuple[pa.Table, str]:
     place = confinement.readable(uri, field_name)
     if place.remote:
         raise InvalidArgument(field_name, "S3 datasets are not read by the training service yet; "
                               "use the artifact store's local root")
-    if os.path.isdir(place.path):
-        files = sorted(os.path.join(place.path, f) for f in os.listdir(place.path) if f.endswith(".parquet"))
-    else:
-        files = confinement.expand(place, field_name)
+    files = _table_files(confinement, place, field_name)
     if not files or not all(os.path.isfile(f) for f in files):
         raise InvalidArgument(field_name, f"{quote(uri)} is not a readable Parquet table")
     digest = hashlib.sha256()
@@ -127,8 +131,7 @@ def check_table(spec: DatasetSpec, confinement: Confinement) -> None:
     place = confinement.readable(spec.table_uri, "spec.dataset.table.uri")
     if place.remote:
         return
-    files = sorted(os.path.join(place.path, f) for f in os.listdir(place.path) if f.endswith(".parquet")) \
-        if os.path.isdir(place.path) else confinement.expand(place, "spec.dataset.table.uri")
+    files = _table_files(confinement, place, "spec.dataset.table.uri")
     try:
         names = pq.read_schema(files[0]).names if files else None
     except (pa.ArrowInvalid, OSError):

@@ -69,7 +69,11 @@ def feeds(sess: ort.InferenceSession, X: np.ndarray, columns: list[str]) -> dict
 
 def onnx_output(sess: ort.InferenceSession, X: np.ndarray, columns: list[str], task: Task) -> np.ndarray:
     """What metrics.score reads: class probabilities (classifiers) or predictions (regressors)."""
-    outs = sess.run(None, feeds(sess, X, columns))
+    return _scored(sess.run(None, feeds(sess, X, columns)), task)
+
+
+def _scored(outs: list, task: Task) -> np.ndarray:
+    """The probabilities (classifiers) or predictions (regressors) among a run's outputs."""
     if task == Task.CLASSIFICATION:
         probs = outs[1]
         if isinstance(probs, list):  # a ZipMap output (a model exported elsewhere): list of {class: p}
@@ -87,7 +91,8 @@ def model_classes(sess: ort.InferenceSession) -> np.ndarray | None:
 def check_parity(data: bytes, family: Family, model: Any, X: np.ndarray, columns: list[str], task: Task,
                  tolerance: float) -> Parity:
     sess = session(data)
-    exported = onnx_output(sess, X, columns, task)
+    outs = sess.run(None, feeds(sess, X, columns))  # once: labels and probabilities together
+    exported = _scored(outs, task)
     native = np.asarray(family.output(model, X, task), dtype=np.float64)
     if task == Task.REGRESSION:
         native = native.ravel()
@@ -97,8 +102,7 @@ def check_parity(data: bytes, family: Family, model: Any, X: np.ndarray, columns
     diff = float(np.max(np.abs(exported - native))) if len(X) else 0.0
     agreement, clear_disagreements = 1.0, 0
     if task == Task.CLASSIFICATION and len(X):
-        labels = sess.run([sess.get_outputs()[0].name], feeds(sess, X, columns))[0]
-        differ = np.asarray(labels).ravel() != np.asarray(model.predict(X)).ravel()
+        differ = np.asarray(outs[0]).ravel() != np.asarray(model.predict(X)).ravel()
         agreement = float(1 - np.mean(differ))
         # A row whose two best classes tie (a forest's 0.5 / 0.5) may go either way in either
         # runtime: only a disagreement where the native model had a clear winner fails parity.

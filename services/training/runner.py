@@ -35,8 +35,9 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from services.common.errors import InvalidArgument, StrataError
+from services.common.db import sqlite_wal
 from services.common.paths import Confinement
-from services.training import datasets, export, metrics, plots, search, tracking
+from services.training import datasets, export, metrics, plots, search
 from services.training.jobs import HelperLease, JobStore, Lease, LeaseLost
 from services.training.tracking import Tracker
 from services.training.trainers import FAMILIES
@@ -155,7 +156,7 @@ class JobRunner:
                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                              engine_kwargs={"pool_pre_ping": True})
         if self.study_storage_url.startswith("sqlite"):
-            tracking.sqlite_wal(storage.engine)
+            sqlite_wal(storage.engine)
         return storage
 
     # -- the job -----------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ now: missed runs are not caught up. A trigger submits the spec now, idempotent b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import secrets
 from datetime import datetime
 
@@ -22,6 +21,7 @@ from sqlalchemy import and_, delete, select, update
 
 from services.common.db import Database
 from services.common.errors import InvalidArgument, NotFound, quote
+from services.common.fingerprint import fingerprint
 from services.common.idempotency import RequestIds, check_request_id
 from services.common.paging import PageRequest
 from services.common.timeutil import as_utc, utc_now
@@ -119,8 +119,7 @@ class ScheduleStore:
             raise InvalidArgument("reason", "at most 1024 characters")
         with self.db.session() as c:
             s = self._get(c, schedule_id)
-            job_request = f"trigger-{schedule_id}-{hashlib.sha256(request_id.encode()).hexdigest()[:40]}" \
-                if request_id else ""
+            job_request = f"trigger-{schedule_id}-{fingerprint(request_id)[:40]}" if request_id else ""
             spec = dataclasses.replace(s.spec, origin=f"trigger:{schedule_id}: {reason}".strip())
             job = self.jobs.submit_in(c, spec, principal, job_request)
             c.execute(update(t.schedules).where(t.schedules.c.schedule_id == schedule_id).values(

@@ -12,7 +12,7 @@ from services.common.names import check_alias, check_name
 from services.training.metrics import BY_TASK, DEFAULT
 from services.training.search import PRUNERS, SAMPLERS
 from services.training.trainers import FAMILIES
-from services.training.types import HpoSpec, JobSpec, ParamSpec, Split, Task
+from services.training.types import JobSpec, ParamSpec, Split, Task
 
 MAX_TRIALS = 10_000
 MAX_SEARCH_PARAMS = 64
@@ -146,9 +146,3 @@ def check(spec: JobSpec) -> JobSpec:
         spec, hpo=hpo, alias=alias, experiment=spec.experiment or spec.model_name,
         validation=dataclasses.replace(v, metric=metric, parity_tolerance=tolerance, champion_alias=champion))
 
-
-def trials_of(spec: JobSpec) -> int:
-    return spec.hpo.n_trials if spec.hpo is not None else 0
-
-
-__all__ = ["HpoSpec", "check", "trials_of"]

@@ -14,23 +14,11 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from sqlalchemy import Engine, event
+
+from services.common.db import sqlite_wal
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
-
-
-def sqlite_wal(engine: Engine) -> None:
-    """SQLite in WAL mode with synchronous=NORMAL, as the services' own databases
-    (services/common/db.py): a commit costs no fsync, and is still durable across a process crash.
-    For engines made by MLflow and Optuna: connections opened from now on get the settings."""
-    def pragmas(conn, _record) -> None:
-        cur = conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-    event.listen(engine, "connect", pragmas)
-    engine.dispose()  # the pool's connections were opened before the listener
 
 
 def _open_store(tracking_uri: str) -> tuple[MlflowClient, object]:
@@ -109,8 +97,6 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
 
 
 def _safe(name: str) -> str:

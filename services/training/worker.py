@@ -19,10 +19,6 @@ import threading
 log = logging.getLogger("strata.training.worker")
 
 
-def threads_per_worker(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 class Worker:
     def __init__(self, runner, poll_seconds: float = 1.0, owner: str = "") -> None:
         self.runner = runner
@@ -56,7 +52,9 @@ class Worker:
 
 
 def main() -> None:
-    threads = os.environ.get("STRATA_TRAINING_THREADS_PER_WORKER") or str(threads_per_worker(
+    from services.common.process_tuning import threads_per_process
+
+    threads = os.environ.get("STRATA_TRAINING_THREADS_PER_WORKER") or str(threads_per_process(
         int(os.environ.get("STRATA_TRAINING_WORKERS", "1") or 1)))
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     # BLAS stays single-threaded: the trainers' matrices are small, and a second OpenBLAS thread made

@@ -26,13 +26,14 @@ def _table(uri: str, label: str = "target") -> pb.Dataset:
 
 @contextmanager
 def mlflow_server(db: Path) -> Iterator[str]:
-    from services.launcher import mlflow_ui, wait_http
+    from services.common.health import wait_http
+    from services.launcher import mlflow_ui
 
     port = free_port()
     child = mlflow_ui(db.parent, "127.0.0.1", port, db.parent / "mlflow-ui.log")
     child.start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", 90, alive=lambda: child.proc.poll() is None)
+        wait_http(f"http://127.0.0.1:{port}/health", 90, child.proc, what="mlflow")
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(child.proc)

@@ -74,8 +74,9 @@ class _Staged(Family):
 
     def build(self, task: Task, params: dict[str, Any], seed: int, threads: int) -> Any:
         cls = self.classes[0] if task == Task.CLASSIFICATION else self.classes[1]
-        check_params(self.name, params, set(cls().get_params()))
-        extra = {"n_jobs": threads} if "n_jobs" in cls().get_params() else {}
+        known = set(cls().get_params())
+        check_params(self.name, params, known)
+        extra = {"n_jobs": threads} if "n_jobs" in known else {}  # histogram boosting: OpenMP, sized per worker
         return cls(**{**self.defaults, "random_state": seed, **extra, **params})
 
     def fit(self, model: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, report: Report) -> Any:
@@ -118,6 +119,3 @@ class HistGradientBoosting(_Staged):
                 ParamSpec("max_iter", "int", low=50, high=300, log=True),
                 ParamSpec("max_leaf_nodes", "int", low=8, high=64, log=True),
                 ParamSpec("l2_regularization", "float", low=1e-6, high=1.0, log=True))
-
-    def build(self, task: Task, params: dict[str, Any], seed: int, threads: int) -> Any:
-        return super().build(task, params, seed, threads)  # threads: OpenMP, sized per worker process
