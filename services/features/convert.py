@@ -86,13 +86,13 @@ def feature_view_pb(v: FeatureView) -> pb.FeatureView:
 
 def feature_set(fs: pb.FeatureSet) -> FeatureSet:
     return FeatureSet(name=fs.name, features=tuple(fs.features), description=fs.description, owner=fs.owner,
-                      tags=dict(fs.tags))
+                      tags=dict(fs.tags), defaults=dict(fs.defaults))
 
 
 def feature_set_pb(fs: FeatureSet) -> pb.FeatureSet:
     return pb.FeatureSet(name=fs.name, features=fs.features, description=fs.description, owner=fs.owner,
                          tags=fs.tags, create_time=timestamp_pb(fs.create_time),
-                         update_time=timestamp_pb(fs.update_time))
+                         update_time=timestamp_pb(fs.update_time), defaults=fs.defaults)
 
 
 # -- online reads and pushes ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ validation rules updates the current version in place; applying the same definit
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -249,16 +250,26 @@ class Definitions:
             if ref in seen:
                 raise InvalidArgument(f"feature_set.features[{i}]", f"{quote(ref)} is listed twice")
             seen.add(ref)
-        spec = _set_definition(replace(fs, features=tuple(fs.features), tags=dict(fs.tags)))
-        features: dict[str, set[str]] = {}  # view -> its features (current version)
+        for ref, value in fs.defaults.items():
+            if ref not in seen:
+                raise InvalidArgument(f"feature_set.defaults[{quote(ref, bare=True)}]",
+                                      f"{quote(ref)} is not one of the set's features")
+            if not math.isfinite(value):
+                raise InvalidArgument(f"feature_set.defaults[{quote(ref, bare=True)}]", "a default must be finite")
+        spec = _set_definition(replace(fs, features=tuple(fs.features), tags=dict(fs.tags),
+                                       defaults={k: float(v) for k, v in fs.defaults.items()}))
+        features: dict[str, dict[str, DataType]] = {}  # view -> its features' types (current version)
         for i, (view, feature) in enumerate(refs):
             if view not in features:
                 try:
-                    features[view] = {f.name for f in self.get_view(view).spec.features}
+                    features[view] = {f.name: f.dtype for f in self.get_view(view).spec.features}
                 except NotFound as e:
                     raise NotFound(f"{e} (feature_set.features[{i}])") from None
             if feature not in features[view]:
                 raise InvalidArgument(f"feature_set.features[{i}]", f"view {quote(view)} has no feature {quote(feature)}")
+            if fs.features[i] in fs.defaults and features[view][feature] == DataType.STRING:
+                raise InvalidArgument(f"feature_set.defaults[{quote(fs.features[i], bare=True)}]",
+                                      "defaults are numbers; this feature is a STRING")
         now = utc_now()
         with self.db.session() as c:
             row = c.execute(select(t.feature_sets.c.spec).where(t.feature_sets.c.name == fs.name)).scalar_one_or_none()

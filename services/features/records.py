@@ -101,14 +101,14 @@ def view_from_json(text: str) -> FeatureView:
 # -- feature sets --------------------------------------------------------------------------------
 def feature_set_json(fs: FeatureSet) -> str:
     return _dump({"name": fs.name, "features": list(fs.features), "description": fs.description,
-                  "owner": fs.owner, "tags": dict(fs.tags), "create_time": _time(fs.create_time),
-                  "update_time": _time(fs.update_time)})
+                  "owner": fs.owner, "tags": dict(fs.tags), "defaults": dict(sorted(fs.defaults.items())),
+                  "create_time": _time(fs.create_time), "update_time": _time(fs.update_time)})
 
 
 def feature_set_from_json(text: str) -> FeatureSet:
     d = json.loads(text)
     return FeatureSet(name=d["name"], features=tuple(d.get("features", ())), description=d.get("description", ""),
-                      owner=d.get("owner", ""), tags=d.get("tags", {}),
+                      owner=d.get("owner", ""), tags=d.get("tags", {}), defaults=d.get("defaults", {}),
                       create_time=_parse_time(d.get("create_time")), update_time=_parse_time(d.get("update_time")))
 
 

@@ -137,6 +137,9 @@ class FeatureSet:
     tags: Mapping[str, str] = field(default_factory=dict)
     create_time: datetime | None = None
     update_time: datetime | None = None
+    #: Serving's missing-value policy: reference -> the value a missing, expired or null feature
+    #: takes when a model is served by entity key; a feature without one refuses the request.
+    defaults: Mapping[str, float] = field(default_factory=dict)
 
 
 # -- online reads and pushes ---------------------------------------------------------------------

@@ -23,6 +23,8 @@ from services.inference.batch_jobs import BatchJobStore, BatchRunner
 from services.inference.config import InferenceConfig
 from services.inference.dataplane import DataPlane
 from services.inference.endpoints import EndpointStore
+from services.inference.entity_features import EntityFeatures
+from services.inference.feature_client import GrpcFeatureReader
 from services.inference.model_store import ModelStore
 from services.inference.predlog import FileSink, PredictionLog
 from services.inference.predlog_format import Encoder
@@ -44,6 +46,8 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
     db.migrate(tables.MIGRATIONS)
     home = (settings.home / "inference").resolve()
     source = RegistrySource(lambda: RegistryClient(registry_addr, registry_token))
+    # Serving by entity key reads the feature service with the same identity.
+    features = GrpcFeatureReader(peer_address("features"), registry_token)
     store = ModelStore(source, home / "cache", memory_budget_bytes=config.memory_budget_bytes,
                        intra_op_threads=config.threads, device=config.device)
     if config.prediction_log == "disabled":
@@ -109,10 +113,11 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         await runner.close()
         await engine.close()
         await store.close()
+        await features.close()
         predlog.close()
         db.dispose()
 
-    plane = DataPlane(engine, ready)
+    plane = DataPlane(engine, ready, EntityFeatures(features))
     inference_servicer = InferenceServicer(plane, jobs, runner)
     v2_servicer = V2Servicer(plane)
 

@@ -33,8 +33,9 @@ class InferenceConfig(ServiceConfig):
                              description="models whose largest warm-up batch is faster run on the event loop")
     prediction_log: str = Field("", description="directory (default STRATA_HOME/inference/predictions) or disabled")
     poll_seconds: float = Field(0.2, gt=0, allow_inf_nan=False, description="how often policy revisions are read")
-    registry_token: SecretStr | None = Field(None, description="the service's identity towards the registry "
-                                                                "(default: a viewer token minted from STRATA_JWT_SECRET)")
+    registry_token: SecretStr | None = Field(None, description="the service's identity towards the registry and "
+                                                                "the feature store (default: a viewer token minted "
+                                                                "from STRATA_JWT_SECRET)")
     stats_keep_revisions: int = Field(STATS_KEEP_REVISIONS, ge=1, description="per endpoint, in the statistics table")
     stats_prune_seconds: float = Field(60.0, gt=0, allow_inf_nan=False, description="how often that table is pruned")
     batch_paths: str = Field("", description="os.pathsep-separated local directories batch jobs may read and "

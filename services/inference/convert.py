@@ -92,11 +92,15 @@ def status_pb(s: ModelStatus) -> pb.LoadedModel:
 # -- predictions --------------------------------------------------------------------------------------
 def predict_request(request: pb.PredictRequest) -> tuple[PredictRequest, bool]:
     """The plain request (inputs by reference), and whether it used raw bytes (the reply mirrors it)."""
-    tensors, rows = request.inputs, request.rows
-    if tensors and rows:
-        raise InvalidArgument("rows", "give inputs or rows, not both")
-    if not tensors and not rows:
-        raise InvalidArgument("inputs", "no inputs: give inputs (tensors) or rows")
+    tensors, rows, entities = request.inputs, request.rows, request.entities
+    given = [name for name, v in (("inputs", tensors), ("rows", rows), ("entities", entities)) if v]
+    if len(given) > 1:
+        raise InvalidArgument(given[1], f"give one of inputs, rows and entities, not {' and '.join(given)}")
+    if not given:
+        raise InvalidArgument("inputs", "no inputs: give inputs (tensors), rows, or entities (keys)")
+    if entities:
+        return PredictRequest(request.endpoint, (), (), request.routing_key, request.output_names,
+                              request.request_id or request_id_var.get(), codec.plain_rows(entities)), False
     if rows:
         return PredictRequest(request.endpoint, (), codec.plain_rows(rows), request.routing_key,
                               request.output_names, request.request_id or request_id_var.get()), False
@@ -109,7 +113,7 @@ def predict_response(request: pb.PredictRequest, plain: PredictRequest, result: 
                      raw_used: bool) -> pb.PredictResponse:
     resp = pb.PredictResponse(endpoint=request.endpoint, model=result.ref.model, version=result.ref.version,
                               policy_revision=result.revision, request_id=plain.request_id)
-    if plain.rows:
+    if plain.rows or plain.entities:
         resp.rows.extend(codec.to_rows(result.outputs))
     else:
         to = codec.to_raw_tensor if raw_used else codec.to_value_tensor

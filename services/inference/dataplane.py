@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from services.common.audit import current_resource
 from services.common.auth import Principal
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, quote
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, quote
 from services.common.limits import check_version
 from services.common.paging import PageRequest
 from services.inference.batching import BatchingConfig
@@ -27,6 +27,7 @@ from services.inference.endpoints import (
     EndpointRecord, RevisionRecord, create_payload, validate_name, validate_policy,
 )
 from services.inference.entities import TargetStats, TrafficPolicy
+from services.inference.entity_features import EntityFeatures
 from services.inference.governance import is_approver, require_approved
 from services.inference.model_store import LoadedModel, ModelRef, ModelStatus
 from services.inference.routing import Engine, Result
@@ -35,8 +36,8 @@ from services.inference.tensors import InputTensor, decode_rows, decode_tensors,
 
 @dataclass(slots=True)
 class PredictRequest:
-    """Strata Predict: `inputs` or `rows` (one of them; the converter refuses both and neither).
-    `output_names`: the outputs to return, in the model's order (all when empty)."""
+    """Strata Predict: `inputs`, `rows` or `entities` (one of them; the converter refuses more and
+    none). `output_names`: the outputs to return, in the model's order (all when empty)."""
 
     endpoint: str
     inputs: Sequence[InputTensor]
@@ -44,6 +45,7 @@ class PredictRequest:
     routing_key: str
     output_names: Sequence[str]
     request_id: str
+    entities: Sequence[dict[str, object]] = ()  # {join key: key} per row: features read online
 
 
 @dataclass(slots=True)
@@ -90,8 +92,10 @@ def _status_key(m: ModelStatus) -> tuple:
 
 
 class DataPlane:
-    def __init__(self, engine: Engine, ready: asyncio.Event | None = None) -> None:
+    def __init__(self, engine: Engine, ready: asyncio.Event | None = None,
+                 entity_features: EntityFeatures | None = None) -> None:
         self.engine = engine
+        self.entity_features = entity_features
         self.store = engine.store
         self.endpoints = engine.endpoints
         self._ready = ready
@@ -111,11 +115,21 @@ class DataPlane:
         model = self.store.get(ref) or await self.store.load(ref)
         if req.output_names:  # refused before the model runs: a bad request is neither served nor logged
             _known_outputs(model.runtime.output_names, req.output_names, lambda i, _n: f"output_names[{i}]")
-        feeds = decode_rows(req.rows, model.specs) if req.rows else decode_tensors(req.inputs, model.specs)
+        if req.entities:
+            feeds = await self._entity_feeds(model, req.entities)
+        else:
+            feeds = decode_rows(req.rows, model.specs) if req.rows else decode_tensors(req.inputs, model.specs)
         result = await self.engine.serve(route, model, feeds, req.request_id)
         if req.output_names:
             result.outputs = _model_order(result.outputs, req.output_names)
         return result
+
+    async def _entity_feeds(self, model: LoadedModel, entities: Sequence[dict[str, object]]) -> dict:
+        binding = model.binding  # FAILED_PRECONDITION for a model not trained from the feature store
+        if self.entity_features is None:
+            raise FailedPrecondition("this inference service reads no feature store: send inputs or rows")
+        return await self.entity_features.feeds(binding, f"models/{model.ref.model}/versions/{model.ref.version}",
+                                                entities)
 
     async def model_infer(self, req: InferRequest) -> Result:
         if not req.model:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from services.common.errors import FailedPrecondition, StrataError
 from services.inference.batching import Batcher, BatchingConfig
+from services.inference.entity_features import Binding, FeatureLineage, bind
 from services.inference.runtime import ModelRuntime, TensorInfo
 
 log = logging.getLogger("strata.inference.models")
@@ -43,6 +44,7 @@ class SourceVersion:
     version: int
     sha256: str
     allow_nan: bool = False
+    features: FeatureLineage | None = None  # what serving by entity key reads (its lineage)
 
 
 class ModelSource(Protocol):
@@ -71,11 +73,20 @@ class LoadedModel:
     sha256: str
     loaded_at: float
     batchers: dict[BatchingConfig, Batcher] = field(default_factory=dict)
+    features: FeatureLineage | None = None
     #: The inputs by name, for decoding requests (built once, not per request).
     specs: dict[str, TensorInfo] = field(init=False, repr=False)
+    _binding: Binding | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.specs = {i.name: i for i in self.runtime.inputs}
+
+    @property
+    def binding(self) -> Binding:
+        """The inputs matched to the lineage's features (serving by entity key), made once."""
+        if self._binding is None:
+            self._binding = bind(f"models/{self.ref.model}/versions/{self.ref.version}", self.features, self.specs)
+        return self._binding
 
     def batcher(self, config: BatchingConfig) -> Batcher:
         b = self.batchers.get(config)
@@ -168,7 +179,7 @@ class ModelStore:
     async def _load(self, ref: ModelRef) -> LoadedModel:
         started = time.perf_counter()
         try:
-            runtime, sha = await asyncio.to_thread(self._prepare, ref)
+            runtime, mv = await asyncio.to_thread(self._prepare, ref)
         except StrataError as e:
             self.failures[ref] = e.message
             raise
@@ -178,13 +189,13 @@ class ModelStore:
             raise FailedPrecondition(f"models/{ref.model}/versions/{ref.version} could not be loaded: {e}") from e
         self.failures.pop(ref, None)
         await self._make_room(runtime.memory_bytes)
-        m = self._loaded[ref] = LoadedModel(ref, runtime, sha, time.time())
+        m = self._loaded[ref] = LoadedModel(ref, runtime, mv.sha256, time.time(), features=mv.features)
         log.info("model ready", extra={"fields": {
             "model": ref.model, "version": ref.version, "provider": runtime.provider,
             "seconds": round(time.perf_counter() - started, 3), "max_batch": runtime.max_batch_size}})
         return m
 
-    def _prepare(self, ref: ModelRef) -> tuple[ModelRuntime, str]:
+    def _prepare(self, ref: ModelRef) -> tuple[ModelRuntime, SourceVersion]:
         """Runs in a thread: fetch (or reuse the cache), verify, open the session, warm up."""
         mv = self.source.resolve(ref.model, ref.version)
         want = mv.sha256
@@ -199,7 +210,7 @@ class ModelStore:
         runtime = ModelRuntime(path, intra_op_threads=self._threads, device=self._device,
                                max_batch_size=self._max_batch, allow_nan=mv.allow_nan)
         runtime.warm_up()
-        return runtime, want
+        return runtime, mv
 
     async def _make_room(self, need: int) -> None:
         used = sum(m.runtime.memory_bytes for m in self._loaded.values())

@@ -14,6 +14,7 @@ from services.common.errors import (
     FailedPrecondition, InvalidArgument, NotFound, StrataError, Unavailable, quote,
 )
 from services.common.limits import check_version
+from services.inference.entity_features import FeatureLineage
 from services.inference.model_store import SourceVersion
 
 
@@ -50,7 +51,9 @@ class RegistrySource:
         if mv.framework and mv.framework.lower() != "onnx":
             raise FailedPrecondition(f"models/{quote(model, bare=True)}/versions/{mv.version} is {mv.framework}, "
                                      "not ONNX")
-        return SourceVersion(mv.name, mv.version, mv.artifact.sha256, mv.signature.allow_nan)
+        lin = mv.lineage
+        return SourceVersion(mv.name, mv.version, mv.artifact.sha256, mv.signature.allow_nan,
+                             FeatureLineage.of(lin.features, lin.feature_views, lin.feature_set))
 
     def approved_versions(self, model: str) -> set[int]:
         """The versions of a model that went through the registry's promotion approval (an

@@ -61,7 +61,7 @@ def version_pb(v: domain.Version) -> pb.ModelVersion:
         description=v.description, tags=v.tags, signature=signature_pb(v.signature), metrics=v.metrics,
         lineage=pb.Lineage(mlflow_run_id=lin.mlflow_run_id, training_job_id=lin.training_job_id,
                            feature_views=lin.feature_views, dataset_hash=lin.dataset_hash,
-                           dataset_uri=lin.dataset_uri, feature_set=lin.feature_set),
+                           dataset_uri=lin.dataset_uri, feature_set=lin.feature_set, features=lin.features),
         artifact=pb.Artifact(uri=v.artifact_uri, filename=v.filename, size_bytes=v.size_bytes, sha256=v.sha256)
         if v.sha256 else None,
         aliases=v.aliases, created_by=v.created_by,
@@ -135,7 +135,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             description=request.description, tags=dict(request.tags), metrics=dict(request.metrics),
             lineage=domain.Lineage(mlflow_run_id=lin.mlflow_run_id, training_job_id=lin.training_job_id,
                                    feature_views=list(lin.feature_views), dataset_hash=lin.dataset_hash,
-                                   dataset_uri=lin.dataset_uri, feature_set=lin.feature_set),
+                                   dataset_uri=lin.dataset_uri, feature_set=lin.feature_set,
+                                   features=list(lin.features)),
             signature=signature_from_pb(request.signature), request_id=request.request_id)
         _resource("models", v.name, "versions", v.version)
         return pb.CreateModelVersionResponse(model_version=version_pb(v))

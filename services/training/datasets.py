@@ -29,6 +29,7 @@ class BuiltTrainingSet:
     uri: str
     feature_views: tuple[str, ...]
     feature_columns: tuple[str, ...]      # "{view}__{feature}", in the order asked
+    feature_refs: tuple[str, ...] = ()    # "{view}:{feature}" of each column
 
 
 class FeatureSource(Protocol):
@@ -50,6 +51,8 @@ class Dataset:
     uri: str
     feature_views: list[str] = field(default_factory=list)
     feature_set: str = ""
+    #: "{view}:{feature}" of each column, for a training set: what serving by entity key reads.
+    features: list[str] = field(default_factory=list)
 
 
 def _table_files(confinement: Confinement, place: Place, field_name: str) -> list[str]:
@@ -84,12 +87,14 @@ def load(spec: DatasetSpec, validation: ValidationSpec, confinement: Confinement
     feature_views: list[str] = []
     drop = set(spec.exclude_columns)
     keep: tuple[str, ...] = ()
+    refs: dict[str, str] = {}  # training set column -> its feature reference
     if spec.from_features:
         if features is None:
             raise InvalidArgument("spec.dataset.features", "this training service has no feature store configured "
                                   "(STRATA_FEATURES_ADDR)")
         built = features.build_training_set(spec, f"training-sets/jobs/{job_id}.parquet", principal)
         uri, feature_views, keep = built.uri, list(built.feature_views), built.feature_columns
+        refs = dict(zip(built.feature_columns, built.feature_refs, strict=True))
         field_name = "spec.dataset.features.entity_table_uri"
     else:
         uri, field_name = spec.table_uri, "spec.dataset.table.uri"
@@ -121,7 +126,7 @@ def load(spec: DatasetSpec, validation: ValidationSpec, confinement: Confinement
         raise InvalidArgument("spec.dataset.label_column", f"column {quote(spec.label_column)} has missing labels")
     t = table.column(time_col).to_numpy(zero_copy_only=False) if time_col else None
     return Dataset(X=X, y=y, columns=columns, time=t, sha256=sha, uri=uri, feature_views=feature_views,
-                   feature_set=spec.feature_set)
+                   feature_set=spec.feature_set, features=[refs[c] for c in columns] if refs else [])
 
 
 def check_table(spec: DatasetSpec, confinement: Confinement) -> None:

@@ -47,13 +47,15 @@ class GrpcFeatureSource:
                 raise InvalidArgument("spec.dataset.features", f"the feature store refused the training set: "
                                       f"{quote(e.details(), bare=True)}") from None
             raise
-        views, columns = set(), []
+        views, columns, refs = set(), [], []
         for ref in ds.features:  # "view:feature@v2"
             name, _, version = ref.rpartition("@v")
             view, _, feature = name.partition(":")
             views.add(f"{view}:{version}")
             columns.append(f"{view}__{feature}")
-        return BuiltTrainingSet(uri=ds.uri, feature_views=tuple(sorted(views)), feature_columns=tuple(columns))
+            refs.append(name)
+        return BuiltTrainingSet(uri=ds.uri, feature_views=tuple(sorted(views)), feature_columns=tuple(columns),
+                                feature_refs=tuple(refs))
 
 
 def connect(addr: str, token: str | None) -> Callable[[], GrpcFeatureSource]:

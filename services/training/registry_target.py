@@ -40,6 +40,7 @@ class GrpcModelRegistry:
                 metrics=metrics, tags=tags, request_id=request_id,
                 lineage=rpb.Lineage(mlflow_run_id=lineage.mlflow_run_id, training_job_id=lineage.training_job_id,
                                     feature_views=list(lineage.feature_views), dataset_hash=lineage.dataset_hash,
-                                    dataset_uri=lineage.dataset_uri, feature_set=lineage.feature_set))
+                                    dataset_uri=lineage.dataset_uri, feature_set=lineage.feature_set,
+                                    features=list(lineage.features)))
             client.stub.SetModelAlias(rpb.SetModelAliasRequest(name=model, alias=alias, version=mv.version))
             return mv.version

@@ -75,6 +75,7 @@ class Lineage:
     dataset_hash: str
     dataset_uri: str
     feature_set: str
+    features: tuple[str, ...] = ()  # "{view}:{feature}" per model input, for serving by entity key
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ class JobRunner:
                     spec.model_name, path, metrics={k: v for k, v in scores.items() if v == v},
                     tags={"strata.job_id": lease.job_id, "strata.family": family, "strata.gate_metric": metric},
                     lineage=Lineage(run_id, lease.job_id, tuple(data.feature_views), data.sha256, data.uri,
-                                    data.feature_set),
+                                    data.feature_set, tuple(data.features)),
                     request_id=f"training-job-{lease.job_id}", alias=spec.alias)
             finally:
                 path.unlink(missing_ok=True)

@@ -72,3 +72,14 @@ def log(features: int = 4) -> bytes:
     return _model([helper.make_node("Log", ["x"], ["y"])],
                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])], [])
+
+
+def columns_linear(columns: list[str], weights: list[float], bias: float = 0.0) -> bytes:
+    """A model with one [batch, 1] float input per column (as the training service exports them,
+    one per training-set column), scoring `bias + sum(w * x)` into `score` [batch, 1]."""
+    inits = [numpy_helper.from_array(np.array(weights, np.float32).reshape(-1, 1), "W"),
+             numpy_helper.from_array(np.array([bias], np.float32), "B")]
+    nodes = [helper.make_node("Concat", columns, ["x"], axis=1), helper.make_node("MatMul", ["x", "W"], ["xw"]),
+             helper.make_node("Add", ["xw", "B"], ["score"])]
+    return _model(nodes, [helper.make_tensor_value_info(c, TensorProto.FLOAT, ["batch", 1]) for c in columns],
+                  [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])], inits)

@@ -289,5 +289,33 @@ def test_a_job_on_a_feature_set_trains_on_point_in_time_features_with_lineage(pl
     mv = platform.registry().GetModelVersion(rpb.GetModelVersionRequest(name="tumour", version=1)).model_version
     assert list(mv.lineage.feature_views) == ["tumour:1"] and mv.lineage.feature_set == "tumour_v1"
     assert mv.lineage.dataset_hash == job.result.dataset_hash and mv.lineage.dataset_uri.endswith(".parquet")
-    # The model takes the training set's columns, in the feature set's order.
+    # The model takes the training set's columns, in the feature set's order, and its lineage names
+    # the features behind them: what serving by entity key reads.
     assert [i.name for i in mv.signature.inputs] == [f"tumour__{x}" for x in names]
+    assert list(mv.lineage.features) == [f"tumour:{x}" for x in names]
+
+    # Serving by entity key: the endpoint reads the same features online and predicts what the
+    # model predicts on the same values sent as rows.
+    from google.protobuf import struct_pb2
+    from strata.inference.v1 import inference_pb2 as ipb
+
+    from tests.inference.conftest import Registry, policy, start_inference
+
+    for _ in fs.Materialize(fpb.MaterializeRequest(view="tumour")):
+        pass
+    srv = start_inference(Registry(platform.registry_addr, {}), platform.home / "inference",
+                          STRATA_FEATURES_ADDR=platform.env["STRATA_FEATURES_ADDR"])
+    try:
+        inf = srv.stub()
+        inf.CreateEndpoint(ipb.CreateEndpointRequest(endpoint=ipb.Endpoint(name="tumour",
+                                                                           policy=policy(("tumour", 1, 1)))))
+        ids = [0, 7, 211, 568]
+        keys = [struct_pb2.Struct(fields={"patient_id": struct_pb2.Value(number_value=i)}) for i in ids]
+        by_key = inf.Predict(ipb.PredictRequest(endpoint="tumour", entities=keys))
+        rows = [struct_pb2.Struct() for _ in ids]
+        for r, i in zip(rows, ids, strict=True):
+            r.update({f"tumour__{x}": float(d.data[i, c]) for x, c in zip(names, cols, strict=True)})
+        by_rows = inf.Predict(ipb.PredictRequest(endpoint="tumour", rows=rows))
+        assert len(by_key.rows) == len(ids) and by_key.rows == by_rows.rows
+    finally:
+        stop_process(srv.proc)

@@ -37,6 +37,7 @@ class Lineage:
     dataset_hash: str = ""
     dataset_uri: str = ""
     feature_set: str = ""
+    features: list[str] = field(default_factory=list)  # "{view}:{feature}", the model's input order
 
 
 @dataclass

@@ -36,6 +36,15 @@ from .uploads import discard_upload_files
 _request_ids = RequestIds(T.idempotency_keys)
 
 
+def _lineage_payload(lineage: Lineage) -> dict:
+    """The lineage as CreateModelVersion's idempotency payload digests it: `features` only when
+    given, so a request stored before the field existed still reads as the same request."""
+    d = dict(lineage.__dict__)
+    if not d["features"]:
+        del d["features"]
+    return d
+
+
 class Versions:
     def __init__(self, db: Database, store: ArtifactStore) -> None:
         self.db = db
@@ -58,9 +67,12 @@ class Versions:
         for i, fv in enumerate(lineage.feature_views):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+:\d+", fv):
                 raise InvalidArgument(f"lineage.feature_views[{i}]", f"{quote(fv)} is not 'name:version'")
+        for i, ref in enumerate(lineage.features):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+", ref):
+                raise InvalidArgument(f"lineage.features[{i}]", f"{quote(ref)} is not 'view:feature'")
         check_request_id(request_id)
         payload = {"name": name, "framework": framework, "description": description, "tags": tags,
-                   "metrics": metrics, "lineage": lineage.__dict__,
+                   "metrics": metrics, "lineage": _lineage_payload(lineage),
                    "signature": (signature or Signature()).to_json()}
         with self.db.session() as s:
             prior = _request_ids.lookup(s, principal, "CreateModelVersion", request_id, payload)

@@ -124,7 +124,7 @@ Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
 
 @_typing.final
 class PredictRequest(_message.Message):
-    """PredictRequest carries the inputs as tensors or as rows."""
+    """PredictRequest carries the inputs as tensors, as rows, or as entity keys."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -134,6 +134,7 @@ class PredictRequest(_message.Message):
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
     OUTPUT_NAMES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """Endpoint to score with."""
     routing_key: _builtins.str
@@ -144,7 +145,7 @@ class PredictRequest(_message.Message):
     """Client id of the request, echoed in the response and the prediction log."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
-        """Input tensors (batch first). Either inputs or rows."""
+        """Input tensors (batch first). One of inputs, rows and entities."""
 
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
@@ -158,6 +159,17 @@ class PredictRequest(_message.Message):
     def output_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Outputs to return; all when empty."""
 
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """Entity keys, one row per prediction: join key -> key (a whole number or a
+        string), e.g. {"customer_id": 42}. For a model trained from the feature
+        store: its features are read online for these entities (one read per
+        request) in the model's input order, as the model version's lineage names
+        them. A missing or expired feature takes the default its feature set
+        declares, or the request fails (FAILED_PRECONDITION naming the entity and
+        the feature).
+        """
+
     def __init__(
         self,
         *,
@@ -167,10 +179,11 @@ class PredictRequest(_message.Message):
         routing_key: _builtins.str = ...,
         output_names: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        entities: _abc.Iterable[_struct_pb2.Struct] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "inputs", b"inputs", "output_names", b"output_names", "request_id", b"request_id", "routing_key", b"routing_key", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "entities", b"entities", "inputs", b"inputs", "output_names", b"output_names", "request_id", b"request_id", "routing_key", b"routing_key", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

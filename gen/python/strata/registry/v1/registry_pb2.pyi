@@ -220,6 +220,7 @@ class Lineage(_message.Message):
     DATASET_HASH_FIELD_NUMBER: _builtins.int
     DATASET_URI_FIELD_NUMBER: _builtins.int
     FEATURE_SET_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     mlflow_run_id: _builtins.str
     """MLflow run that produced the model."""
     training_job_id: _builtins.str
@@ -236,6 +237,13 @@ class Lineage(_message.Message):
     def feature_views(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature views used, as "name:version"."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Feature references "{view}:{feature}" in the model's input order (the
+        training set's columns, "{view}__{feature}"): what serving by entity key
+        reads.
+        """
+
     def __init__(
         self,
         *,
@@ -245,10 +253,11 @@ class Lineage(_message.Message):
         dataset_hash: _builtins.str = ...,
         dataset_uri: _builtins.str = ...,
         feature_set: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_hash", b"dataset_hash", "dataset_uri", b"dataset_uri", "feature_set", b"feature_set", "feature_views", b"feature_views", "mlflow_run_id", b"mlflow_run_id", "training_job_id", b"training_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_hash", b"dataset_hash", "dataset_uri", b"dataset_uri", "feature_set", b"feature_set", "feature_views", b"feature_views", "features", b"features", "mlflow_run_id", b"mlflow_run_id", "training_job_id", b"training_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

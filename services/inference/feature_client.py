@@ -1,0 +1,111 @@
+"""The feature service as serving by entity key reads it (entity_features.FeatureReader), over
+gRPC from the serving process's event loop: one GetOnlineFeatures per request in raw form (the
+values as little-endian arrays, read with numpy.frombuffer), the feature types of each view
+version read once (a version never changes), and feature set defaults re-read at most every
+second (they are only needed when a feature is missing)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import grpc
+import numpy as np
+from strata.common.v1 import types_pb2
+from strata.features.v1 import features_pb2 as fpb
+from strata.features.v1 import features_pb2_grpc
+
+from services.common.client import open_aio_channel
+from services.common.errors import FailedPrecondition, InvalidArgument, StrataError, Unavailable, quote
+from services.inference.entity_features import OnlineColumn, OnlineRead
+
+_FLOATS = {types_pb2.DATA_TYPE_FLOAT32, types_pb2.DATA_TYPE_FLOAT64}
+_INTS = {types_pb2.DATA_TYPE_INT32, types_pb2.DATA_TYPE_INT64}
+_TIMEOUT = 5.0
+DEFAULTS_MAX_AGE = 1.0
+
+
+class GrpcFeatureReader:
+    def __init__(self, addr: str, token: str | None) -> None:
+        self.addr, self._token = addr, token
+        self._channel: grpc.aio.Channel | None = None
+        self._md: tuple[tuple[str, str], ...] = ()
+        self._stub_: features_pb2_grpc.FeatureServiceStub | None = None
+        self._types: dict[tuple[str, int], dict[str, int]] = {}  # (view, version) -> feature -> DataType
+        self._defaults: dict[str, tuple[float, Mapping[str, float]]] = {}  # set -> (read at, defaults)
+
+    @property
+    def _stub(self) -> features_pb2_grpc.FeatureServiceStub:
+        """Opened on first use, on the serving process's event loop (an aio channel belongs to one)."""
+        if self._stub_ is None:
+            self._channel, self._md = open_aio_channel(self.addr, self._token)
+            self._stub_ = features_pb2_grpc.FeatureServiceStub(self._channel)
+        return self._stub_
+
+    async def read(self, features: Sequence[str], keys: Mapping[str, list]) -> OnlineRead:
+        entities = {k: fpb.EntityColumn(string_values=v) if isinstance(v[0], str) else fpb.EntityColumn(int64_values=v)
+                    for k, v in keys.items()}
+        try:
+            resp = await self._stub.GetOnlineFeatures(
+                fpb.GetOnlineFeaturesRequest(features=features, entities=entities, raw=True),
+                metadata=self._md, timeout=_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, "read the entities' features") from None
+        versions = dict(resp.view_versions)
+        rows = len(next(iter(keys.values())))
+        columns = []
+        for fv in resp.features:
+            view, _, feature = fv.name.partition(":")
+            dtype = (await self._view_types(view, versions[view]))[feature]
+            if dtype in _FLOATS:
+                values = np.frombuffer(fv.raw_values, "<f8", rows)
+            elif dtype in _INTS:
+                values = np.frombuffer(fv.raw_values, "<i8", rows)
+            elif dtype == types_pb2.DATA_TYPE_BOOL:
+                values = np.frombuffer(fv.raw_values, np.uint8, rows).astype(bool)
+            else:
+                raise FailedPrecondition(f"feature {quote(fv.name)} is {types_pb2.DataType.Name(dtype)}: a model "
+                                         "served by entity key reads numbers")
+            statuses = np.frombuffer(fv.raw_statuses, np.uint8, rows) if fv.raw_statuses else None
+            columns.append(OnlineColumn(values, statuses))
+        return OnlineRead(columns, versions)
+
+    async def _view_types(self, view: str, version: int) -> dict[str, int]:
+        types = self._types.get((view, version))
+        if types is None:
+            try:
+                resp = await self._stub.GetFeatureView(fpb.GetFeatureViewRequest(name=view, version=version),
+                                                       metadata=self._md, timeout=_TIMEOUT)
+            except grpc.aio.AioRpcError as e:
+                raise _error(e, f"read view {quote(view)} version {version}") from None
+            types = self._types[(view, version)] = {f.name: f.dtype for f in resp.feature_view.features}
+        return types
+
+    async def defaults(self, feature_set: str) -> Mapping[str, float]:
+        held = self._defaults.get(feature_set)
+        if held is not None and time.monotonic() - held[0] <= DEFAULTS_MAX_AGE:
+            return held[1]
+        try:
+            resp = await self._stub.GetFeatureSet(fpb.GetFeatureSetRequest(name=feature_set), metadata=self._md,
+                                                  timeout=_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, f"read feature set {quote(feature_set)}") from None
+        defaults = dict(resp.feature_set.defaults)
+        self._defaults[feature_set] = (time.monotonic(), defaults)
+        return defaults
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _error(e: grpc.aio.AioRpcError, doing: str) -> StrataError:
+    """The feature service's answer as this service's error: the caller's keys stay the caller's
+    fault (INVALID_ARGUMENT on `entities`); a view or set that is gone is a precondition."""
+    code, details = e.code(), e.details() or ""
+    field, _, problem = details.partition(": ")
+    if code == grpc.StatusCode.INVALID_ARGUMENT and field.startswith("entities"):
+        return InvalidArgument(field, problem)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"the feature store did not answer ({code.name}) when asked to {doing}")
+    return FailedPrecondition(f"the feature store could not {doing}: {code.name} {details}")
