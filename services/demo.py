@@ -1,8 +1,9 @@
 """The README demo: register a small ONNX model, alias it, promote it through approval, read it
 back over gRPC, over REST/JSON through Envoy and with grpcurl, then deploy it behind an endpoint
-and predict over REST through Envoy; define, push and read features; train a model on a bundled
-table with an Optuna search and serve the registered challenger, printing each command (`$ ...` lines that work when pasted
-into a shell after `source <home>/tokens.env`).
+and predict over REST through Envoy; define, push and read features; then the platform's loop:
+features -> training set -> Optuna search -> challenger -> approval -> production endpoint ->
+predictions by entity key; printing each command (`$ ...` lines that work when pasted into a shell
+after `source <home>/tokens.env`).
 
 It finds the platform where `strata up` puts it: the same STRATA_<NAME>_PORT / _ADDR and
 STRATA_GATEWAY_PORT settings, and STRATA_TLS_* for TLS."""
@@ -109,9 +110,10 @@ def _get(gateway: str, path: str, token: str) -> dict:
 
 
 def _training_demo(home: Path, gateway: str) -> None:
-    """A bundled dataset (scikit-learn's breast cancer table) -> an HPO job (MLflow runs, Optuna
-    trials, ONNX parity, the gate) -> the challenger version -> an endpoint -> predictions by
-    column name."""
+    """The platform's loop on a bundled dataset (scikit-learn's breast cancer table): features ->
+    a point-in-time training set -> an HPO job (MLflow runs, Optuna trials, ONNX parity, the gate)
+    -> the challenger -> two-person approval to production -> a production endpoint -> predictions
+    by entity key (the endpoint reads the features the model was trained on)."""
     import os
 
     import pyarrow as pa
@@ -120,18 +122,44 @@ def _training_demo(home: Path, gateway: str) -> None:
 
     store = os.environ.get("STRATA_ARTIFACT_STORE") or str(home / "artifacts")
     if "://" in store:
-        print(f"\n(training demo skipped: it writes its table into a local artifact store, and this one is {store})")
+        print(f"\n(training demo skipped: it writes its tables into a local artifact store, and this one is {store})")
         return
     developer = mint_token(dev_secret(home), "demo-developer", ["developer"])
+    approver = mint_token(dev_secret(home), "demo-approver", ["approver"])
+    stamp = time.strftime("%Y%m%d_%H%M%S")
     d = load_breast_cancer()
-    columns = {n.replace(" ", "_"): d.data[:, i] for i, n in enumerate(d.feature_names)}
-    table = Path(store) / "data" / "breast_cancer.parquet"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({**columns, "target": d.target}), table)
-    model = f"demo-tumour-{time.strftime('%Y%m%d-%H%M%S')}"
-    _step(f"training: an 8-trial Optuna search on a bundled table ({len(d.target)} rows), tracked in MLflow, "
-          f"registered as {model} if it passes the gate (REST)")
-    job = {"spec": {"dataset": {"table": {"uri": "data/breast_cancer.parquet"}, "label_column": "target"},
+    n = len(d.target)
+    names = ["mean_radius", "mean_texture", "mean_smoothness", "mean_concavity", "worst_radius", "worst_area",
+             "worst_concave_points", "worst_symmetry"]
+    cols = [list(d.feature_names).index(x.replace("_", " ")) for x in names]
+    us = pa.timestamp("us", tz="UTC")
+    measured = int(time.time() * 1e6) - 3_600_000_000  # an hour ago: the features as of then
+    view, feature_set = f"demo_tumour_{stamp}", f"demo_tumour_set_{stamp}"
+    source, entities = f"sources/{view}.parquet", f"data/{view}_patients.parquet"
+    for rel, table in ((source, pa.table({"patient_id": pa.array(range(n), pa.int64()),
+                                          "measured_at": pa.array([measured] * n, us),
+                                          **{x: d.data[:, c] for x, c in zip(names, cols, strict=True)}})),
+                       (entities, pa.table({"patient_id": pa.array(range(n), pa.int64()),
+                                            "event_timestamp": pa.array([measured + 1] * n, us),
+                                            "target": d.target}))):
+        (Path(store) / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, Path(store) / rel)
+
+    _step(f"features: entity 'patient', view '{view}' over a Parquet source, feature set '{feature_set}' (REST)")
+    _rest(gateway, "/v1/entities", developer, {"entity": {"name": "patient", "join_key": "patient_id",
+                                                          "value_type": "VALUE_TYPE_INT64"}})
+    _rest(gateway, "/v1/featureViews", developer, {"feature_view": {
+        "name": view, "entities": ["patient"], "source": {"path": source, "timestamp_field": "measured_at"},
+        "features": [{"name": x, "dtype": "DATA_TYPE_FLOAT64"} for x in names]}})
+    _rest(gateway, "/v1/featureSets", developer, {"feature_set": {
+        "name": feature_set, "features": [f"{view}:{x}" for x in names]}})
+    print(f"{len(names)} features of {n} patients; the job's training set is read point-in-time from the source")
+
+    model = f"demo-tumour-{stamp.replace('_', '-')}"
+    _step(f"training: an 8-trial Optuna search on the feature set, tracked in MLflow, registered as {model} "
+          "if it passes the gate (REST)")
+    job = {"spec": {"dataset": {"features": {"feature_set": feature_set, "entity_table_uri": entities,
+                                             "timestamp_column": "event_timestamp"}, "label_column": "target"},
                     "task": "TASK_CLASSIFICATION", "trainer": {"family": "hist_gradient_boosting"},
                     "hpo": {"n_trials": 8, "search_space": [
                         {"name": "learning_rate", "float_range": {"low": 0.02, "high": 0.3, "log": True}},
@@ -155,16 +183,31 @@ def _training_demo(home: Path, gateway: str) -> None:
     r = j["result"]
     print(f"held-out roc_auc {r['metrics']['roc_auc']:.4f}; ONNX parity max |onnx - native| "
           f"{r['parity']['max_abs_diff']:.2g}; gate: {r['gate']['reason']}")
-    print(f"registered {r['model_name']} v{r['model_version']} (alias challenger), MLflow run {r['mlflow_run_id']} "
-          "(see it at http://127.0.0.1:5000 under `strata up`)")
-    _step("serve the challenger and predict by column name (REST)")
+    version = r["model_version"]
+    lineage = _get(gateway, f"/v1/models/{model}/versions/{version}", developer)["model_version"]["lineage"]
+    print(f"registered {model} v{version} (alias challenger), MLflow run {r['mlflow_run_id']} (see it at "
+          f"http://127.0.0.1:5000 under `strata up`); lineage: views {lineage['feature_views']}, "
+          f"dataset sha256 {lineage['dataset_hash'][:16]}...")
+
+    _step("promote the challenger to production: requested by a developer, approved by an approver (REST)")
+    promo = _rest(gateway, f"/v1/models/{model}/versions/{version}:requestPromotion", developer,
+                  {"alias": "production", "reason": "passed the gate"})["promotion"]
+    done = _rest(gateway, f"/v1/promotions/{promo['promotion_id']}:approve", approver, {"comment": "ok"})
+    print(f"approved by {done['promotion']['decided_by']}: aliases {done['model_version']['aliases']}")
+
+    _step("materialize the view to the online store, serve production, predict by entity key (REST)")
+    for update in _rest(gateway, f"/v1/featureViews/{view}:materialize", developer, {}):
+        if update.get("done"):
+            print(f"materialized {update.get('rows_written', 0)} rows")
     endpoint = model.replace("demo-tumour-", "demo-t-")
-    _rest(gateway, "/v1/endpoints", developer, {"endpoint": {"name": endpoint, "policy": {
-        "targets": [{"model": model, "alias": "challenger", "weight": 1}]}}})
-    rows = [{k: float(v[i]) for k, v in columns.items()} for i in (0, 19)]
-    answer = _rest(gateway, f"/v1/endpoints/{endpoint}:predict", developer, {"rows": rows})
+    _rest(gateway, "/v1/endpoints", developer, {"endpoint": {"name": endpoint, "production": True, "policy": {
+        "targets": [{"model": model, "alias": "production", "weight": 1}]}}})
+    body = {"entities": [{"patient_id": 0}, {"patient_id": 19}]}
+    _show("curl", "-H", AUTH_HEADER, "-d", json.dumps(body), f"{gateway}/v1/endpoints/{endpoint}:predict")
+    answer = _rest(gateway, f"/v1/endpoints/{endpoint}:predict", developer, body)
     labels = [row["label"] for row in answer["rows"]]
-    print(f"rows 0 and 19 of the table -> labels {labels} (true {[int(d.target[0]), int(d.target[19])]})")
+    print(f"patients 0 and 19 -> labels {labels} (true {[int(d.target[0]), int(d.target[19])]}), "
+          f"from the {len(names)} features the model was trained on, read online")
     assert len(labels) == 2
 
 
