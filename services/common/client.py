@@ -68,10 +68,16 @@ def open_channel(addr: str, token: str | None = None, tls_ca: Path | None = None
     return raw, (grpc.intercept_channel(raw, _Auth(token)) if token else raw)
 
 
-def open_aio_channel(addr: str, token: str | None = None) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+def open_aio_channel(addr: str, token: str | None = None, *, own_connection: bool = False
+                     ) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
     """An asyncio channel for calls made from a service's event loop (TLS as `open_channel`), and
-    the metadata to send with each call (the bearer token: per call, cheaper than an interceptor)."""
+    the metadata to send with each call (the bearer token: per call, cheaper than an interceptor).
+    `own_connection`: a TCP connection of its own (gRPC otherwise shares one between the channels
+    of a process to the same address), so that calls spread over a peer's serving processes,
+    which share their port and get connections, not calls, from the kernel."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     tls = ClientTLS.from_settings()
     channel = grpc.aio.secure_channel(addr, tls.credentials(), options) if tls is not None else \
         grpc.aio.insecure_channel(addr, options)

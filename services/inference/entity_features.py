@@ -12,6 +12,7 @@ Plain values only; the feature service is behind `FeatureReader` (feature_client
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -142,17 +143,86 @@ def bind(name: str, lineage: FeatureLineage | None, specs: Mapping[str, TensorIn
     return Binding(lineage, tuple(inputs))
 
 
+class _Pending:
+    __slots__ = ("future", "keys", "rows")
+
+    def __init__(self, keys: Mapping[str, list], future: asyncio.Future) -> None:
+        self.keys, self.future = keys, future
+        self.rows = len(next(iter(keys.values())))
+
+
+class ReadCoalescer:
+    """At most `in_flight` reads of one feature list and key layout at a time; requests that
+    arrive while they are busy wait and go together in the next read (their entity rows
+    concatenated, the answer cut back per request), as a dynamic batcher forms a batch as soon as
+    the model is free. One request alone is read at once: coalescing adds no wait, it only saves
+    the per-call cost (two gRPC calls, a Redis round trip) when requests pile up."""
+
+    def __init__(self, reader: FeatureReader, in_flight: int = 2, max_rows: int = MAX_ENTITIES) -> None:
+        self.reader, self.in_flight, self.max_rows = reader, in_flight, max_rows
+        self._busy: dict[tuple, int] = {}
+        self._queues: dict[tuple, list[_Pending]] = {}
+
+    async def read(self, features: tuple[str, ...], keys: Mapping[str, list]) -> OnlineRead:
+        group = (features, tuple((k, type(v[0])) for k, v in keys.items()))  # one key layout per read
+        if self._busy.get(group, 0) < self.in_flight:
+            self._busy[group] = self._busy.get(group, 0) + 1
+            try:
+                return await self.reader.read(features, keys)
+            finally:
+                self._release(group)
+        pending = _Pending(keys, asyncio.get_running_loop().create_future())
+        self._queues.setdefault(group, []).append(pending)
+        return await pending.future
+
+    def _release(self, group: tuple) -> None:
+        queue = self._queues.get(group)
+        if not queue:
+            self._busy[group] -= 1
+            return
+        batch, rows = [], 0
+        while queue and (not batch or rows + queue[0].rows <= self.max_rows):
+            rows += queue[0].rows
+            batch.append(queue.pop(0))
+        # The freed slot goes to the batch's read (the count stays).
+        asyncio.get_running_loop().create_task(self._read_batch(group, batch))
+
+    async def _read_batch(self, group: tuple, batch: list[_Pending]) -> None:
+        try:
+            keys = {k: [x for p in batch for x in p.keys[k]] for k in batch[0].keys}
+            got = await self.reader.read(group[0], keys)
+        except BaseException as e:  # every waiting request gets the same error
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            start = 0
+            for p in batch:
+                end = start + p.rows
+                part = OnlineRead([OnlineColumn(c.values[start:end], None if c.statuses is None
+                                                else c.statuses[start:end]) for c in got.columns],
+                                  got.view_versions)
+                if not p.future.done():
+                    p.future.set_result(part)
+                start = end
+        finally:
+            self._release(group)
+
+
 class EntityFeatures:
-    """Feeds for a model from entity keys, through a `FeatureReader`."""
+    """Feeds for a model from entity keys, through a `FeatureReader` (reads coalesced)."""
 
     def __init__(self, reader: FeatureReader) -> None:
         self.reader = reader
+        self._reads = ReadCoalescer(reader)
 
     async def feeds(self, binding: Binding, name: str, entities: Sequence[Mapping[str, object]]
                     ) -> dict[str, np.ndarray]:
         lineage = binding.lineage
         keys = entity_keys(entities)
-        got = await self.reader.read(lineage.features, keys)
+        got = await self._reads.read(lineage.features, keys)
         for view, version in lineage.view_versions.items():
             served = got.view_versions.get(view)
             if served is not None and served != version:

@@ -23,24 +23,32 @@ _FLOATS = {types_pb2.DATA_TYPE_FLOAT32, types_pb2.DATA_TYPE_FLOAT64}
 _INTS = {types_pb2.DATA_TYPE_INT32, types_pb2.DATA_TYPE_INT64}
 _TIMEOUT = 5.0
 DEFAULTS_MAX_AGE = 1.0
+#: Connections to the feature service, used in turn: its serving processes share one port and the
+#: kernel spreads connections, not calls, over them.
+CONNECTIONS = 2
 
 
 class GrpcFeatureReader:
-    def __init__(self, addr: str, token: str | None) -> None:
-        self.addr, self._token = addr, token
-        self._channel: grpc.aio.Channel | None = None
+    def __init__(self, addr: str, token: str | None, connections: int = CONNECTIONS) -> None:
+        self.addr, self._token, self._connections = addr, token, connections
+        self._channels: list[grpc.aio.Channel] = []
         self._md: tuple[tuple[str, str], ...] = ()
-        self._stub_: features_pb2_grpc.FeatureServiceStub | None = None
+        self._stubs: list[features_pb2_grpc.FeatureServiceStub] = []
+        self._turn = 0
         self._types: dict[tuple[str, int], dict[str, int]] = {}  # (view, version) -> feature -> DataType
         self._defaults: dict[str, tuple[float, Mapping[str, float]]] = {}  # set -> (read at, defaults)
 
     @property
     def _stub(self) -> features_pb2_grpc.FeatureServiceStub:
-        """Opened on first use, on the serving process's event loop (an aio channel belongs to one)."""
-        if self._stub_ is None:
-            self._channel, self._md = open_aio_channel(self.addr, self._token)
-            self._stub_ = features_pb2_grpc.FeatureServiceStub(self._channel)
-        return self._stub_
+        """The next connection's stub. Opened on first use, on the serving process's event loop (an
+        aio channel belongs to one)."""
+        if not self._stubs:
+            for _ in range(self._connections):
+                channel, self._md = open_aio_channel(self.addr, self._token, own_connection=True)
+                self._channels.append(channel)
+                self._stubs.append(features_pb2_grpc.FeatureServiceStub(channel))
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
 
     async def read(self, features: Sequence[str], keys: Mapping[str, list]) -> OnlineRead:
         entities = {k: fpb.EntityColumn(string_values=v) if isinstance(v[0], str) else fpb.EntityColumn(int64_values=v)
@@ -56,7 +64,8 @@ class GrpcFeatureReader:
         columns = []
         for fv in resp.features:
             view, _, feature = fv.name.partition(":")
-            dtype = (await self._view_types(view, versions[view]))[feature]
+            types = self._types.get((view, versions[view])) or await self._view_types(view, versions[view])
+            dtype = types[feature]
             if dtype in _FLOATS:
                 values = np.frombuffer(fv.raw_values, "<f8", rows)
             elif dtype in _INTS:
@@ -95,8 +104,8 @@ class GrpcFeatureReader:
         return defaults
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
 
 def _error(e: grpc.aio.AioRpcError, doing: str) -> StrataError:

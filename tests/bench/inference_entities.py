@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.auth import mint_token
-from tests.bench.inference_load import check_grpc_ok, h2load
+from tests.bench.inference_load import _cpu_seconds, check_grpc_ok, h2load
 from tests.inference.models import columns_linear
 from tests.processes import free_port, start_service, stop_process
 
@@ -88,6 +88,26 @@ def _body(work: Path, entities: int) -> Path:
     return body
 
 
+def _rows_body(work: Path) -> Path:
+    """The same model scored from 20 values sent as one row (no feature read): the comparison."""
+    from google.protobuf import struct_pb2
+    from strata.inference.v1 import inference_pb2 as pb
+
+    row = struct_pb2.Struct()
+    row.update({f"bench_user__f{i:02d}": 0.5 for i in range(FEATURES)})
+    body = work / "by-row.bin"
+    body.write_bytes(_frame(pb.PredictRequest(endpoint="by-key", rows=[row]).SerializeToString()))
+    return body
+
+
+def _listening_pids(port: int) -> list[int]:
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-ltnpH", f"( sport = :{port} )"], capture_output=True, text=True).stdout
+    return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
+
+
 def _check_rows(addr: str, token: str, body: Path, entities: int) -> None:
     import grpc
     from strata.inference.v1 import inference_pb2 as pb
@@ -134,16 +154,23 @@ def main() -> None:
             inference_pb2_grpc.InferenceServiceStub(ch).CreateEndpoint(pb.CreateEndpointRequest(endpoint=pb.Endpoint(
                 name="by-key", policy=pb.TrafficPolicy(targets=[target]))), metadata=(("authorization", f"Bearer {token}"),))
         url = f"http://{addr}{PATH}"
-        bodies = {n: _body(work, n) for n in (1, 100)}
-        for n, body in bodies.items():
+        bodies = {f"entities={n} x {FEATURES} features": (_body(work, n), n) for n in (1, 100)}
+        bodies[f"rows=1 x {FEATURES} values (no feature read)"] = (_rows_body(work), 1)
+        for body, n in bodies.values():
             check_grpc_ok(url, body, token)
             _check_rows(addr, token, body, n)
+        feature_pids = _listening_pids(feat_port)
         for r in range(args.rounds):
-            for n, body in bodies.items():
+            for name, (body, n) in bodies.items():
                 for conns, streams in ((1, 8), (8, 1)):
-                    key = f"entities={n} x {FEATURES} features c={conns}x{streams}"
+                    key = f"{name} c={conns}x{streams}"
+                    cpu0 = _cpu_seconds(feature_pids)
                     out = h2load(url, body, token, connections=conns, streams=streams, seconds=args.seconds,
                                  workdir=work, rows=n)
+                    # The feature service's CPU over the whole run (warm-up included): an upper bound.
+                    total = out["rps"] * (args.seconds + 2)
+                    out["features_cpu_us_per_request"] = round((_cpu_seconds(feature_pids) - cpu0) / total * 1e6, 1) \
+                        if total else None
                     results.setdefault(key, []).append(out)
                     print(f"round {r + 1}", key, out, flush=True)
     finally:
