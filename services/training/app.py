@@ -26,6 +26,7 @@ from services.training import tables
 from services.training.dataplane import TrainingDataPlane
 from services.training.feature_source import GrpcFeatureSource
 from services.training.jobs import JobStore
+from services.training.ray_trials import RayTrials, helper_env
 from services.training.registry_target import GrpcModelRegistry
 from services.training.runner import JobRunner
 from services.training.server import TrainingServicer
@@ -53,6 +54,8 @@ class TrainingConfig(ServiceConfig):
     study_storage_url: str = Field("", description="Optuna's storage (default: this service's database)")
     registry_token: SecretStr | None = Field(None, description="the service's identity towards the registry and "
                                                                 "the feature store (default: minted developer token)")
+    ray_address: str = Field("", description="a Ray cluster's address (host:port of its head) where parallel "
+                                             "trials also run (empty: local workers only); see ray_trials.py")
 
     def tracking_uri(self, settings: ServiceSettings) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{(settings.home / 'mlflow.db').resolve()}"
@@ -84,10 +87,14 @@ def build_runner(settings: ServiceSettings, config: TrainingConfig, threads: int
     registry = GrpcModelRegistry(lambda: RegistryClient(peer_address("registry"), token))
     workdir = settings.home / "training" / "work"
     workdir.mkdir(parents=True, exist_ok=True)
+    # A helper stops within a heartbeat (lease / 6) of its job's end; Ray tasks still there after
+    # lease / 3 are cancelled.
+    ray = RayTrials(config.ray_address, helper_env(settings, config), threads, config.lease_seconds / 3) \
+        if config.ray_address else None
     return JobRunner(JobStore(db, config.lease_seconds), Tracker(config.tracking_uri(settings),
                                                                  config.artifact_root(settings)),
                      registry, _confinement(settings), config.study_storage_url or settings.database_url,
-                     features=_features(settings, config), threads=threads, workdir=workdir)
+                     features=_features(settings, config), threads=threads, workdir=workdir, ray_trials=ray)
 
 
 def worker_children(settings: ServiceSettings, config: TrainingConfig) -> list[Child]:

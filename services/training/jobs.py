@@ -178,14 +178,17 @@ class JobStore:
     def close_search(self, lease: Lease) -> None:
         self._write(lease, helper_slots=0)
 
-    def claim_helper(self, owner: str) -> HelperLease | None:
-        """A free slot of a running job whose search is open, leased to `owner` (a dead helper's
-        slot is free once its lease runs out)."""
+    def claim_helper(self, owner: str, job_id: str = "") -> HelperLease | None:
+        """A free slot of a running job whose search is open (of `job_id` only, when given: a Ray
+        task submitted for that job), leased to `owner` (a dead helper's slot is free once its lease
+        runs out)."""
         now = time.time()
         j, h = t.jobs.c, t.helpers.c
         with self.db.session() as c:
             q = (select(t.jobs).where(j.state == int(JobState.RUNNING), j.helper_slots > 0, j.lease_expires >= now,
                                       j.cancel_requested.is_(False)).order_by(j.create_time))
+            if job_id:
+                q = q.where(j.job_id == job_id)
             if self.db.dialect == "postgresql":
                 q = q.with_for_update(of=t.jobs)  # helpers of one job take its slots one at a time
             for row in c.execute(q).all():
@@ -224,6 +227,11 @@ class JobStore:
         h = t.helpers.c
         with self.db.read() as c:
             return len(c.execute(select(h.slot).where(h.job_id == job_id, h.lease_expires >= time.time())).all())
+
+    def mlflow_run(self, job_id: str) -> str:
+        """The job's MLflow run ("" until its driver has started it)."""
+        with self.db.read() as c:
+            return c.execute(select(t.jobs.c.mlflow_run_id).where(t.jobs.c.job_id == job_id)).scalar_one()
 
     def set_run(self, lease: Lease, mlflow_run_id: str) -> None:
         self._write(lease, mlflow_run_id=mlflow_run_id)

@@ -33,12 +33,14 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import DBAPIError
 
 from services.common.errors import InvalidArgument, StrataError
 from services.common.db import sqlite_wal
 from services.common.paths import Confinement
-from services.training import datasets, export, metrics, plots, search
+from services.training import datasets, ensemble, export, metrics, plots, search
 from services.training.jobs import HelperLease, JobStore, Lease, LeaseLost
+from services.training.ray_trials import RayTrials
 from services.training.tracking import Tracker
 from services.training.trainers import FAMILIES
 from services.training.types import (
@@ -58,6 +60,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 INNER_VALIDATION = 0.2  # share of the training rows each trial is scored on (the held-out rows never are)
 AUTOML_FOLDS = 3
+#: Trials beside each family's best that AutoML's ensemble selection may mix (its library).
+ENSEMBLE_LIBRARY = 10
 INFO = "strata"  # the user attribute holding a trial's MLflow run, family and worker
 PROGRESS_EVERY = 1.0  # seconds between progress writes during a search
 
@@ -136,7 +140,7 @@ class _Watch:
 class JobRunner:
     def __init__(self, store: JobStore, tracker: Tracker, registry: ModelRegistry, confinement: Confinement,
                  study_storage_url: str, *, features: datasets.FeatureSource | None = None, threads: int = 1,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, ray_trials: RayTrials | None = None) -> None:
         self.store = store
         self.tracker = tracker
         self.registry = registry
@@ -145,6 +149,7 @@ class JobRunner:
         self.features = features
         self.threads = threads
         self.workdir = workdir or Path("/tmp")
+        self.ray_trials = ray_trials  # parallel trials also as Ray tasks (STRATA_TRAINING_RAY_ADDRESS)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial it runs
 
     def storage(self) -> RDBStorage:
@@ -152,10 +157,20 @@ class JobRunner:
         # Trial heartbeats: a trial whose worker stopped beating for `grace` seconds is failed and
         # retried (with its parameters) by the next worker; grace < the job lease, so by the time
         # another worker holds the job the dead one's trial is already stale.
-        storage = RDBStorage(self.study_storage_url, heartbeat_interval=max(1, int(lease / 6)),
-                             grace_period=max(2, int(lease / 2)),
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                             engine_kwargs={"pool_pre_ping": True})
+        for attempt in range(3):
+            try:
+                storage = RDBStorage(self.study_storage_url, heartbeat_interval=max(1, int(lease / 6)),
+                                     grace_period=max(2, int(lease / 2)),
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                                     engine_kwargs={"pool_pre_ping": True})
+                break
+            except DBAPIError:
+                # The first storage on a database creates Optuna's tables and stamps their version:
+                # a driver and a helper starting the same instant collide (UNIQUE alembic_version),
+                # and the loser finds the tables made once the winner has finished.
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
         if self.study_storage_url.startswith("sqlite"):
             sqlite_wal(storage.engine)
         return storage
@@ -183,6 +198,9 @@ class JobRunner:
                 self._end_run(lease, "FAILED")
                 self.store.finish(lease, JobState.FAILED, progress, error=message)
                 return JobState.FAILED
+            finally:
+                if self.ray_trials is not None:
+                    self.ray_trials.end(lease.job_id, lambda: self.store.live_helpers(lease.job_id))
         progress.stage = "done"
         self._end_run(lease, "FINISHED")
         self.store.finish(lease, JobState.SUCCEEDED, progress, result)
@@ -205,6 +223,8 @@ class JobRunner:
         if spec.hpo is not None and spec.hpo.parallelism > 1:
             # Helpers join now: they load the rows while this worker does, and wait for the study.
             self.store.open_search(lease, spec.hpo.parallelism - 1)
+            if self.ray_trials is not None:
+                self.ray_trials.submit(lease.job_id, spec.hpo.parallelism - 1)
         data, y, classes, train, held = self._load(spec, lease.job_id, lease.job.created_by)
         tags = self._tags(lease.job_id, lease.job.created_by, spec, data)
         experiment_id = self.tracker.experiment(spec.experiment)
@@ -221,7 +241,7 @@ class JobRunner:
                                                        progress, watch)
         # The candidate: the chosen parameters fitted on every training row.
         self._stage(lease, progress, "fitting", watch)
-        fam = FAMILIES[family]
+        fam = ensemble.EnsembleFamily() if family == ensemble.NAME else FAMILIES[family]
         X_train, X_held = data.X[train], data.X[held]
         model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.threads), X_train, y[train],
                         X_held[:1], lambda step, out: watch.check())
@@ -386,13 +406,49 @@ class JobRunner:
             raise ValueError(f"no trial completed ({len(study.trials)} tried){': ' + why if why else ''}")
         best = study.best_trial
         family = trial_info(best).get("family", spec.family)
-        prefix = f"{family}." if s.automl else ""
-        params = {**spec.params, **{k.removeprefix(prefix): v for k, v in best.params.items()
-                                    if k != "family" and k.startswith(prefix)}}
+        params = s.params_of(best, family)
         self.tracker.log(lease.mlflow_run_id, metrics={f"best_val_{s.metric}": best.value},
                          tags={"strata.best_trial": str(best.number), "strata.best_run_id":
                                trial_info(best).get("run_id", "")})
-        return family, params, self._leaderboard(complete, s.maximize) if s.automl else []
+        if not s.automl:
+            return family, params, []
+        board = self._leaderboard(complete, s.maximize)
+        self._stage(lease, progress, "ensembling", watch)
+        chosen, value = self._ensemble(s, complete, y[train])
+        if len(chosen) > 1:  # the mixture beat the best single model on the out-of-fold rows
+            members = [{"family": c.family, "params": c.params, "weight": n} for c, n in chosen]
+            self.tracker.log(lease.mlflow_run_id, metrics={f"ensemble_oof_{s.metric}": value},
+                             tags={"strata.ensemble": ", ".join(f"{c.family} x{n}" for c, n in chosen)})
+            board.insert(0, LeaderboardEntry(ensemble.NAME, value, len(chosen), ""))
+            return ensemble.NAME, {"members": members}, board
+        return family, params, board
+
+    def _ensemble(self, s: _Search, complete: list, y_train: np.ndarray) -> tuple[list, float]:
+        """Greedy ensemble selection over a library of the search's models (each family's best
+        trial and the best ENSEMBLE_LIBRARY trials overall), on out-of-fold outputs (kept by the
+        trials this worker ran, recomputed for the others), and the selection's score."""
+        ranked = sorted(complete, key=lambda t: -t.value if s.maximize else t.value)
+        library: dict[int, optuna.trial.FrozenTrial] = {t.number: t for t in ranked[:ENSEMBLE_LIBRARY]}
+        seen: set[str] = set()
+        for t in ranked:
+            fam = trial_info(t).get("family", "")
+            if fam and fam not in seen:
+                seen.add(fam)
+                library.setdefault(t.number, t)
+        candidates = []
+        for t in library.values():
+            fam = trial_info(t).get("family", "")
+            params = s.params_of(t, fam)
+            oof = s.oof.get(t.number)
+            if oof is None:
+                oof = ensemble.out_of_fold(fam, params, s.spec.task, s.indexed_folds, len(y_train),
+                                           s.spec.validation.seed, self.threads, s.watch.check)
+            candidates.append(ensemble.Candidate(fam, params, oof))
+        rows = s.oof_rows
+        chosen = ensemble.select([ensemble.Candidate(c.family, c.params, c.oof[rows]) for c in candidates],
+                                 s.metric, s.spec.task, y_train[rows], s.classes)
+        mix = sum(n * c.oof for c, n in chosen) / sum(n for _c, n in chosen)
+        return chosen, metrics.score(s.metric, s.spec.task, y_train[rows], mix, s.classes)
 
     def _wait_for_helpers(self, lease: Lease, study: optuna.Study, watch: _Watch) -> None:
         """Helpers finish the trial they are in once the search closes; a dead one's lease runs
@@ -418,7 +474,11 @@ class JobRunner:
                 def still_open(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
                     if watch.cancelled.is_set() or watch.lost.is_set():
                         study.stop()
-                s.optimize(s.wait_for_study(watch), [still_open])
+                study = s.wait_for_study(watch)
+                # The driver starts the job's MLflow run before it creates the study; a helper that
+                # joined earlier has no parent run in its lease.
+                s.parent_run = s.parent_run or self.store.mlflow_run(job.job_id)
+                s.optimize(study, [still_open])
             except (Cancelled, LeaseLost):
                 pass
             except Exception:
@@ -488,12 +548,24 @@ class _Search:
             [datasets.split(len(train), y[train], spec.task, spec.validation,
                             data.time[train] if data.time is not None else None, INNER_VALIDATION)]
         self.folds = [(data.X[train[f]], y[train[f]], data.X[train[v]], y[train[v]]) for f, v in folds]
+        # AutoML keeps each trial's out-of-fold outputs (trial number -> rows of `train`) for the
+        # ensemble selection that follows its search: the folds cover every training row once.
+        self.indexed_folds = [(*fold, v) for fold, (_f, v) in zip(self.folds, folds, strict=True)]
+        self.oof: dict[int, np.ndarray] = {}
+        self.n_train = len(train)
+        self.oof_rows = np.sort(np.concatenate([v for _f, v in folds]))  # every row, but with a time split
         self.families = list(self.automl.families or FAMILIES) if self.automl else [spec.family]
         self.space = self.hpo.search_space if self.hpo else ()
         self.n_trials = self.hpo.n_trials if self.hpo and self.hpo.n_trials else 0
         self.prunes = (self.hpo.pruner if self.hpo else "median") != "none"
         self.timeout = ((self.automl.time_budget_seconds if self.automl else 0)
                         or (self.hpo.timeout_seconds if self.hpo else 0) or None)
+
+    def params_of(self, trial: optuna.trial.FrozenTrial, family: str) -> dict[str, Any]:
+        """The family parameters a trial fitted with (its own suggestions over the spec's)."""
+        prefix = f"{family}." if self.automl else ""
+        return {**self.spec.params, **{k.removeprefix(prefix): v for k, v in trial.params.items()
+                                       if k != "family" and k.startswith(prefix)}}
 
     def study(self, *, create: bool) -> optuna.Study:
         hpo = self.hpo or search.HpoSpec()
@@ -553,13 +625,19 @@ class _Search:
             watch.check()
 
         try:
-            scores = []
-            for k, (X_fit, y_fit, X_val, y_val) in enumerate(self.folds):
+            scores, oof = [], None
+            for k, (X_fit, y_fit, X_val, y_val, index) in enumerate(self.indexed_folds):
                 model = fam.fit(fam.build(spec.task, params, spec.validation.seed, self.runner.threads), X_fit,
                                 y_fit, X_val, report if k == 0 else check)
-                scores.append(metrics.score(metric, spec.task, y_val, fam.output(model, X_val, spec.task),
-                                            self.classes))
+                out = fam.output(model, X_val, spec.task)
+                scores.append(metrics.score(metric, spec.task, y_val, out, self.classes))
+                if self.automl is not None:
+                    out = np.asarray(out, dtype=np.float64).reshape(len(X_val), -1)
+                    oof = np.zeros((self.n_train, out.shape[1])) if oof is None else oof
+                    oof[index] = out
             value = float(np.mean(scores))
+            if oof is not None:
+                self.oof[trial.number] = oof if spec.task == Task.CLASSIFICATION else oof.ravel()
         except optuna.TrialPruned:
             tracker.log(run_id, params={"family": family, **params}, steps=steps, tags={"strata.state": "pruned"})
             tracker.end(run_id, "KILLED")

@@ -112,3 +112,16 @@ def test_helpers_take_the_open_slots_of_a_search_and_free_them(store: JobStore) 
     assert store.live_helpers(job.job_id) <= 1 and store.claim_helper("w5") is None
     with pytest.raises(LeaseLost):
         store.release_helper(b) or store.heartbeat(b)
+
+
+def test_a_helper_sent_for_one_job_takes_only_its_slots(store: JobStore) -> None:
+    first, second = store.submit(_spec(), "alice"), store.submit(_spec(), "alice")
+    a, b = store.claim("w1"), store.claim("w2")
+    store.open_search(a, 1)
+    store.open_search(b, 1)
+    assert store.claim_helper("ray-1", job_id=second.job_id).job_id == second.job_id
+    assert store.claim_helper("ray-2", job_id=second.job_id) is None  # the first job's free slot is not for it
+    assert store.claim_helper("w3").job_id == first.job_id
+    assert store.mlflow_run(first.job_id) == ""  # until its driver starts the run
+    store.set_run(a, "run-1")
+    assert store.mlflow_run(first.job_id) == "run-1"
