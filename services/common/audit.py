@@ -44,11 +44,15 @@ def _compile(template: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
 def request_resource(template: str, request: object) -> str:
     """The resource name a request asks to act on, from the method's template
     (`MethodPolicy.resource`): each `{field.path}` is the request's value, cut to a bounded
-    length. "" without a template or without a request message (a request stream)."""
-    if not template or not isinstance(request, Message):
+    length. "" without a template; without a request message (a request stream) the template
+    only when it names no field (a fixed collection such as `monitoring/predictions`)."""
+    if not template:
         return ""
+    parts = _compile(template)
+    if not isinstance(request, Message):
+        return "".join(literal for literal, _ in parts) if all(path is None for _, path in parts) else ""
     out = []
-    for literal, path in _compile(template):
+    for literal, path in parts:
         if path is None:
             out.append(literal)
             continue

@@ -40,3 +40,26 @@ def check_filters(values: Sequence[str], field: str) -> list[str]:
     for i, value in enumerate(values):
         check_filter(value, f"{field}[{i}]")
     return list(values)
+
+
+#: A request's timestamps: google.protobuf.Timestamp's own range (0001-01-01 .. 9999-12-31 UTC),
+#: beyond which the runtime's conversions raise ValueError (INTERNAL) instead of naming the field.
+MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def check_timestamp(seconds: int, nanos: int, field: str) -> int:
+    """A timestamp's seconds and nanos, checked, as microseconds since the epoch."""
+    if not MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidArgument(field, f"seconds {seconds} is outside 0001-01-01 .. 9999-12-31")
+    if not 0 <= nanos <= 999_999_999:
+        raise InvalidArgument(field, f"nanos {nanos} is outside 0 .. 999999999")
+    return seconds * 1_000_000 + nanos // 1000
+
+
+def timestamp_from_pb(ts, field: str):  # noqa: ANN001, ANN201 - a Timestamp -> a UTC datetime
+    """A request's google.protobuf.Timestamp as a UTC datetime, INVALID_ARGUMENT naming `field`
+    when it is out of range."""
+    from datetime import UTC, datetime, timedelta
+
+    micros = check_timestamp(ts.seconds, ts.nanos, field)
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)

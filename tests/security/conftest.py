@@ -1,4 +1,4 @@
-"""The platform the security suites probe: registry, features, training and inference as real processes
+"""The platform the security suites probe: registry, features, training, inference and monitoring as real processes
 with authentication on (HS256 with a secret of the suite's own), each with its own STRATA_HOME,
 one serving process per service (so a crash is a dead process, not a restarted worker).
 
@@ -23,7 +23,7 @@ from tests.processes import free_port, start_service, stop_process
 
 SECRET = "security-suite-secret-0123456789abcdef0123"
 ROLES = ("viewer", "developer", "approver", "admin")
-SERVICES = ("registry", "features", "training", "inference")
+SERVICES = ("registry", "features", "training", "inference", "monitoring")
 #: How far below the sandbox the homes lie (`..` segments a generated path may climb and
 #: still land in the sandbox).
 SANDBOX_DEPTH = 8
@@ -109,9 +109,12 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     try:
         for name in SERVICES:
             port = free_port()
-            env = {**common, f"STRATA_{name.upper()}_WORKERS": "1"}
+            # (monitoring is one process per STRATA_HOME: it has no WORKERS setting)
+            env = {**common} if name == "monitoring" else {**common, f"STRATA_{name.upper()}_WORKERS": "1"}
             if name == "inference":
                 env |= {"STRATA_REGISTRY_ADDR": addrs["registry"], "STRATA_INFERENCE_POLL_SECONDS": "0.2"}
+            if name == "monitoring":
+                env |= {"STRATA_REGISTRY_ADDR": addrs["registry"]}
             if name == "training":  # jobs are submitted, not run: no worker processes
                 env |= {"STRATA_REGISTRY_ADDR": addrs["registry"], "STRATA_FEATURES_ADDR": addrs["features"],
                         "STRATA_TRAINING_WORKERS": "0"}

@@ -67,7 +67,8 @@ class Seeded:
         """What the seeded objects are called, by the field names that name them (names only:
         numbers such as versions stay hostile, next to a name that exists). `name` is first what
         the service itself keeps under that name."""
-        first = {"registry": MODEL, "features": VIEW, "inference": ENDPOINT, "training": MODEL}[service]
+        first = {"registry": MODEL, "features": VIEW, "inference": ENDPOINT, "training": MODEL,
+                 "monitoring": MODEL}[service]
         return {"model": [MODEL], "model_name": [MODEL], "endpoint": [ENDPOINT], "view": [VIEW],
                 "name": [first, *(n for n in (MODEL, ENDPOINT, VIEW, ENTITY) if n != first)],
                 "model_version": [str(self.model_version)], "features": [f"{VIEW}:spend", f"{VIEW}:segment"],
@@ -233,9 +234,10 @@ def _sandbox_file(p: Platform) -> callable:
     return lambda name: str(p.sandbox / name)
 
 
-# Inference first and the registry last: an admin's fuzzed DeleteRegisteredModel may well name
-# the seeded model, and the inference service's draws should still find it.
-@pytest.mark.parametrize("service", sorted(SERVICES, key=("inference", "training", "features", "registry").index))
+# Inference and monitoring first and the registry last: an admin's fuzzed DeleteRegisteredModel may
+# well name the seeded model, and the draws of the services that read it should still find it.
+@pytest.mark.parametrize("service", sorted(SERVICES, key=("inference", "monitoring", "training", "features",
+                                                          "registry").index))
 def test_fuzz(platform: Platform, seeded: Seeded, service: str) -> None:
     rpcs = [r for r in all_rpcs() if r.process == service]
     assert rpcs
