@@ -69,6 +69,9 @@ def main() -> None:
     settings = ServiceSettings.for_service("training")
     telemetry.setup_logging(settings.log_level, settings.log_format)
     config = TrainingConfig()
+    from services.training.trainers import preload
+
+    preload()
     worker = Worker(build_runner(settings, config, threads=int(threads)), poll_seconds=config.poll_seconds)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop.set())

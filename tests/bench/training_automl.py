@@ -18,15 +18,24 @@ stand-in (registration is not what is measured).
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+# The job runs in this process as in a training worker: OpenMP sized to the runner's threads, BLAS
+# single-threaded (services/training/worker.py), set before numpy loads; trainer libraries loaded
+# before the clock starts, as a worker does at start.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from tests.bench.training_overhead import _NoRegistry
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from tests.bench.training_overhead import _NoRegistry  # noqa: E402
 
 
 def _tables(rows: int) -> list[tuple[str, np.ndarray, np.ndarray, str, float]]:
@@ -109,6 +118,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=60)
     ap.add_argument("--rows", type=int, default=12_000)
     args = ap.parse_args()
+    from services.training.trainers import preload
+
+    preload()
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, X, y, kind, share) in enumerate(_tables(args.rows)):
             d = Path(tmp) / str(i)
