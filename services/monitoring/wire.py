@@ -251,7 +251,11 @@ def record_groups(data: bytes, spans: list[tuple[int, int]], numpy_of: dict[int,
             matrix = matrix[fits]
         if not members:
             continue
-        rec = ipb.PredictionRecord.FromString(head)
+        try:
+            rec = ipb.PredictionRecord.FromString(head)
+        except DecodeError:  # e.g. a name that is not UTF-8: the runtime's path names the problem
+            slow += [m[0] for m in members]
+            continue
         n = len(members)
         total = n * template.rows
 

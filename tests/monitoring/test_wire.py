@@ -116,3 +116,14 @@ def test_damaged_bytes_are_refused_by_name_never_with_an_internal_error(edits: l
                 records_table(g)
     except StrataError as e:
         assert e.code.name == "INVALID_ARGUMENT", e
+
+
+def test_a_name_that_is_not_utf8_is_refused_by_name() -> None:
+    """Found by the test above in CI: the fast path read a record's head with the runtime, whose
+    DecodeError escaped as INTERNAL."""
+    data = bytearray(_VALID)
+    at = bytes(data).index(b"\x1a\x01m")  # the first record's model name "m" (field 3)
+    data[at + 2] = 0xFF
+    with pytest.raises(StrataError) as e:
+        convert.batch(bytes(data))
+    assert e.value.code.name == "INVALID_ARGUMENT", e.value
