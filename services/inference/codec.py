@@ -13,19 +13,12 @@ from google.protobuf import struct_pb2
 from strata.common.v1 import types_pb2
 from strata.inference.v1 import inference_pb2 as pb
 
+from services.common.convert import NUMERIC_DATA_TYPES
 from services.inference.runtime import NUMPY_TO_V2
 from services.inference.tensors import InputTensor
 
 _DT = types_pb2.DataType
-STRATA_TO_NUMPY: dict[int, np.dtype] = {
-    _DT.DATA_TYPE_FLOAT32: np.dtype(np.float32), _DT.DATA_TYPE_FLOAT64: np.dtype(np.float64),
-    _DT.DATA_TYPE_FLOAT16: np.dtype(np.float16), _DT.DATA_TYPE_INT8: np.dtype(np.int8),
-    _DT.DATA_TYPE_INT16: np.dtype(np.int16), _DT.DATA_TYPE_INT32: np.dtype(np.int32),
-    _DT.DATA_TYPE_INT64: np.dtype(np.int64), _DT.DATA_TYPE_UINT8: np.dtype(np.uint8),
-    _DT.DATA_TYPE_UINT16: np.dtype(np.uint16), _DT.DATA_TYPE_UINT32: np.dtype(np.uint32),
-    _DT.DATA_TYPE_UINT64: np.dtype(np.uint64), _DT.DATA_TYPE_BOOL: np.dtype(np.bool_),
-    _DT.DATA_TYPE_STRING: np.dtype(object),
-}
+STRATA_TO_NUMPY: dict[int, np.dtype] = {**NUMERIC_DATA_TYPES, _DT.DATA_TYPE_STRING: np.dtype(object)}
 NUMPY_TO_STRATA = {v: k for k, v in STRATA_TO_NUMPY.items()}
 # Strata DataType -> the data plane's datatype names (V2's); an unknown number travels as its
 # digits, which the data plane refuses by name ("unsupported dtype 99").

@@ -8,11 +8,10 @@ from datetime import datetime
 import numpy as np
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
-from strata.common.v1 import types_pb2
 from strata.inference.v1 import inference_pb2 as ipb
 from strata.monitoring.v1 import monitoring_pb2 as pb
 
-from services.common.convert import timestamp_pb
+from services.common.convert import NUMERIC_DATA_TYPES, timestamp_pb
 from services.common.errors import InvalidArgument, UndecodableRequest, quote
 from services.common.limits import check_timestamp, timestamp_from_pb
 from services.monitoring import wire
@@ -23,15 +22,7 @@ from services.monitoring.types import (
     VersionPerformance, Window,
 )
 
-_DT = types_pb2.DataType
-NUMPY_OF: dict[int, np.dtype] = {
-    _DT.DATA_TYPE_FLOAT32: np.dtype(np.float32), _DT.DATA_TYPE_FLOAT64: np.dtype(np.float64),
-    _DT.DATA_TYPE_FLOAT16: np.dtype(np.float16), _DT.DATA_TYPE_INT8: np.dtype(np.int8),
-    _DT.DATA_TYPE_INT16: np.dtype(np.int16), _DT.DATA_TYPE_INT32: np.dtype(np.int32),
-    _DT.DATA_TYPE_INT64: np.dtype(np.int64), _DT.DATA_TYPE_UINT8: np.dtype(np.uint8),
-    _DT.DATA_TYPE_UINT16: np.dtype(np.uint16), _DT.DATA_TYPE_UINT32: np.dtype(np.uint32),
-    _DT.DATA_TYPE_UINT64: np.dtype(np.uint64), _DT.DATA_TYPE_BOOL: np.dtype(np.bool_),
-}
+NUMPY_OF = NUMERIC_DATA_TYPES  # the tensors a prediction record may hold (no strings)
 METHODS = {pb.DRIFT_METHOD_KS: Method.KS, pb.DRIFT_METHOD_CHISQUARE: Method.CHISQUARE, pb.DRIFT_METHOD_Z: Method.Z,
            pb.DRIFT_METHOD_WASSERSTEIN: Method.WASSERSTEIN, pb.DRIFT_METHOD_JENSENSHANNON: Method.JENSENSHANNON,
            pb.DRIFT_METHOD_PSI: Method.PSI}
