@@ -303,15 +303,20 @@ class PredictionStore:
         con = duckdb.connect()
         try:
             selects = []
+
+            def select_from(name: str, names: list[str]) -> str:
+                cols = ", ".join(_ident(n) for n in names if columns is None or n in META or columns(n))
+                return f"SELECT {cols} FROM {name} WHERE {where}"
+
             for i, (keys, schemas, tables) in enumerate(versions.values()):
                 schema = pa.unify_schemas(schemas)
-                cols = ", ".join(_ident(n) for n in schema.names if columns is None or n in META or columns(n))
-                if keys:
+                if keys:  # (the dataset reads a column a file lacks as nulls)
                     con.register(f"files{i}", self._dataset(keys, schema))
-                    selects.append(f"SELECT {cols} FROM files{i} WHERE {where}")
-                if tables:
-                    con.register(f"pending{i}", pa.concat_tables(tables, promote_options="default"))
-                    selects.append(f"SELECT {cols} FROM pending{i} WHERE {where}")
+                    selects.append(select_from(f"files{i}", schema.names))
+                if tables:  # only the pending rows' own columns: UNION BY NAME fills the others with nulls
+                    pending = pa.concat_tables(tables, promote_options="default")
+                    con.register(f"pending{i}", pending)
+                    selects.append(select_from(f"pending{i}", pending.schema.names))
             return con.sql(" UNION ALL BY NAME ".join(selects), params=[window.start, window.end]).to_arrow_table()
         finally:
             con.close()

@@ -118,6 +118,19 @@ def test_an_endpoints_versions_are_read_together_whatever_their_column_types(db:
     assert "input.x" not in only_outputs.column_names and only_outputs.num_rows == 4
 
 
+def test_pending_rows_without_a_column_the_files_hold_read_it_as_null(db: Database, tmp_path: Path) -> None:
+    # A version's records carry output y; an Arrow batch of the same version that came later does
+    # not. Whether the first rows were compacted yet must not matter (it once made scan fail).
+    store = open_store(db, tmp_path)
+    store.append([(group("full", 3), "records")])
+    store.compact()
+    store.append([(group("bare", 2).drop_columns(["output.y"]), "arrow_ipc")])
+    now = datetime.now(UTC)
+    rows = store.scan(Target("e", "", 0), Window(now - timedelta(hours=1), now + timedelta(hours=1)))
+    got = sorted(zip(rows.column(ID).to_pylist(), rows.column("output.y").to_pylist(), strict=True))
+    assert got == [("bare-0:0", None), ("bare-1:0", None), ("full-0:0", 0), ("full-1:0", 1), ("full-2:0", 2)]
+
+
 def test_ids_dropped_from_memory_are_found_again_in_the_files(db: Database, tmp_path: Path) -> None:
     store = open_store(db, tmp_path, index_max_ids=150)
     for day in range(4):  # four partitions of 100 ids; the index holds at most two at once
