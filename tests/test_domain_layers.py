@@ -24,7 +24,8 @@ TRANSPORT = {
     "services.training": {"app", "__main__", "cli", "server", "convert", "registry_target", "feature_source"},
     "services.inference": {"app", "__main__", "cli", "server", "v2", "convert", "codec", "batch_servicer", "predlog_format", "registry_source",
                             "feature_client"},
-    "services.monitoring": {"app", "__main__", "server", "convert", "wire", "registry_source"},
+    "services.monitoring": {"app", "__main__", "server", "convert", "wire", "registry_source", "alerts_server",
+                            "alerts_convert", "training_trigger"},
 }
 
 

@@ -28,6 +28,16 @@ def check_version(value: int, field: str = "version", *, optional: bool = False)
     raise InvalidArgument(field, f"must be a version number within {allowed}, got {value}")
 
 
+def check_text(value: str, field: str, max_chars: int) -> str:
+    """Free text kept in SQL (a description, a comment): at most `max_chars`, and no NUL, which
+    PostgreSQL's text cannot hold (it would fail as INTERNAL there and pass on SQLite)."""
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"is {len(value)} characters; at most {max_chars}")
+    if "\x00" in value:
+        raise InvalidArgument(field, "holds a NUL character")
+    return value
+
+
 def check_filter(value: str, field: str) -> str:
     if len(value) > MAX_FILTER_CHARS:
         raise InvalidArgument(field, f"is {len(value)} characters; a filter is at most {MAX_FILTER_CHARS}")

@@ -16,7 +16,8 @@ from strata.features.v1 import features_pb2 as fpb
 from strata.features.v1 import features_pb2_grpc
 
 from services.common.client import open_aio_channel
-from services.common.errors import FailedPrecondition, InvalidArgument, StrataError, Unavailable, quote
+from services.common.errors import FailedPrecondition, StrataError, quote
+from services.common.peer import peer_error
 from services.inference.entity_features import OnlineColumn, OnlineRead
 
 _FLOATS = {types_pb2.DATA_TYPE_FLOAT32, types_pb2.DATA_TYPE_FLOAT64}
@@ -111,10 +112,5 @@ class GrpcFeatureReader:
 def _error(e: grpc.aio.AioRpcError, doing: str) -> StrataError:
     """The feature service's answer as this service's error: the caller's keys stay the caller's
     fault (INVALID_ARGUMENT on `entities`); a view or set that is gone is a precondition."""
-    code, details = e.code(), e.details() or ""
-    field, _, problem = details.partition(": ")
-    if code == grpc.StatusCode.INVALID_ARGUMENT and field.startswith("entities"):
-        return InvalidArgument(field, problem)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"the feature store did not answer ({code.name}) when asked to {doing}")
-    return FailedPrecondition(f"the feature store could not {doing}: {code.name} {details}")
+    return peer_error(e, "the feature store", doing, not_found=False,
+                      caller_field=lambda field: field if field.startswith("entities") else None)

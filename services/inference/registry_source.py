@@ -11,9 +11,13 @@ from strata.registry.v1 import registry_pb2 as rpb
 
 from services.clients.registry import RegistryClient
 from services.common.errors import (
-    FailedPrecondition, InvalidArgument, NotFound, StrataError, Unavailable, quote,
+    FailedPrecondition,
+    NotFound,
+    StrataError,
+    quote,
 )
 from services.common.limits import check_version
+from services.common.peer import peer_error
 from services.inference.entity_features import FeatureLineage
 from services.inference.model_store import SourceVersion
 
@@ -78,13 +82,5 @@ class RegistrySource:
 def _registry_error(e: grpc.RpcError, model: str, version: int, alias: str) -> StrataError:
     what = f"models/{quote(model, bare=True)}" + (f"/versions/{version}" if version else
                                                   f"/aliases/{quote(alias, bare=True)}" if alias else "")
-    code = e.code()  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"{what} not found in the registry")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:  # the caller's name, version or alias: still the caller's fault
-        field, _, problem = (e.details() or "").partition(": ")  # type: ignore[attr-defined]
-        return InvalidArgument({"name": "model"}.get(field, field) if problem else "model",
-                               f"{problem or field} (the registry refused {what})")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"registry unreachable while resolving {what}: {e.details()}")  # type: ignore[attr-defined]
-    return FailedPrecondition(f"registry refused {what}: {code.name} {e.details()}")  # type: ignore[attr-defined]
+    # (the caller's name, version or alias refused: still the caller's fault)
+    return peer_error(e, "the registry", what, caller_field=lambda field: {"name": "model", "": "model"}.get(field, field))

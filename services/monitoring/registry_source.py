@@ -8,7 +8,7 @@ from collections.abc import Callable
 import grpc
 
 from services.clients.registry import RegistryClient
-from services.common.errors import FailedPrecondition, NotFound, StrataError, Unavailable
+from services.common.peer import peer_error
 from services.monitoring.references import version_name
 from services.monitoring.types import ModelInfo, TensorSpec
 
@@ -30,7 +30,7 @@ class RegistryCatalog:
         try:
             mv = self.client.resolve(model, version)
         except grpc.RpcError as e:
-            raise _registry_error(e, version_name(model, version)) from None
+            raise peer_error(e, "the registry", version_name(model, version)) from None
         sig = mv.signature
         return ModelInfo(mv.name, mv.version, tuple(TensorSpec(t.name, tuple(t.shape)) for t in sig.inputs),
                          tuple(TensorSpec(t.name, tuple(t.shape)) for t in sig.outputs), mv.lineage.dataset_uri)
@@ -39,11 +39,3 @@ class RegistryCatalog:
         if self._client is not None:
             self._client.close()
 
-
-def _registry_error(e: grpc.RpcError, what: str) -> StrataError:
-    code = e.code()  # type: ignore[attr-defined]
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"{what} not found in the registry")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"registry unreachable while reading {what}: {e.details()}")  # type: ignore[attr-defined]
-    return FailedPrecondition(f"registry refused {what}: {code.name} {e.details()}")  # type: ignore[attr-defined]

@@ -100,10 +100,10 @@ class Platform:
         self.procs["monitoring"] = start_service("monitoring", self.home, port, self.env)
 
 
-def start_platform(home: Path, database_url: str) -> Platform:
+def start_platform(home: Path, database_url: str, extra: dict[str, str] | None = None) -> Platform:
     rp, mp = free_port(), free_port()
     env = {"STRATA_HOME": str(home), "STRATA_AUTH": "disabled", "STRATA_REGISTRY_ADDR": f"127.0.0.1:{rp}",
-           "STRATA_MONITORING_DATABASE_URL": database_url, "STRATA_MONITORING_COMPACT_SECONDS": "0.5"}
+           "STRATA_MONITORING_DATABASE_URL": database_url, "STRATA_MONITORING_COMPACT_SECONDS": "0.5", **(extra or {})}
     procs: dict[str, object] = {"registry": start_service("registry", home, rp, env)}
     try:
         procs["monitoring"] = start_service("monitoring", home, mp, env)
