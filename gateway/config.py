@@ -25,6 +25,13 @@ gRPC code a service would have used; gRPC callers get a gRPC status as before. R
 any grpcurl goes to one backend, which answers for every service the gateway routes
 (services/common/reflection.py).
 
+Tracing (`GatewayTracing`, from the services' own settings by default: STRATA_TRACING=otlp and
+STRATA_OTLP_ENDPOINT): Envoy's OpenTelemetry tracer starts a trace for each request, or continues
+the one an incoming W3C traceparent names, samples STRATA_GATEWAY_TRACE_SAMPLING percent of the
+new ones (default 100), exports its spans over OTLP/gRPC to the collector (a cluster of its own)
+and sends the request's span context upstream, so the service's server span is its child. Without
+it, no tracer is configured and a client's traceparent/tracestate go upstream unchanged.
+
 Dependencies: the gateway imports services/common only, for what the edge and the services must
 agree on (the token format, client TLS, the access policy table and the V2 protocol's rules, the
 reflection header), and never a service's package: it is built from the descriptor set and the
@@ -34,9 +41,11 @@ shared runtime, not from the services (tests/gateway/test_dependencies.py).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +166,86 @@ function envoy_on_request(handle)
   if service ~= nil and service:match("^[%%w_.]+$") then headers:add(HEADER, service) end
 end
 """ % HEALTH_SERVICE_HEADER
+
+
+TRACING_CLUSTER = "opentelemetry_collector"
+TRACING_SERVICE_NAME = "strata-gateway"  # as the services' "strata-<name>" (telemetry.setup_tracing)
+
+
+@dataclass(frozen=True)
+class GatewayTracing:
+    """Where the gateway sends its spans (an OTLP/gRPC collector, host:port or http(s)://host:port)
+    and the percentage of new traces it samples (a traceparent that arrives keeps its decision)."""
+
+    otlp_endpoint: str
+    sampling_percent: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sampling_percent <= 100:
+            raise ValueError(f"trace sampling must be a percentage (0-100), got {self.sampling_percent}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayTracing | None:
+        """The services' tracing settings, read the way they read them: STRATA_TRACING=otlp turns it
+        on, STRATA_OTLP_ENDPOINT (default 127.0.0.1:4317) is the collector; the sampling percentage
+        is STRATA_GATEWAY_TRACE_SAMPLING. None when STRATA_TRACING is not otlp ("console" has no
+        Envoy counterpart)."""
+        env = os.environ if env is None else env
+        if env.get("STRATA_TRACING", "none").lower() != "otlp":
+            return None
+        raw = env.get("STRATA_GATEWAY_TRACE_SAMPLING", "100")
+        try:
+            percent = float(raw)
+        except ValueError:
+            raise ValueError(f"STRATA_GATEWAY_TRACE_SAMPLING must be a percentage, got {raw!r}") from None
+        return cls(env.get("STRATA_OTLP_ENDPOINT") or "127.0.0.1:4317", percent)
+
+
+_FROM_ENV: Any = object()  # render_envoy_config's default: GatewayTracing.from_env()
+
+
+def _tracing_config(tracing: GatewayTracing) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the connection manager's `tracing`, the collector's cluster)."""
+    endpoint = tracing.otlp_endpoint
+    scheme, sep, rest = endpoint.partition("://")
+    secure = sep and scheme.lower() == "https"
+    host, port = _split_host_port((rest if sep else endpoint).rstrip("/"))
+    http = {
+        "random_sampling": {"value": tracing.sampling_percent},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _any(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": TRACING_CLUSTER}, "timeout": "1s"},
+                service_name=TRACING_SERVICE_NAME,
+            ),
+        },
+    }
+    cluster = _cluster(TRACING_CLUSTER, host, port, upstream_tls_socket(host, ClientTLS()) if secure else None)
+    return http, cluster
+
+
+def _cluster(name: str, host: str, port: int, transport_socket: dict[str, Any] | None) -> dict[str, Any]:
+    """An HTTP/2 (gRPC) upstream cluster at host:port."""
+    return {
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "2s",
+        **({"transport_socket": transport_socket} if transport_socket else {}),
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": _http2_options()},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
+            ],
+        },
+    }
 
 
 def _any(type_name: str, **fields: Any) -> dict[str, Any]:
@@ -558,13 +647,20 @@ def render_envoy_config(
     anonymous_rate_limit_per_second: int | None = None,
     auth_enabled: bool = True,
     upstream_tls: ClientTLS | None = None,
+    tracing: GatewayTracing | None = _FROM_ENV,
 ) -> dict[str, Any]:
     """Envoy bootstrap for the gateway; `upstreams` maps a service key ("registry") to host:port.
     `rate_limit_per_second`: each principal's budget; `anonymous_rate_limit_per_second` (default:
     the same): the one budget all requests without a verified principal share (all requests when
-    `auth_enabled` is false). `upstream_tls`: the services speak TLS (see `upstream_tls_socket`)."""
+    `auth_enabled` is false). `upstream_tls`: the services speak TLS (see `upstream_tls_socket`).
+    `tracing`: Envoy's OpenTelemetry tracer (default: `GatewayTracing.from_env()`, the services'
+    STRATA_TRACING/STRATA_OTLP_ENDPOINT; None: no tracer)."""
     if not upstreams:
         raise ValueError("at least one upstream is needed")
+    if tracing is _FROM_ENV:
+        tracing = GatewayTracing.from_env()
+    if tracing is not None and TRACING_CLUSTER in upstreams:
+        raise ValueError(f"{TRACING_CLUSTER!r} is the tracing collector's cluster, not a service key")
     fds = _load(descriptor_path)
     files = _served_files(fds, upstreams)
     services = [f"{f.package}.{s.name}" for f in files for s in f.service]
@@ -647,35 +743,10 @@ def render_envoy_config(
     clusters = []
     for key, address in upstreams.items():
         host, port = _split_host_port(address)
-        clusters.append(
-            {
-                "name": key,
-                "type": "STRICT_DNS",
-                "dns_lookup_family": "V4_PREFERRED",
-                "connect_timeout": "2s",
-                **({"transport_socket": upstream_tls_socket(host, upstream_tls)} if upstream_tls else {}),
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        explicit_http_config={"http2_protocol_options": _http2_options()},
-                    )
-                },
-                "load_assignment": {
-                    "cluster_name": key,
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {
-                                    "endpoint": {
-                                        "address": {"socket_address": {"address": host, "port_value": port}}
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                },
-            }
-        )
+        clusters.append(_cluster(key, host, port, upstream_tls_socket(host, upstream_tls) if upstream_tls else None))
+    if tracing is not None:
+        connection_manager["tracing"], collector = _tracing_config(tracing)
+        clusters.append(collector)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {

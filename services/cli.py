@@ -11,6 +11,8 @@
     strata deploy | traffic set | rollback | endpoints ... | predict   (see services/inference/cli.py)
     strata features apply | list | materialize | get | stats          (see services/features/cli.py)
     strata train submit job.yaml --watch | train watch JOB | runs compare RUN...  (services/training/cli.py)
+    strata monitor drift|quality|performance [ENDPOINT] [--model M --version V] [--since 6h] [--json]
+    strata monitor report [ENDPOINT] [--model M --version V] [--since 6h] --html report.html
 
 The registry address comes from --addr or STRATA_REGISTRY_ADDR (default 127.0.0.1 at
 STRATA_REGISTRY_PORT, 50051: the same settings as `strata up`), the bearer token from --token or
@@ -23,15 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from strata.monitoring.v1 import monitoring_pb2 as mpb
 from strata.registry.v1 import registry_pb2 as pb
 
+from services.clients.monitoring import MonitoringClient, time_window
 from services.clients.registry import RegistryClient
 from services.common.settings import admin_port, listen_port, peer_address
 from services.features import cli as features_cli
@@ -185,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     inference_cli.add_commands(sub, ap)
     features_cli.add_commands(sub, ap)
     training_cli.add_commands(sub, ap)
+    _add_monitor_commands(sub, ap)
     tok = sub.add_parser("token", help="mint a development HS256 token")
     tok.add_argument("--secret", default=os.environ.get("STRATA_JWT_SECRET"))
     tok.add_argument("--sub", required=True)
@@ -215,6 +222,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcomm
         return features_cli.run(args)
     if args.cmd in training_cli.COMMANDS:
         return training_cli.run(args)
+    if args.cmd == "monitor":
+        return _monitor(args)
     out = args.json
     with RegistryClient(args.addr, args.token, args.tls_ca) as c:
         s = c.stub
@@ -269,6 +278,141 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per subcomm
             _print(events, out, lambda e: f"{e.time.ToJsonString()}  {e.principal:<12} {e.outcome:<18} "
                                           f"{e.method.rsplit('/', 1)[-1]:<28} {e.resource}")
     return 0
+
+
+# -- strata monitor ------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90s', '30m', '6h', '7d', '2w', or several together ('1h30m')."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30m, 6h, 7d or 1h30m")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero")
+    return timedelta(seconds=seconds)
+
+
+def _add_monitor_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    parent.add_argument("--monitoring-addr", default=peer_address("monitoring"),
+                        help="monitoring service host:port (STRATA_MONITORING_ADDR, else 127.0.0.1:50055)")
+    mon = sub.add_parser("monitor", help="drift, data quality and performance of served predictions")
+    actions = mon.add_subparsers(dest="action", required=True)
+    what = {"drift": "data and prediction drift against each version's reference",
+            "quality": "missing values, out-of-range numbers, type mismatches, unseen categories",
+            "performance": "metrics on the predictions whose ground truth has arrived",
+            "report": "the drift report as a self-contained HTML page"}
+    for action, help_text in what.items():
+        p = actions.add_parser(action, help=help_text)
+        p.add_argument("endpoint", nargs="?", default="", help="endpoint (or give --model and --version)")
+        p.add_argument("--model", default="")
+        p.add_argument("--version", type=int, default=0)
+        p.add_argument("--since", type=parse_duration, default=None, metavar="DURATION",
+                       help="window start before now: 30m, 6h, 7d (default: the service's, a day)")
+        if action == "report":
+            p.add_argument("--html", type=Path, required=True, metavar="FILE", help="where to write the page")
+        else:
+            p.add_argument("--json", dest="monitor_json", action="store_true", help="print JSON instead of tables")
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    if bool(args.model) != bool(args.version):
+        raise SystemExit("error: give --model and --version together")
+    if not args.endpoint and not args.model:
+        raise SystemExit("error: give an ENDPOINT, or --model and --version")
+    start = datetime.now(UTC) - args.since if args.since else None
+    target = {"endpoint": args.endpoint, "model": args.model, "version": args.version,
+              "window": time_window(start)}
+    with MonitoringClient(args.monitoring_addr, args.token, args.tls_ca) as c:
+        if args.action == "report":
+            page = c.drift_html(**target)
+            args.html.write_text(page, encoding="utf-8")
+            print(f"{args.html}: {len(page.encode()):,} bytes")
+            return 0
+        as_json = args.json or args.monitor_json
+        if args.action == "drift":
+            _print(c.drift(**target), as_json, _drift_table)
+        elif args.action == "quality":
+            _print(c.quality(**target), as_json, _quality_table)
+        else:
+            _print(c.performance(**target), as_json, _performance_table)
+    return 0
+
+
+def _window_line(w: mpb.TimeWindow) -> str:
+    return f"window {w.start_time.ToJsonString()} .. {w.end_time.ToJsonString()}"
+
+
+def _version_title(v: mpb.VersionDrift | mpb.VersionQuality | mpb.VersionPerformance) -> str:
+    return f"models/{v.model}/versions/{v.version}{' (shadow)' if v.shadow else ''}  rows {v.rows:,}"
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]]
+
+
+def _kind(kind: int) -> str:
+    return mpb.ColumnKind.Name(kind).removeprefix("COLUMN_KIND_").lower()
+
+
+def _drift_table(r: mpb.GetDriftReportResponse) -> str:
+    lines = [_window_line(r.window)]
+    for v in r.versions:
+        lines.append(f"{_version_title(v)}  drifted {v.drifted_features} of {len(v.features)} features "
+                     f"({v.share_drifted:.0%})  dataset drift: {'yes' if v.dataset_drifted else 'no'}")
+        rows = [[c.column, role, _kind(c.kind), mpb.DriftMethod.Name(c.method).removeprefix("DRIFT_METHOD_").lower(),
+                 f"{c.score:.4g}", f"{c.threshold:g}", "DRIFT" if c.drifted else "no", f"{c.null_share:.1%}"]
+                for role, cols in (("feature", v.features), ("output", v.predictions)) for c in cols]
+        lines += _grid(["COLUMN", "ROLE", "KIND", "METHOD", "SCORE", "THRESHOLD", "DRIFTED", "NULLS"], rows)
+        if v.missing_columns:
+            lines.append(f"  missing from the window: {', '.join(v.missing_columns)}")
+    return "\n".join(lines)
+
+
+def _quality_table(r: mpb.GetDataQualityResponse) -> str:
+    lines = [_window_line(r.window)]
+    for v in r.versions:
+        lines.append(_version_title(v))
+        rows = []
+        for role, cols in (("feature", v.features), ("output", v.predictions)):
+            for c in cols:
+                unseen = "-" if c.kind != mpb.COLUMN_KIND_CATEGORICAL else (
+                    f"{c.unseen_rows:,} ({c.unseen_share:.1%})"
+                    + (f" e.g. {', '.join(repr(x) for x in c.unseen_examples[:3])}" if c.unseen_examples else ""))
+                out_of_range = "-" if c.kind != mpb.COLUMN_KIND_NUMERIC else \
+                    f"{c.out_of_range:,} ({c.out_of_range_share:.1%})"
+                rows.append([c.column, role, c.window_type, f"{c.null_share:.1%} ({c.reference_null_share:.1%})",
+                             out_of_range, f"{c.type_mismatches:,}", unseen])
+        lines += _grid(["COLUMN", "ROLE", "TYPE", "NULLS (REFERENCE)", "OUT OF RANGE", "TYPE MISMATCHES",
+                        "UNSEEN CATEGORIES"], rows)
+        if v.missing_columns:
+            lines.append(f"  missing from the window: {', '.join(v.missing_columns)}")
+        if v.extra_columns:
+            lines.append(f"  not in the reference: {', '.join(v.extra_columns)}")
+    return "\n".join(lines)
+
+
+def _performance_table(r: mpb.GetPerformanceResponse) -> str:
+    lines = [_window_line(r.window)]
+    for v in r.versions:
+        task = mpb.Task.Name(v.task).removeprefix("TASK_").lower()
+        lines.append(f"{_version_title(v)}  labelled {v.labeled_rows:,} ({v.label_coverage:.0%})  {task}")
+        kind = v.WhichOneof("metrics")
+        if kind:
+            m = getattr(v, kind)
+            # Every double the message has (a metric of 0 included); an unset optional one is left out.
+            values = [(f.name, getattr(m, f.name)) for f in m.DESCRIPTOR.fields
+                      if f.type == f.TYPE_DOUBLE and (not f.has_presence or m.HasField(f.name))]
+            lines.append("  " + "  ".join(f"{k} {x:.4g}" for k, x in values))
+        if v.note:
+            lines.append(f"  note: {v.note}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

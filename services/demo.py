@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,8 +76,11 @@ def _grpcurl_tls() -> list[str]:
 def _rest(gateway: str, path: str, token: str, body: dict) -> dict:
     req = urllib.request.Request(f"{gateway}{path}", data=json.dumps(body).encode(), method="POST", headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # the gateway's JSON error says what was wrong
+        raise AssertionError(f"POST {path}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
 
 
 def _features_demo(home: Path, gateway: str) -> None:
@@ -209,6 +213,68 @@ def _training_demo(home: Path, gateway: str) -> None:
     print(f"patients 0 and 19 -> labels {labels} (true {[int(d.target[0]), int(d.target[19])]}), "
           f"from the {len(names)} features the model was trained on, read online")
     assert len(labels) == 2
+    _monitoring_demo(gateway, developer, model, version, endpoint, job["spec"], [f"{view}__{x}" for x in names],
+                     d.data[:, cols], n)
+
+
+def _monitoring_demo(gateway: str, developer: str, model: str, version: int, endpoint: str, spec: dict,
+                     inputs: list[str], features: np.ndarray, n: int) -> None:
+    """Live traffic watched: the reference from the training set the lineage names, an alert rule
+    on dataset drift that retrains through a training schedule, calm traffic by entity key, then
+    drift injected (six of the eight features shifted) and the alert it raises."""
+    _step("monitoring: reference = the model's training set (lineage), a drift alert rule that retrains (REST)")
+    ref = _rest(gateway, f"/v1/monitoring/models/{model}/versions/{version}/reference", developer,
+                {"prediction_columns": {"label": "target"}})["reference"]
+    print(f"reference: {ref['rows']} rows of {ref['table_uri']}, columns "
+          f"{[c['name'] + ' <- ' + c['source_column'] for c in ref['columns']][:3]} ...")
+    retrain = {k: v for k, v in spec.items() if k != "hpo"}  # one fit, no search: a quick retrain
+    schedule = _rest(gateway, "/v1/training/schedules", developer, {"schedule": {
+        "description": f"retrain {model} on drift", "spec": retrain}})["schedule"]
+    rule = {"name": f"{endpoint}-drift", "endpoint": endpoint, "enabled": True, "interval_seconds": 60,
+            "condition": {"kind": "CONDITION_KIND_DATASET_DRIFT"}, "window_seconds": 3600,
+            "training_schedule_id": schedule["schedule_id"]}
+    _rest(gateway, "/v1/monitoring/alert-rules", developer, {"rule": rule})
+    print(f"alert rule {rule['name']}: dataset drift over the last hour, evaluated every minute, retrains through "
+          f"schedule {schedule['schedule_id']}")
+
+    _step("live traffic: every patient by entity key, then the same patients with drifted measurements")
+    for start in range(0, n, 100):
+        _rest(gateway, f"/v1/endpoints/{endpoint}:predict", developer,
+              {"entities": [{"patient_id": i} for i in range(start, min(start + 100, n))]})
+    _wait_logged(gateway, developer, endpoint, n)
+    calm = _rest(gateway, f"/v1/monitoring/alert-rules/{rule['name']}:evaluate", developer, {})
+    print(f"{n} predictions logged; rule evaluated: {len(calm.get('open_alerts', []))} open alerts")
+    drifted = features.copy()
+    drifted[:, :6] = drifted[:, :6] * 1.6 + drifted[:, :6].std(axis=0) * 0.5  # a recalibrated instrument
+    for start in range(0, n, 100):
+        _rest(gateway, f"/v1/endpoints/{endpoint}:predict", developer,
+              {"rows": [dict(zip(inputs, row.tolist(), strict=True)) for row in drifted[start:start + 100]]})
+    _wait_logged(gateway, developer, endpoint, 2 * n)
+    fired = _rest(gateway, f"/v1/monitoring/alert-rules/{rule['name']}:evaluate", developer, {})
+    assert fired.get("open_alerts"), f"no alert after the injected drift: {fired['rule'].get('last_evaluation_note')}"
+    alert = fired["open_alerts"][0]
+    print(f"ALERT {alert['alert_id']} on {alert['target']}: {alert['message']}")
+    job = alert.get("training_job_id") or "(trigger failed: " + alert.get("trigger_error", "") + ")"
+    print(f"retraining job submitted by the alert: {job}")
+    _show("curl", "-H", AUTH_HEADER, "-d", "{}", f"{gateway}/v1/monitoring/alert-rules/{rule['name']}:evaluate")
+    _show("curl", "-H", AUTH_HEADER, f"{gateway}/v1/monitoring/alerts")
+    _show("curl", "-H", AUTH_HEADER, "-o", "drift.html", f"{gateway}/v1/monitoring/drift:html?endpoint={endpoint}")
+
+
+def _wait_logged(gateway: str, token: str, endpoint: str, rows: int, timeout: float = 30) -> None:
+    """Until the inference service's prediction log has delivered `rows` predictions of the endpoint."""
+    deadline, got = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        try:
+            report = _get(gateway, f"/v1/monitoring/performance?endpoint={endpoint}", token)
+            got = sum(int(v["rows"]) for v in report.get("versions", []))
+        except urllib.error.HTTPError as e:
+            if e.code != 404:  # (404: nothing of the endpoint has arrived yet)
+                raise
+        if got >= rows:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{got} of {rows} predictions of {endpoint} reached monitoring in {timeout} s")
 
 
 def _weights(path: Path) -> tuple[np.ndarray, np.ndarray]:

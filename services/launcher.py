@@ -28,8 +28,9 @@ from services.dev_credentials import dev_secret, write_tokens
 
 log = logging.getLogger("strata.launcher")
 
-# The services `strata up` runs, in start order. Add the others here as they land.
-PLATFORM_SERVICES = ["registry", "features", "training", "inference"]
+# The services `strata up` runs, in start order (monitoring before inference, whose prediction log
+# it receives). Add the others here as they land.
+PLATFORM_SERVICES = ["registry", "features", "training", "monitoring", "inference"]
 #: The MLflow tracking UI over the training service's backend (STRATA_MLFLOW_PORT), as MLflow users expect.
 MLFLOW_PORT = 5000
 
@@ -137,6 +138,8 @@ def run_platform(*, home: Path, demo: bool = False, auth: bool = True, host: str
         key = f"STRATA_{name.upper()}_WORKERS"
         env[key] = os.environ.get(key, str(min(2, os.cpu_count() or 1)))
     env["STRATA_TRAINING_WORKERS"] = os.environ.get("STRATA_TRAINING_WORKERS", "1")
+    # Inference sends its prediction log to the platform's monitoring service (STRATA_MONITORING_ADDR).
+    env["STRATA_INFERENCE_MONITORING"] = os.environ.get("STRATA_INFERENCE_MONITORING", "auto")
     secret = None
     if auth:
         secret = dev_secret(home)

@@ -22,8 +22,8 @@ TRANSPORT = {
     "services.registry": {"app", "__main__", "server", "card"},
     "services.features": {"app", "__main__", "cli", "servicer", "convert", "wire"},
     "services.training": {"app", "__main__", "cli", "server", "convert", "registry_target", "feature_source"},
-    "services.inference": {"app", "__main__", "cli", "server", "v2", "convert", "codec", "batch_servicer", "predlog_format", "registry_source",
-                            "feature_client"},
+    "services.inference": {"app", "__main__", "cli", "server", "v2", "convert", "codec", "batch_servicer", "predlog_format",
+                            "registry_source", "feature_client", "monitoring_sink"},
     "services.monitoring": {"app", "__main__", "server", "convert", "wire", "registry_source", "alerts_server",
                             "alerts_convert", "training_trigger"},
 }

@@ -26,6 +26,7 @@ from sqlalchemy import and_, delete, insert, select
 from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.timeutil import as_utc
+from services.features import prom_metrics
 from services.features import tables as t
 from services.features.definitions import Definitions, ViewDef
 from services.features.files import OfflineFiles
@@ -106,6 +107,7 @@ class Materializer:
         # without statistics, so the last real profile stays the one served.
         stats = statistics_json(self._statistics(view, table, start_us, end_us)) if rows else None
         self._record(spec.name, spec.version, start_us, end_us, rows, stats)
+        prom_metrics.materialized(spec.name, end_us, rows)
         yield replace(progress, done=True)
 
     def _record(self, view: str, version: int, start_us: int, end_us: int, rows: int,

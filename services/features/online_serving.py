@@ -22,6 +22,7 @@ import numpy as np
 
 from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.swr_cache import NotCached, SwrCache
+from services.features import prom_metrics
 from services.features.definitions import Definitions, ViewDef, one_feature_list, parse_refs
 from services.features.online import FLOATS, INTS, Decoded, OnlineStore, RowCodec
 from services.features.types import (
@@ -302,6 +303,7 @@ class OnlineFeatures:
         if self.offline_append is not None:  # first: the durable record; a failure writes nothing online
             self.offline_append(cached.view, dict(request.entities), ts, columns, nulls)
         self.store.write(spec.name, spec.version, keys, codec.encode(ts, columns, nulls))
+        prom_metrics.pushed(spec.name, int(ts.max()), rows)
         return PushResult(rows_written=rows, view_version=spec.version)
 
 

@@ -26,7 +26,8 @@ from services.inference.endpoints import EndpointStore
 from services.inference.entity_features import EntityFeatures
 from services.inference.feature_client import GrpcFeatureReader
 from services.inference.model_store import ModelStore
-from services.inference.predlog import FileSink, PredictionLog
+from services.inference.monitoring_sink import MonitoringSink
+from services.inference.predlog import FileSink, PredictionLog, Sink
 from services.inference.predlog_format import Encoder
 from services.inference.registry_source import RegistrySource
 from services.inference.routing import Engine
@@ -34,6 +35,19 @@ from services.inference.server import InferenceServicer
 from services.inference.v2 import V2Servicer
 
 log = logging.getLogger("strata.inference")
+
+
+def prediction_sink(config: InferenceConfig, settings: ServiceSettings, log_dir: Path, worker: str) -> Sink:
+    """The monitoring service when configured, else a local file per serving process. With
+    monitoring, no local file is kept besides the spool: monitoring holds the rows durably once it
+    answers, and the file would grow without bound beside it."""
+    address = config.monitoring_address
+    if address is None:
+        return FileSink(log_dir / f"{worker}.binpb")
+    log.info("prediction log goes to the monitoring service", extra={"fields": {"monitoring": address}})
+    rejected = FileSink(log_dir / "rejected" / f"{worker}.binpb")  # records monitoring refuses as invalid
+    return MonitoringSink(address, config.monitoring_credentials(settings), rejected,
+                          timeout=config.monitoring_timeout_seconds)
 
 
 def build_service(settings: ServiceSettings | None = None, config: InferenceConfig | None = None) -> Service:
@@ -53,7 +67,7 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
     if config.prediction_log == "disabled":
         log.warning("PREDICTION LOGGING IS DISABLED (STRATA_INFERENCE_PREDICTION_LOG=disabled)")
     log_dir = Path(config.prediction_log) if config.prediction_log not in ("", "disabled") else home / "predictions"
-    sink = FileSink(log_dir / f"{worker}.binpb")
+    sink = prediction_sink(config, settings, log_dir, worker)
     predlog = PredictionLog(sink, log_dir / "spool", encode=Encoder().encode,
                             capacity=0 if config.prediction_log == "disabled" else 100_000)
     endpoints = EndpointStore(db, keep_revisions=config.stats_keep_revisions)
@@ -114,7 +128,10 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         await engine.close()
         await store.close()
         await features.close()
-        predlog.close()
+        # (long enough for a delivery under way to finish, or fail and be spooled: never cut short)
+        predlog.close(timeout=config.monitoring_timeout_seconds + 5)
+        if isinstance(sink, MonitoringSink):
+            sink.close()
         db.dispose()
 
     plane = DataPlane(engine, ready, EntityFeatures(features))

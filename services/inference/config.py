@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.auth import service_token
 from services.common.process_tuning import threads_per_process
-from services.common.settings import ServiceConfig, ServiceSettings
+from services.common.settings import ServiceConfig, ServiceSettings, peer_address
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import STATS_KEEP_REVISIONS
 
@@ -40,6 +40,24 @@ class InferenceConfig(ServiceConfig):
     stats_prune_seconds: float = Field(60.0, gt=0, allow_inf_nan=False, description="how often that table is pruned")
     batch_paths: str = Field("", description="os.pathsep-separated local directories batch jobs may read and "
                                              "write besides the artifact store")
+    monitoring: str = Field("", description="where the prediction log goes: empty: files under "
+                                            "STRATA_INFERENCE_PREDICTION_LOG; auto: the monitoring service at "
+                                            "STRATA_MONITORING_ADDR (its default address otherwise); host:port: the "
+                                            "monitoring service there")
+    monitoring_token: SecretStr | None = Field(None, description="the service's identity towards monitoring "
+                                                                  "(default: a developer token minted from "
+                                                                  "STRATA_JWT_SECRET; ingestion needs that role)")
+    monitoring_timeout_seconds: float = Field(10.0, gt=0, le=60, allow_inf_nan=False,
+                                              description="deadline of one delivery to monitoring (shutdown "
+                                                          "waits this long, plus 5 s, for the last one)")
+
+    @field_validator("monitoring")
+    @classmethod
+    def _monitoring_target(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if value in ("", "auto") or (sep and host and port.isdigit()):
+            return value
+        raise ValueError("must be empty (local files), auto, or host:port of the monitoring service")
 
     # -- derived -------------------------------------------------------------------------------
     # services.common.workers imports the gRPC server (and so generated code): read when the
@@ -72,6 +90,19 @@ class InferenceConfig(ServiceConfig):
     @property
     def local_batch_paths(self) -> tuple[str, ...]:
         return tuple(p for p in self.batch_paths.split(os.pathsep) if p)
+
+    @property
+    def monitoring_address(self) -> str | None:
+        """Where the prediction log is sent; None: it is written to local files."""
+        if not self.monitoring:
+            return None
+        return peer_address("monitoring") if self.monitoring == "auto" else self.monitoring
+
+    def monitoring_credentials(self, settings: ServiceSettings) -> str | None:
+        """The token inference presents to monitoring: STRATA_INFERENCE_MONITORING_TOKEN, else,
+        with auth on and an HS256 secret, one minted for the service with the developer role
+        (IngestPredictions' minimum)."""
+        return service_token(settings, "strata-inference", ["developer"], self.monitoring_token)
 
     def registry_credentials(self, settings: ServiceSettings) -> str | None:
         """The token inference presents to the registry: STRATA_INFERENCE_REGISTRY_TOKEN, else, with

@@ -24,7 +24,7 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 
 from services.common.errors import (
-    Aborted, FailedPrecondition, NotFound, ResourceExhausted, StrataError, Unavailable, quote,
+    Aborted, FailedPrecondition, NotFound, StrataError, Unavailable, quote,
 )
 from services.inference.batching import BatchingConfig
 from services.inference.endpoints import LATENCY_BUCKETS_MS, EndpointStore, p99_ms
@@ -319,24 +319,26 @@ class Engine:
                      feeds: dict[str, np.ndarray], rows: int, request_id: str, *, shadow: bool) -> Result:
         ref = model.ref
         started = time.perf_counter()
-        error = ""
+        error, done = "", False
         try:
             outputs = await model.batcher(batching).infer(feeds, rows)
-        except ResourceExhausted as e:
+            done = True
+        except StrataError as e:  # refused (the queue is full, the model is going away): an error answered
             error = e.message
-            raise
-        except StrataError:
             raise
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             raise ModelFailed(f"models/{ref.model}/versions/{ref.version} failed: {e}") from e
         finally:
             ms = (time.perf_counter() - started) * 1000
-            if endpoint:
-                self._stats.observe(endpoint, revision, target_key(ref, shadow), ms, bool(error))
-            ok_count, err_count, latency = self._metrics(endpoint, ref)
-            (err_count if error else ok_count).inc()
-            latency.observe(ms / 1000)
+            # Neither done nor an error: cancelled (the caller went away), so not answered, not
+            # logged and not counted: the predictions counted are the predictions logged.
+            if done or error:
+                if endpoint:
+                    self._stats.observe(endpoint, revision, target_key(ref, shadow), ms, bool(error))
+                ok_count, err_count, latency = self._metrics(endpoint, ref)
+                (err_count if error else ok_count).inc()
+                latency.observe(ms / 1000)
             if error:
                 self.predlog.record((time.time(), request_id, endpoint, ref.model, ref.version, revision, shadow,
                                      ms, feeds, [], error))

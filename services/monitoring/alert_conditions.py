@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-from services.monitoring import reports
+from services.monitoring import prom_metrics, reports
 from services.monitoring.alerts import (
     LOWER_IS_BETTER,
     ConditionKind,
@@ -45,7 +45,9 @@ class ConditionJudge:
         start = now - timedelta(seconds=spec.window_seconds)
         if c.kind == ConditionKind.DATASET_DRIFT:
             share = c.threshold or DEFAULT_DRIFT_SHARE
-            report = reports.drift(self.predictions, self.references, DriftQuery(target, start, now, {}, share), now)
+            query = DriftQuery(target, start, now, {}, share)
+            report = reports.drift(self.predictions, self.references, query, now)
+            prom_metrics.drift_computed(query, report)  # (the dashboards follow what the rules see)
             return [Verdict(version_target(v.model, v.version, v.shadow), v.features.dataset_drifted,
                             v.features.share_drifted, share,
                             f"{v.features.n_drifted} of {len(v.features.features)} features drifted "
@@ -61,8 +63,9 @@ class ConditionJudge:
     def _column_drift(self, rule: Rule, target: Target, start: datetime,
                       now: datetime) -> tuple[list[Verdict], list[str]]:
         c = rule.spec.condition
-        report = reports.drift(self.predictions, self.references,
-                               DriftQuery(target, start, now, {c.column: drift_override(c)}), now)
+        query = DriftQuery(target, start, now, {c.column: drift_override(c)})
+        report = reports.drift(self.predictions, self.references, query, now)
+        prom_metrics.drift_computed(query, report)
         verdicts, notes = [], []
         for v in report.versions:
             name = version_target(v.model, v.version, v.shadow)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
+from google.api import httpbody_pb2
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 from strata.inference.v1 import inference_pb2 as ipb
@@ -17,9 +18,9 @@ from services.common.limits import check_timestamp, timestamp_from_pb
 from services.monitoring import wire
 from services.monitoring.drift import ColumnKind, FeatureDrift, Method, Override
 from services.monitoring.types import (
-    ArrowBatch, ClassificationMetrics, DriftQuery, DriftReport, IngestResult, Label, PerformanceQuery,
-    PerformanceReport, RecordGroup, Reference, ReferenceRequest, Role, Target, Task, VersionDrift,
-    VersionPerformance, Window,
+    ArrowBatch, ClassificationMetrics, ColumnQuality, DriftQuery, DriftReport, IngestResult, Label, PerformanceQuery,
+    PerformanceReport, QualityQuery, QualityReport, RecordGroup, Reference, ReferenceRequest, Role, Target, Task,
+    VersionDrift, VersionPerformance, VersionQuality, Window,
 )
 
 NUMPY_OF = NUMERIC_DATA_TYPES  # the tensors a prediction record may hold (no strings)
@@ -173,11 +174,14 @@ def reference_pb(r: Reference) -> pb.Reference:
 
 # -- reports -------------------------------------------------------------------------------------
 
-def _target(r: pb.GetDriftReportRequest | pb.GetPerformanceRequest) -> Target:
+Targeted = pb.GetDriftReportRequest | pb.GetPerformanceRequest | pb.GetDataQualityRequest
+
+
+def _target(r: Targeted) -> Target:
     return Target(r.endpoint, r.model, r.version)
 
 
-def _window(r: pb.GetDriftReportRequest | pb.GetPerformanceRequest) -> tuple[datetime | None, datetime | None]:
+def _window(r: Targeted) -> tuple[datetime | None, datetime | None]:
     w = r.window
     return (_time(w.start_time, w.HasField("start_time"), "window.start_time"),
             _time(w.end_time, w.HasField("end_time"), "window.end_time"))
@@ -215,6 +219,40 @@ def _version_drift_pb(v: VersionDrift) -> pb.VersionDrift:
 def drift_pb(report: DriftReport) -> pb.GetDriftReportResponse:
     return pb.GetDriftReportResponse(window=window_pb(report.window),
                                      versions=[_version_drift_pb(v) for v in report.versions])
+
+
+HTML = "text/html; charset=utf-8"
+
+
+def html_pb(page: str) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(content_type=HTML, data=page.encode())
+
+
+def quality_query(r: pb.GetDataQualityRequest) -> QualityQuery:
+    return QualityQuery(_target(r), *_window(r))
+
+
+def _column_quality_pb(c: ColumnQuality) -> pb.ColumnQuality:
+    return pb.ColumnQuality(
+        column=c.name, role=ROLE_PB[c.role], kind=KIND_PB[c.kind], window_type=c.window_type, rows=c.rows,
+        values=c.values, null_rows=c.null_rows, null_share=c.null_share, reference_null_share=c.reference_null_share,
+        out_of_range=c.out_of_range, out_of_range_share=c.share(c.out_of_range), reference_min=c.reference_min,
+        reference_max=c.reference_max, type_mismatches=c.type_mismatches,
+        type_mismatch_share=c.share(c.type_mismatches), unseen_rows=c.unseen_rows,
+        unseen_share=c.share(c.unseen_rows), unseen_categories=c.unseen_categories,
+        unseen_examples=list(c.unseen_examples))
+
+
+def _version_quality_pb(v: VersionQuality) -> pb.VersionQuality:
+    return pb.VersionQuality(model=v.model, version=v.version, shadow=v.shadow, rows=v.rows,
+                             features=[_column_quality_pb(c) for c in v.features],
+                             predictions=[_column_quality_pb(c) for c in v.predictions],
+                             missing_columns=list(v.missing_columns), extra_columns=list(v.extra_columns))
+
+
+def quality_pb(report: QualityReport) -> pb.GetDataQualityResponse:
+    return pb.GetDataQualityResponse(window=window_pb(report.window),
+                                     versions=[_version_quality_pb(v) for v in report.versions])
 
 
 def performance_query(r: pb.GetPerformanceRequest) -> PerformanceQuery:

@@ -11,14 +11,14 @@ from typing import TypeVar
 
 from services.common.errors import InvalidArgument
 from services.common.timeutil import utc_now
-from services.monitoring import reports
+from services.monitoring import prom_metrics, reports
 from services.monitoring.labels import GroundTruthStore
 from services.monitoring.references import ReferenceStore
 from services.monitoring.rows import arrow_table, in_message, records_table
 from services.monitoring.store import PredictionStore
 from services.monitoring.types import (
-    ArrowBatch, DriftQuery, DriftReport, IngestResult, Label, PerformanceQuery, PerformanceReport, RecordGroup,
-    Reference, ReferenceRequest,
+    ArrowBatch, DriftQuery, DriftReport, IngestResult, Label, PerformanceQuery, PerformanceReport, QualityQuery,
+    QualityReport, RecordGroup, Reference, ReferenceRequest,
 )
 
 Batch = list[RecordGroup] | ArrowBatch
@@ -32,6 +32,7 @@ class MonitoringDataPlane:
         self.references = references
         self.labels = labels
         self.clock = clock
+        prom_metrics.watch(predictions.db)  # open alerts and stored rows, read at each scrape
 
     async def ingest(self, messages: AsyncIterator[M], decode: Callable[[M], Batch]) -> IngestResult:
         """Store a stream's batches; returns once every row is durable (see store.py). The transport
@@ -68,7 +69,15 @@ class MonitoringDataPlane:
         return await asyncio.to_thread(self.references.get, model, version)
 
     async def drift(self, q: DriftQuery) -> DriftReport:
-        return await asyncio.to_thread(reports.drift, self.predictions, self.references, q, self.clock())
+        report = await asyncio.to_thread(reports.drift, self.predictions, self.references, q, self.clock())
+        prom_metrics.drift_computed(q, report)
+        return report
+
+    async def drift_html(self, q: DriftQuery) -> str:
+        return await asyncio.to_thread(reports.drift_html, self.predictions, self.references, q, self.clock())
+
+    async def quality(self, q: QualityQuery) -> QualityReport:
+        return await asyncio.to_thread(reports.quality, self.predictions, self.references, q, self.clock())
 
     async def performance(self, q: PerformanceQuery) -> PerformanceReport:
         return await asyncio.to_thread(reports.performance, self.predictions, self.references, self.labels, q,

@@ -109,7 +109,8 @@ class ReferenceStore:
                 raise
             raise FailedPrecondition(f"the registry's {e.message}", field=e.field) from None
         schema = _schema(fs, files[0], field, uri)
-        sources = self._columns(req, schema, features, outputs, from_lineage, name)
+        renamed = _lineage_columns(info, features) if from_lineage else {}
+        sources = self._columns(req, schema, features, outputs, from_lineage, name, renamed)
         table, digest = _read(fs, files, [s for s, _, _ in sources], field, uri)
         feature_cols = {n: column_values(table.column(s)) for s, n, role in sources if role is Role.FEATURE}
         prediction_cols = {n: column_values(table.column(s)) for s, n, role in sources if role is Role.PREDICTION}
@@ -140,8 +141,9 @@ class ReferenceStore:
         return ref
 
     def _columns(self, req: ReferenceRequest, schema: pa.Schema, features: ModelColumns, outputs: ModelColumns,
-                 from_lineage: bool, name: str) -> list[tuple[str, str, Role]]:
-        """(table column, model column, role) of each column to profile, features first."""
+                 from_lineage: bool, name: str, renamed: Mapping[str, str]) -> list[tuple[str, str, Role]]:
+        """(table column, model column, role) of each column to profile, features first. `renamed`:
+        training set column -> model column, for a model whose inputs are one [N, F] tensor."""
         names = schema.names
         mapped = {col: out for out, col in req.prediction_columns.items()}
         for out, col in req.prediction_columns.items():
@@ -155,9 +157,10 @@ class ReferenceStore:
             if len(set(chosen)) != len(chosen):
                 raise InvalidArgument("columns", "names a column twice")
         elif from_lineage:  # a training set also holds keys, times and the label: take the model's
-            chosen = [c for c in names if c in features or c in outputs or c in mapped]
+            chosen = [c for c in names if c in features or c in outputs or c in mapped or c in renamed]
             fields = ["lineage.dataset_uri"] * len(chosen)
-            if missing := [c for c in features.names if c not in names]:
+            have = {renamed.get(c, c) for c in names}
+            if missing := [c for c in features.names if c not in have]:
                 raise FailedPrecondition(f"the training set of {name} lacks the model's input column(s) "
                                          f"{', '.join(quote(c) for c in missing[:10])}", field="lineage.dataset_uri")
         else:
@@ -166,6 +169,8 @@ class ReferenceStore:
         for col, field in zip(chosen, fields, strict=True):
             if col in mapped:
                 out.append((col, mapped[col], Role.PREDICTION))
+            elif col in renamed:
+                out.append((col, renamed[col], Role.FEATURE))
             elif col in features:
                 out.append((col, col, Role.FEATURE))
             elif col in outputs:
@@ -259,6 +264,16 @@ class ReferenceStore:
 
 
 # -- the table -----------------------------------------------------------------------------------
+
+def _lineage_columns(info: ModelInfo, features: ModelColumns) -> dict[str, str]:
+    """Training set column -> model column, when the lineage lists the model's features in input
+    order ("{view}:{feature}", the training set's column "{view}__{feature}") and the model takes
+    them as input columns of another name (one [N, F] tensor: "input[0]".. "input[F-1]")."""
+    if not info.features or len(info.features) != len(features.names):
+        return {}
+    table = [ref.replace(":", "__", 1) for ref in info.features]
+    return {col: model_col for col, model_col in zip(table, features.names, strict=True) if col != model_col}
+
 
 def _schema(fs: pafs.FileSystem | None, path: str, field: str, uri: str) -> pa.Schema:
     try:

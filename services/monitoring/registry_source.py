@@ -33,7 +33,8 @@ class RegistryCatalog:
             raise peer_error(e, "the registry", version_name(model, version)) from None
         sig = mv.signature
         return ModelInfo(mv.name, mv.version, tuple(TensorSpec(t.name, tuple(t.shape)) for t in sig.inputs),
-                         tuple(TensorSpec(t.name, tuple(t.shape)) for t in sig.outputs), mv.lineage.dataset_uri)
+                         tuple(TensorSpec(t.name, tuple(t.shape)) for t in sig.outputs), mv.lineage.dataset_uri,
+                         tuple(mv.lineage.features))
 
     def close(self) -> None:
         if self._client is not None:

@@ -1,6 +1,6 @@
-"""Drift and performance over a window of stored predictions.
+"""Drift, data quality and performance over a window of stored predictions.
 
-Both read the target's rows in the window (`PredictionStore.scan`) and report per model version
+Each reads the target's rows in the window (`PredictionStore.scan`) and reports per model version
 and shadow flag: an endpoint's A/B arms, canary and shadow targets side by side, each against its
 own reference. A window is [start, end) of prediction times; end defaults to now, start to a day
 before end.
@@ -24,15 +24,16 @@ import pyarrow.compute as pc
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from services.common.limits import check_version
 from services.common.names import check_name
-from services.monitoring import metrics
+from services.monitoring import html_report, metrics
 from services.monitoring.drift import DatasetDrift, FeatureDrift, Override, ReferenceProfile, drift_report
 from services.monitoring.labels import GroundTruthStore
-from services.monitoring.references import ReferenceStore, version_name
+from services.monitoring.quality import present_columns, version_quality
+from services.monitoring.references import Profiles, ReferenceStore, version_name
 from services.monitoring.rows import ID, INPUT, MODEL, OUTPUT, SHADOW, VERSION, column_values
 from services.monitoring.store import PredictionStore
 from services.monitoring.types import (
-    DriftQuery, DriftReport, PerformanceQuery, PerformanceReport, Target, Task, VersionDrift, VersionPerformance,
-    Window,
+    DriftQuery, DriftReport, Histogram, PerformanceQuery, PerformanceReport, QualityQuery, QualityReport, Target, Task,
+    VersionDrift, VersionDriftView, VersionPerformance, Window,
 )
 
 DEFAULT_WINDOW = timedelta(days=1)
@@ -85,14 +86,37 @@ def _groups(table: pa.Table) -> list[tuple[tuple[str, int, bool], pa.Table]]:
     return out
 
 
-def _present(rows: pa.Table, prefix: str) -> list[str]:
-    """The `prefix` columns with a value in some row (the scan's schema is every version's)."""
-    return [n for n in rows.column_names if n.startswith(prefix) and rows.column(n).null_count < rows.num_rows]
+_present = present_columns
 
 
 # -- drift ---------------------------------------------------------------------------------------
 
 def drift(store: PredictionStore, references: ReferenceStore, q: DriftQuery, now: datetime) -> DriftReport:
+    window, versions = _drift(store, references, q, now)
+    return DriftReport(window, tuple(v for v, _, _ in versions))
+
+
+def drift_html(store: PredictionStore, references: ReferenceStore, q: DriftQuery, now: datetime) -> str:
+    """The drift report as a self-contained HTML page, with each column's histograms (html_report)."""
+    window, versions = _drift(store, references, q, now)
+    views = []
+    for v, rows, profiles in versions:
+        features = _histograms(rows, profiles.features, INPUT, v.features.features)
+        predictions = (_histograms(rows, profiles.predictions, OUTPUT, v.predictions)
+                       if v.predictions and profiles.predictions is not None else {})
+        views.append(VersionDriftView(v, features, predictions))
+    return html_report.render(DriftReport(window, tuple(v.drift for v in views)), views)
+
+
+def _histograms(rows: pa.Table, profile: ReferenceProfile, prefix: str,
+                columns: tuple[FeatureDrift, ...]) -> dict[str, Histogram]:
+    return {f.name: html_report.column_histogram(profile.columns[f.name], column_values(rows.column(prefix + f.name)))
+            for f in columns}
+
+
+def _drift(store: PredictionStore, references: ReferenceStore, q: DriftQuery,
+           now: datetime) -> tuple[Window, list[tuple[VersionDrift, pa.Table, Profiles]]]:
+    """The report's versions, each with its rows and profiles (for what is drawn from them)."""
     if not 0 < q.drift_share <= 1:
         raise InvalidArgument("drift_share", f"must be in (0, 1]; got {q.drift_share}")
     window = resolve_window(q.start, q.end, now)
@@ -117,8 +141,9 @@ def drift(store: PredictionStore, references: ReferenceStore, q: DriftQuery, now
             missing += missing_outputs
             if outputs.columns:
                 predictions = _report(outputs, rows, OUTPUT, q.overrides, q.drift_share).features
-        versions.append(VersionDrift(model, version, shadow, rows.num_rows, report, predictions, tuple(missing)))
-    return DriftReport(window, tuple(versions))
+        versions.append((VersionDrift(model, version, shadow, rows.num_rows, report, predictions, tuple(missing)),
+                         rows, profiles))
+    return window, versions
 
 
 def _window(rows: pa.Table, profile: ReferenceProfile, prefix: str) -> tuple[ReferenceProfile, list[str]]:
@@ -140,6 +165,17 @@ def _report(profile: ReferenceProfile, rows: pa.Table, prefix: str, overrides: M
         # The window's data does not fit the reference (a column all missing, strings against
         # numbers): not the request's fault.
         raise FailedPrecondition(e.message, field=e.field) from None
+
+
+# -- data quality --------------------------------------------------------------------------------
+
+def quality(store: PredictionStore, references: ReferenceStore, q: QualityQuery, now: datetime) -> QualityReport:
+    """Data quality per model version and shadow flag (quality.py). The request's and the window's
+    errors are the drift report's; data that does not fit the reference is counted, not refused."""
+    window = resolve_window(q.start, q.end, now)
+    table = _rows(store, references, q.target, window)
+    groups = [(key, rows, references.profiles(key[0], key[1])) for key, rows in _groups(table)]
+    return QualityReport(window, tuple(version_quality(*key, rows, profiles) for key, rows, profiles in groups))
 
 
 # -- performance ---------------------------------------------------------------------------------

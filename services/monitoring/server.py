@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import grpc
+from google.api import httpbody_pb2
 from strata.monitoring.v1 import monitoring_pb2 as pb
 from strata.monitoring.v1 import monitoring_pb2_grpc
 
@@ -39,6 +40,12 @@ class MonitoringServicer(monitoring_pb2_grpc.MonitoringServiceServicer):
 
     async def GetDriftReport(self, request: pb.GetDriftReportRequest, context) -> pb.GetDriftReportResponse:
         return convert.drift_pb(await self.plane.drift(convert.drift_query(request)))
+
+    async def GetDriftReportHtml(self, request: pb.GetDriftReportRequest, context) -> httpbody_pb2.HttpBody:
+        return convert.html_pb(await self.plane.drift_html(convert.drift_query(request)))
+
+    async def GetDataQuality(self, request: pb.GetDataQualityRequest, context) -> pb.GetDataQualityResponse:
+        return convert.quality_pb(await self.plane.quality(convert.quality_query(request)))
 
     async def GetPerformance(self, request: pb.GetPerformanceRequest, context) -> pb.GetPerformanceResponse:
         return convert.performance_pb(await self.plane.performance(convert.performance_query(request)))

@@ -88,6 +88,7 @@ class ModelInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dataset_uri: str            # the training set of its lineage ("" when none)
+    features: tuple[str, ...] = ()  # the lineage's "{view}:{feature}" per model input column, in order
 
 
 @dataclass(frozen=True)
@@ -239,3 +240,87 @@ class VersionPerformance:
 class PerformanceReport:
     window: Window
     versions: tuple[VersionPerformance, ...]
+
+
+# -- data quality --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QualityQuery:
+    target: Target
+    start: datetime | None
+    end: datetime | None
+
+
+@dataclass(frozen=True)
+class ColumnQuality:
+    """One profiled column of a model version's rows in a window, against its reference. Counts
+    other than `null_rows` are of the non-missing values (`values`)."""
+
+    name: str
+    role: Role
+    kind: ColumnKind            # as profiled in the reference
+    window_type: str            # the stored Arrow type of the window's values ("double", "string", ...)
+    rows: int
+    null_rows: int              # null, NaN or infinite
+    reference_null_share: float
+    out_of_range: int           # numeric reference: outside [reference_min, reference_max]
+    reference_min: float | None
+    reference_max: float | None
+    type_mismatches: int        # values of another kind than the reference's (text against numbers, ...)
+    unseen_rows: int            # categorical reference: values of a category it never had
+    unseen_categories: int      # ... distinct
+    unseen_examples: tuple[str, ...]  # up to 10, the most frequent first
+
+    @property
+    def values(self) -> int:
+        return self.rows - self.null_rows
+
+    @property
+    def null_share(self) -> float:
+        return self.null_rows / self.rows if self.rows else 0.0
+
+    def share(self, count: int) -> float:
+        """`count` as a share of the non-missing values."""
+        return count / self.values if self.values else 0.0
+
+
+@dataclass(frozen=True)
+class VersionQuality:
+    model: str
+    version: int
+    shadow: bool
+    rows: int
+    features: tuple[ColumnQuality, ...]
+    predictions: tuple[ColumnQuality, ...]
+    missing_columns: tuple[str, ...]   # reference columns with no value in the window
+    extra_columns: tuple[str, ...]     # window columns the reference does not profile
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    window: Window
+    versions: tuple[VersionQuality, ...]
+
+
+# -- the HTML drift report -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Histogram:
+    """Reference and window counts over the same bins: for a numeric column `edges` (len(counts) + 1,
+    as numpy.histogram's) and no labels; for a categorical one a label per bin (the top
+    categories, then the rest as one bin) and no edges."""
+
+    reference: np.ndarray       # int64 counts
+    current: np.ndarray
+    edges: np.ndarray | None = None
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VersionDriftView:
+    """A version's drift with the histograms of its columns (by column name; features and outputs
+    apart, as their names may coincide)."""
+
+    drift: VersionDrift
+    feature_histograms: Mapping[str, Histogram]
+    prediction_histograms: Mapping[str, Histogram]

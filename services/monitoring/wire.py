@@ -154,6 +154,61 @@ def _head(data: bytes, start: int, end: int, last: bytes) -> tuple[str, bytes, i
     return rid, head, time_us, pos
 
 
+def _fast_heads(data: bytes, spans: list[tuple[int, int]], last: bytes
+                ) -> tuple[np.ndarray, list[str | None], np.ndarray, np.ndarray]:
+    """`_head` for every record at once, in numpy, for records laid out as the inference service
+    writes them: a request id of at most 127 bytes, then exactly the head bytes `last` (the first
+    record's endpoint..shadow fields), the latency, a time whose seconds and nanos are both set,
+    then tensors. Returns (which records fit, their request ids, times in microseconds, where their
+    tensors start); the others go through `_head` one by one. (Reading each head in Python cost 8.5
+    us a record: 60 % of ingesting a message of single-row records.)"""
+    buf = np.frombuffer(data, np.uint8)
+    size = len(buf)
+    span = np.array(spans, np.int64).reshape(-1, 2)
+    start, end = span[:, 0], span[:, 1]
+
+    def at(pos: np.ndarray, width: int = 1) -> np.ndarray:
+        """Bytes at pos (.. pos + width - 1); 0 past the end (then a check below fails)."""
+        idx = pos[:, None] + np.arange(width)
+        got = buf[np.minimum(idx, size - 1)]
+        got[idx >= np.minimum(end, size)[:, None]] = 0
+        return got if width > 1 else got[:, 0]
+
+    def varint(pos: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(value, the position after it, ok) of a varint of at most `width` bytes at pos."""
+        b = at(pos, width).astype(np.uint64)
+        last_byte = b < 0x80
+        ok = last_byte.any(axis=1)
+        n = np.argmax(last_byte, axis=1)  # index of the last byte
+        keep = np.arange(width) <= n[:, None]
+        value = (((b & 0x7F) << (np.arange(width, dtype=np.uint64) * np.uint64(7))) * keep).sum(axis=1)
+        return value.astype(np.int64), pos + n + 1, ok
+
+    ok = (at(start) == _REQUEST_ID) & (at(start + 1) < 0x80)
+    rid_at = start + 2
+    pos = rid_at + at(start + 1).astype(np.int64)
+    if last:
+        ok &= (at(pos, len(last)) == np.frombuffer(last, np.uint8)).all(axis=1)
+    pos = pos + len(last)
+    ok &= at(pos) == _LATENCY
+    pos = pos + 9
+    ok &= (at(pos) == _TIME) & (at(pos + 2) == 0x08)
+    time_end = pos + 2 + at(pos + 1).astype(np.int64)
+    seconds, pos, fits = varint(pos + 3, 6)
+    ok &= fits & (at(pos) == 0x10)
+    nanos, pos, fits = varint(pos + 1, 5)
+    ok &= fits & (pos == time_end) & (seconds <= MAX_TIMESTAMP_SECONDS) & (nanos <= 999_999_999)
+    tensors = at(time_end)
+    ok &= (time_end < end) & ((tensors == _INPUT) | (tensors == _OUTPUT))
+    rids: list[str | None] = [None] * len(spans)
+    for i in np.flatnonzero(ok).tolist():
+        try:
+            rids[i] = data[rid_at[i]:rid_at[i] + (data[start[i] + 1])].decode()
+        except UnicodeDecodeError:
+            ok[i] = False
+    return ok, rids, seconds * 1_000_000 + nanos // 1000, time_end
+
+
 @dataclass
 class _Template:
     """A record's tensor bytes as the pattern of a group: where each tensor's values lie."""
@@ -219,11 +274,24 @@ def record_groups(data: bytes, spans: list[tuple[int, int]], numpy_of: dict[int,
                   ) -> tuple[list[RecordGroup], list[int]]:
     """The records that fit a template, as RecordGroups, and the positions of the others (for
     convert.record_groups)."""
-    # (head bytes, tensor bytes' length) -> [(position, request id, time, tensors' start, end)]
-    by_key: dict[tuple[bytes, int], list[tuple[int, str, int, int, int]]] = {}
+    if not spans:
+        return [], []
+    try:
+        first = _head(data, spans[0][0], spans[0][1], b"")
+    except (IndexError, ValueError, UnicodeDecodeError):
+        first = None
+    common = first[1] if first is not None else b""
+    fast, rids, times, starts = _fast_heads(data, spans, common)
+    ends = np.array([e for _, e in spans], np.int64)
+    # (head bytes, tensor bytes' length) -> member positions; the fast ones grouped in numpy
+    by_key: dict[tuple[bytes, int], list[int]] = {}
+    lengths = ends - starts
+    for length in np.unique(lengths[fast]).tolist():
+        by_key[(common, length)] = np.flatnonzero(fast & (lengths == length)).tolist()
     slow: list[int] = []
     last = b""
-    for i, (start, end) in enumerate(spans):
+    for i in np.flatnonzero(~fast).tolist():  # the others, read one by one
+        start, end = spans[i]
         try:
             h = _head(data, start, end, last)
         except (IndexError, ValueError, UnicodeDecodeError):
@@ -231,30 +299,32 @@ def record_groups(data: bytes, spans: list[tuple[int, int]], numpy_of: dict[int,
         if h is None:
             slow.append(i)
             continue
-        rid, last, time_us, at = h
-        by_key.setdefault((last, end - at), []).append((i, rid, time_us, at, end))
+        rids[i], last, times[i], starts[i] = h
+        by_key.setdefault((last, end - h[3]), []).append(i)
     groups = []
-    for (head, length), members in by_key.items():
-        first = members[0]
+    for (head, length), positions in sorted(by_key.items(), key=lambda kv: kv[1][0]):
+        members = np.array(sorted(positions), np.int64)
+        begin = int(starts[members[0]])
         try:
-            template = _template(data[first[3]:first[4]], numpy_of)
+            template = _template(data[begin:begin + length], numpy_of)
         except (IndexError, ValueError, DecodeError):  # not tensors: the runtime says what is wrong
             template = None
         if template is None:
-            slow += [m[0] for m in members]
+            slow += members.tolist()
             continue
-        matrix = np.frombuffer(b"".join([data[m[3]:m[4]] for m in members]), np.uint8).reshape(len(members), length)
+        # (slices joined: cheaper than a numpy gather of the same bytes)
+        matrix = np.frombuffer(b"".join([data[a:a + length] for a in starts[members].tolist()]),
+                               np.uint8).reshape(len(members), length)
         fits = (matrix[:, template.fixed] == template.pattern[template.fixed]).all(axis=1)
         if not fits.all():
-            slow += [m[0] for m, ok in zip(members, fits.tolist(), strict=True) if not ok]
-            members = [m for m, ok in zip(members, fits.tolist(), strict=True) if ok]
-            matrix = matrix[fits]
-        if not members:
+            slow += members[~fits].tolist()
+            members, matrix = members[fits], matrix[fits]
+        if not len(members):
             continue
         try:
             rec = ipb.PredictionRecord.FromString(head)
         except DecodeError:  # e.g. a name that is not UTF-8: the runtime's path names the problem
-            slow += [m[0] for m in members]
+            slow += members.tolist()
             continue
         n = len(members)
         total = n * template.rows
@@ -264,8 +334,9 @@ def record_groups(data: bytes, spans: list[tuple[int, int]], numpy_of: dict[int,
             values = np.ascontiguousarray(matrix[:, offset:offset + size]).view(dtype)
             return name, values.reshape((total, *tail))
 
+        positions = members.tolist()
         groups.append(RecordGroup(
-            rec.endpoint, rec.model, rec.version, rec.shadow, [m[1] for m in members],
-            np.full(n, template.rows, np.int64), np.array([m[2] for m in members], np.int64), [""] * n,
-            [column(*t) for t in template.inputs], [column(*t) for t in template.outputs], [m[0] for m in members]))
+            rec.endpoint, rec.model, rec.version, rec.shadow, [rids[i] for i in positions],  # type: ignore[misc]
+            np.full(n, template.rows, np.int64), times[members].astype(np.int64), [""] * n,
+            [column(*t) for t in template.inputs], [column(*t) for t in template.outputs], positions))
     return groups, sorted(slow)

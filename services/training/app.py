@@ -22,7 +22,7 @@ from services.common.process_tuning import threads_per_process
 from services.common.server import Service
 from services.common.settings import ServiceConfig, ServiceSettings, peer_address
 from services.common.supervisor import Child, Supervisor
-from services.training import tables
+from services.training import prom_metrics, tables
 from services.training.dataplane import TrainingDataPlane
 from services.training.feature_source import GrpcFeatureSource
 from services.training.jobs import JobStore
@@ -109,6 +109,7 @@ def build_service(settings: ServiceSettings | None = None, config: TrainingConfi
     config = config or TrainingConfig()
     db = Database(settings.database_url)
     db.migrate(MIGRATIONS)
+    prom_metrics.watch(db)  # jobs per state and trials, read at each scrape
     jobs = JobStore(db, config.lease_seconds)
     plane = TrainingDataPlane(jobs, Tracker(config.tracking_uri(settings), config.artifact_root(settings)),
                               _confinement(settings), _features(settings, config))

@@ -397,6 +397,8 @@ class JobRunner:
             if parallel > 1:
                 self.store.close_search(lease)
                 self._wait_for_helpers(lease, study, watch)
+            else:
+                _fail_orphans(study)
         watch.check()
         self._progress(study, progress, s.n_trials, started, 1)
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -452,13 +454,24 @@ class JobRunner:
 
     def _wait_for_helpers(self, lease: Lease, study: optuna.Study, watch: _Watch) -> None:
         """Helpers finish the trial they are in once the search closes; a dead one's lease runs
-        out (its trial is then failed by its missing heartbeat)."""
+        out (its trial is then failed by its missing heartbeat). A trial still RUNNING after that
+        is a dead worker's (a helper's, or the previous attempt's driver killed mid-trial): it is
+        failed once its heartbeat is older than the grace period, so wait that long at most and no
+        trial is left RUNNING."""
         deadline = time.monotonic() + 2 * self.store.lease_seconds
         while self.store.live_helpers(lease.job_id) and time.monotonic() < deadline:
             if watch.lost.is_set():
                 return
             time.sleep(0.2)
-        optuna.storages.fail_stale_trials(study)
+        storage = study._storage  # (the RDB storage this runner built, with its heartbeat settings)
+        grace = getattr(storage, "grace_period", None) or 0
+        deadline = time.monotonic() + grace + 2 * (getattr(storage, "heartbeat_interval", None) or 0)
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if not running or time.monotonic() >= deadline or watch.lost.is_set():
+                return
+            time.sleep(0.5)
 
     def run_helper(self, helper: HelperLease) -> None:
         """A helper worker's part of a job's search: trials of the same study, until the study has
@@ -652,3 +665,12 @@ class _Search:
         tracker.log(run_id, params={"family": family, **params}, metrics={f"val_{metric}": value}, steps=steps)
         tracker.end(run_id)
         return value
+
+
+def _fail_orphans(study: optuna.Study) -> None:
+    """Fail the trials left RUNNING when a search without helpers ends: this worker ran the only
+    trials of the job, so such a trial is the previous attempt's, whose worker died inside it
+    (its heartbeat may not be stale yet; left RUNNING, it would stay so for good)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_system_attr(t._trial_id, "fail_reason", "its worker died (an earlier attempt)")
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)

@@ -51,35 +51,52 @@ def frame_model_infer(model: str, batch: int) -> bytes:
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT).stdout
 
 
-def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, seconds: int,
-           workdir: Path, rows: int, content_type: str = "application/grpc") -> dict:
-    log = workdir / "h2load.log"
-    log.unlink(missing_ok=True)
+def h2load_command(url: str, body: Path, token: str | None, *, connections: int, streams: int, seconds: int,
+                   log: Path, content_type: str = "application/grpc", warmup: float = 2) -> list[str]:
+    """h2load posting `body` to `url` for `seconds` (after `warmup` seconds not counted), one
+    thread, with a per-request log; `token` None sends no authorization header."""
     grpc_headers = ["-H", "te: trailers"] if content_type == "application/grpc" else []
-    cmd = ["h2load", "-D", str(seconds), "--warm-up-time", "2", "-c", str(connections), "-m", str(streams),
-           "-t", "1", "-H", f"content-type: {content_type}", *grpc_headers,
-           "-H", f"authorization: Bearer {token}", "-d", str(body), "--log-file", str(log), url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    port = int(url.split(":")[2].split("/")[0])
-    time.sleep(2.2)  # past the warm-up
-    pids = serving_pids(port)
-    cpu0 = _cpu_seconds(pids)
-    time.sleep(seconds / 2)
-    split = connections_per_process(port)
-    out, err = proc.communicate()
-    cpu = _cpu_seconds(pids) - cpu0
-    if proc.returncode:
-        raise RuntimeError(f"h2load failed: {err}")
+    auth = ["-H", f"authorization: Bearer {token}"] if token is not None else []
+    warm = ["--warm-up-time", f"{warmup:g}"] if warmup else []
+    return ["h2load", "-D", str(seconds), *warm, "-c", str(connections), "-m", str(streams),
+            "-t", "1", "-H", f"content-type: {content_type}", *grpc_headers, *auth,
+            "-d", str(body), "--log-file", str(log), url]
+
+
+def parse_h2load(out: str, log: Path, rows: int) -> dict:
+    """Throughput, status counts and latency percentiles (from the per-request log) of a run."""
     m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
     status = re.search(r"status codes: (\d+) 2xx", out)
     failed = re.search(r"requests: .*?(\d+) failed", out)
     lat = np.array([int(line.split()[2]) for line in log.read_text().splitlines() if line.strip()]) / 1000
     rps = float(m.group(2)) if m else 0.0
-    return {"connections": connections, "streams_per_connection": streams, "rps": round(rps, 1),
-            "rows_per_s": round(rps * rows, 1), "ok_2xx": int(status.group(1)) if status else 0,
+    return {"rps": round(rps, 1), "rows_per_s": round(rps * rows, 1), "ok_2xx": int(status.group(1)) if status else 0,
             "failed": int(failed.group(1)) if failed else -1,
             "p50_ms": round(float(np.percentile(lat, 50)), 3), "p95_ms": round(float(np.percentile(lat, 95)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3), "connections_per_process": split,
+            "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+
+
+def h2load(url: str, body: Path, token: str, *, connections: int, streams: int, seconds: int,
+           workdir: Path, rows: int, content_type: str = "application/grpc") -> dict:
+    log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)
+    cmd = h2load_command(url, body, token, connections=connections, streams=streams, seconds=seconds, log=log,
+                         content_type=content_type)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = int(url.split(":")[2].split("/")[0])
+    time.sleep(2.2)  # past the warm-up
+    pids = serving_pids(port)
+    cpu0 = cpu_seconds(pids)
+    time.sleep(seconds / 2)
+    split = connections_per_process(port)
+    out, err = proc.communicate()
+    cpu = cpu_seconds(pids) - cpu0
+    if proc.returncode:
+        raise RuntimeError(f"h2load failed: {err}")
+    parsed = parse_h2load(out, log, rows)
+    rps = parsed["rps"]
+    return {"connections": connections, "streams_per_connection": streams, **parsed,
+            "connections_per_process": split,
             # CPU of the serving processes (all their threads) per request: steadier than the
             # throughput on a shared machine, and what a change to the server really saves.
             "server_cpu_us_per_request": round(cpu / (rps * (seconds - 0.2)) * 1e6, 1) if rps else None}
@@ -92,7 +109,7 @@ def serving_pids(port: int) -> list[int]:
     return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of `pids` so far (every thread), from /proc/PID/stat."""
     total = 0
     for pid in pids:

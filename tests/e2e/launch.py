@@ -20,7 +20,7 @@ from pathlib import Path
 from tests.processes import ROOT, free_port
 
 STRATA = str(Path(sys.executable).parent / "strata")
-SERVICES = ("registry", "features", "training", "inference")
+SERVICES = ("registry", "features", "training", "monitoring", "inference")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Launched:
         assert m, f"no {role} token in {self.home / 'tokens.env'}"
         return m.group(1)
 
-    def wait_for(self, pattern: str, timeout: float = 90) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = re.search(pattern, self.output())
@@ -143,13 +143,17 @@ def run_pasted(commands: list[str], home: Path, cwd: Path) -> list[tuple[str, su
 def check_pasted(results: list[tuple[str, subprocess.CompletedProcess[str]]], demo_output: str,
                  cwd: Path) -> None:
     """Every pasted command succeeded and answered what the demo got: JSON that is not an error,
-    the model file with the sha256 the demo verified."""
+    the model file with the sha256 the demo verified, an HTML drift report."""
     assert len(results) >= 5, f"the demo printed too few commands: {[c for c, _ in results]}"
     digest = re.search(r"sha256 matches: ([0-9a-f]{64})", demo_output)
     assert digest, demo_output[-3000:]
     for cmd, r in results:
         assert r.returncode == 0, f"{cmd}\nexit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         out_file = re.search(r" -o (\S+)", cmd)
+        if out_file and out_file.group(1).endswith(".html"):  # the monitoring's drift report page
+            page = (cwd / out_file.group(1)).read_text()
+            assert page.lstrip().lower().startswith("<!doctype html") and "drift" in page.lower(), f"{cmd}: {page[:500]}"
+            continue
         if out_file:
             got = hashlib.sha256((cwd / out_file.group(1)).read_bytes()).hexdigest()
             assert got == digest.group(1), f"{cmd}: downloaded file sha256 {got}"

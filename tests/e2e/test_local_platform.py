@@ -5,7 +5,9 @@ the CLI, `strata demo` and the commands the demo prints follow the same port set
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.e2e.launch import check_pasted, port_env, printed_commands, run_pasted, strata, strata_sourced, strata_up
@@ -111,6 +114,19 @@ def test_platform_on_its_own_ports_cli_demo_and_the_commands_it_prints(tmp_path:
                              (["features", "list"], "demo_users_")):
             r = strata_sourced(home, env, *args)
             assert r.returncode == 0 and expect in r.stdout, f"strata {' '.join(args)}: {r.stderr}"
+
+        # The demo's predictions reached the monitoring service (the inference service's prediction
+        # log, delivered), and the gateway serves its reports over REST.
+        endpoint = re.search(r"^endpoint (demo-\S+) revision", demo.stdout, re.M)
+        assert endpoint, demo.stdout[-3000:]
+        url = f"http://127.0.0.1:{env['STRATA_GATEWAY_PORT']}/v1/monitoring/performance"
+        deadline, versions = time.monotonic() + 30, []
+        while not versions and time.monotonic() < deadline:
+            r = requests.get(url, params={"endpoint": endpoint.group(1)},
+                             headers={"Authorization": f"Bearer {up.token('viewer')}"}, timeout=30)
+            versions = r.json().get("versions", []) if r.status_code == 200 else []
+            time.sleep(0.5)
+        assert [int(v["rows"]) for v in versions] == [2], f"{r.status_code} {r.text}"  # the 2 rows predicted over REST
 
         # What the demo printed works when pasted into a fresh shell.
         work = tmp_path / "shell"

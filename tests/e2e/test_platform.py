@@ -36,13 +36,14 @@ def test_strata_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
            "STRATA_INFERENCE_PORT": str(free_port()), "STRATA_INFERENCE_METRICS_PORT": str(free_port()),
            "STRATA_FEATURES_PORT": str(free_port()), "STRATA_FEATURES_METRICS_PORT": str(free_port()),
            "STRATA_TRAINING_PORT": str(free_port()), "STRATA_TRAINING_METRICS_PORT": str(free_port()),
+           "STRATA_MONITORING_PORT": str(free_port()), "STRATA_MONITORING_METRICS_PORT": str(free_port()),
            "STRATA_MLFLOW_PORT": str(free_port())}
     with open(log, "wb") as out:
         up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--demo", "--home", str(home),
                                "--gateway-port", str(free_port()), "--admin-port", str(free_port())],
                               cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for(r"demo OK", log, 90)
+        _wait_for(r"demo OK", log, 180)
         registry_pid = int(_wait_for(r"registry up \(pid (\d+)\)", log).group(1))
         envoy_pid = int(_wait_for(r"gateway up \(pid (\d+)\)", log).group(1))
         os.kill(registry_pid, signal.SIGKILL)

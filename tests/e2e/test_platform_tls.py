@@ -33,7 +33,7 @@ def test_platform_and_demo_with_tls_everywhere(tmp_path: Path, mode: str) -> Non
     home = tmp_path / "home"
     registry = f"127.0.0.1:{env['STRATA_REGISTRY_PORT']}"
     with strata_up(home, env, "--demo") as up:
-        up.wait_for(r"demo OK", 150)
+        up.wait_for(r"demo OK", 240)
         out = up.output()
         assert "deploy it" in out and "predictions match" in out  # inference loaded the model from the registry
 

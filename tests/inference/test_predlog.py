@@ -92,3 +92,79 @@ def test_fast_encoder_writes_the_same_records_as_protobuf() -> None:
     enc = Encoder()
     for e in entries * 2:  # the second round hits the caches
         assert pb.PredictionRecord.FromString(enc.encode(e)) == pb.PredictionRecord.FromString(encode(e))
+
+
+class RecordingSink:
+    """Keeps what it is given, in order; refuses while `down` is set (a monitoring service that is down)."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.down = False
+
+    def write(self, records: list[bytes]) -> None:
+        if self.down:
+            raise ConnectionError("sink unavailable")
+        self.got += records
+
+
+def _ids(records: list[bytes]) -> list[str]:
+    from strata.inference.v1 import inference_pb2 as pb
+
+    return [pb.PredictionRecord.FromString(r).request_id for r in records]
+
+
+def test_while_the_spool_waits_new_batches_queue_behind_it_in_order(tmp_path: Path) -> None:
+    sink = RecordingSink()
+    sink.down = True
+    log = PredictionLog(sink, tmp_path / "spool", encode=Encoder().encode, interval=0.01, retry_seconds=0.3)
+    for i in range(30):
+        log.record(_entry(i))
+        time.sleep(0.002)  # spread over several 10 ms batches
+    _wait(lambda: len(list((tmp_path / "spool").glob("*.binpb"))) >= 2)
+    sink.down = False  # back up: the next batches must not overtake the spooled ones
+    for i in range(30, 60):
+        log.record(_entry(i))
+    _wait(lambda: len(sink.got) == 60)
+    log.close()
+    assert _ids(sink.got) == [f"r{i}" for i in range(60)]
+    assert not list((tmp_path / "spool").glob("*.binpb"))
+
+
+def test_logs_sharing_a_spool_deliver_each_spooled_batch_once(tmp_path: Path) -> None:
+    """The serving processes of one service share the spool directory: each replays it, a file
+    lock keeps two of them from sending the same file."""
+    from services.inference.predlog import frame
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    enc = Encoder().encode
+    for f in range(40):
+        (spool / f"{f:020d}-1-00000000.binpb").write_bytes(frame([enc(_entry(f * 10 + i)) for i in range(10)]))
+    sinks = [RecordingSink() for _ in range(3)]
+    logs = [PredictionLog(s, spool, encode=enc, batch=10, interval=0.01, retry_seconds=0.05) for s in sinks]
+    _wait(lambda: not list(spool.glob("*.binpb")))
+    for log in logs:
+        log.close()
+    got = [rid for s in sinks for rid in _ids(s.got)]
+    assert sorted(got) == sorted(f"r{i}" for i in range(400)) and len(got) == 400
+    for s in sinks:  # each process replays oldest first
+        ids = [int(r[1:]) for r in _ids(s.got)]
+        assert ids == sorted(ids)
+
+
+def test_a_damaged_spool_file_is_moved_aside_and_the_rest_delivered(tmp_path: Path) -> None:
+    from services.inference.predlog import frame
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    enc = Encoder().encode
+    (spool / f"{1:020d}-1-00000000.binpb").write_bytes(frame([enc(_entry(0))])[:-3])  # cut short
+    (spool / f"{2:020d}-1-00000000.binpb").write_bytes(frame([enc(_entry(1))]))
+    sink = RecordingSink()
+    log = PredictionLog(sink, spool, encode=enc, interval=0.01, retry_seconds=0.05)
+    _wait(lambda: len(sink.got) == 1)
+    log.record(_entry(2))
+    _wait(lambda: len(sink.got) == 2)
+    log.close()
+    assert _ids(sink.got) == ["r1", "r2"]
+    assert [p.name for p in (spool / "corrupt").iterdir()] == [f"{1:020d}-1-00000000.binpb"]

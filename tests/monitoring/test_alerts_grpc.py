@@ -88,7 +88,7 @@ def test_injected_drift_fires_an_alert_that_is_told_triggers_retraining_and_reso
             task=tpb.TASK_CLASSIFICATION, trainer=tpb.Trainer(family="linear"),
             registration=tpb.Registration(model_name="watched-retrained"))))).schedule
 
-    receiver = Receiver()
+    receiver = Receiver([503, 500])  # down at first: the firing event arrives on the third attempt
     try:
         created = alerts.CreateWebhook(apb.CreateWebhookRequest(webhook=apb.Webhook(url=receiver.url)))
         assert len(created.secret) >= 32
@@ -112,8 +112,9 @@ def test_injected_drift_fires_an_alert_that_is_told_triggers_retraining_and_reso
         assert [(a.target, a.state) for a in firing] == [(f"models/watched/versions/{version}",
                                                           apb.ALERT_STATE_FIRING)]
         assert "txn__f0" in firing[0].message and firing[0].value >= 0.5
-        _, headers, body = wait_for(lambda: receiver.requests)[0]
-        event = verified(created.secret, headers, body)
+        attempts = wait_for(lambda: receiver.requests if len(receiver.requests) >= 3 else None)
+        assert len({h["X-Strata-Delivery"] for _, h, _ in attempts}) == 1  # one delivery, retried
+        event = verified(created.secret, attempts[2][1], attempts[2][2])
         assert (event["event"], event["alert"]["alert_id"]) == ("firing", firing[0].alert_id)
         # The training schedule was triggered once, for this alert.
         alert = wait_for(lambda: [a for a in alerts.ListAlerts(apb.ListAlertsRequest()).alerts if a.training_job_id])[0]
@@ -129,13 +130,14 @@ def test_injected_drift_fires_an_alert_that_is_told_triggers_retraining_and_reso
         alerts.UpdateAlertRule(apb.UpdateAlertRuleRequest(rule=rule))
         assert not alerts.EvaluateAlertRule(apb.EvaluateAlertRuleRequest(name="watched-drift")).open_alerts
         told = wait_for(lambda: [verified(created.secret, h, b)["event"] for _, h, b in receiver.requests]
-                        if len(receiver.requests) >= 3 else None)
-        assert told == ["firing", "acknowledged", "resolved"]
+                        if len(receiver.requests) >= 5 else None)
+        assert told == ["firing"] * 3 + ["acknowledged", "resolved"]
         [resolved] = alerts.ListAlerts(apb.ListAlertsRequest(state=apb.ALERT_STATE_RESOLVED)).alerts
         assert resolved.alert_id == alert.alert_id and resolved.HasField("resolve_time")
         deliveries = alerts.ListWebhookDeliveries(apb.ListWebhookDeliveriesRequest(
             webhook_id=created.webhook.webhook_id)).deliveries
-        assert [d.state for d in deliveries] == [apb.DELIVERY_STATE_DELIVERED] * 3
+        assert [(d.state, d.attempts) for d in deliveries] == [(apb.DELIVERY_STATE_DELIVERED, 1)] * 2 + [
+            (apb.DELIVERY_STATE_DELIVERED, 3)]  # newest first
     finally:
         receiver.close()
 

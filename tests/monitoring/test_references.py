@@ -142,3 +142,25 @@ def test_the_lineage_training_set_gives_the_models_inputs_and_its_faults_are_the
         store.set(ReferenceRequest("m", 1, "", (), {}), "alice")
     assert e.value.field == "table_uri"
     assert store.get("m", 1) == ref  # the failed attempts left the first reference as it was
+
+
+def test_a_trained_models_one_input_tensor_takes_its_lineage_training_set_columns(tmp_path: Path) -> None:
+    """A model from the training service takes its features as one [N, F] tensor ("input[j]");
+    its lineage lists them ("{view}:{feature}", the training set's "{view}__{feature}") in order."""
+    class TrainedCatalog:
+        def describe(self, model: str, version: int) -> ModelInfo:
+            return ModelInfo(model, version, (TensorSpec("input", (-1, 2)),), (TensorSpec("label", (-1,)),),
+                             "training-sets/t.parquet", ("v:spend", "v:age"))
+
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db.migrate(MIGRATIONS)
+    artifacts = LocalArtifactStore(tmp_path / "artifacts")
+    refs = ReferenceStore(db, artifacts, Confinement(str(artifacts.root)), TrainedCatalog())
+    rng = np.random.default_rng(9)
+    write(refs, "training-sets/t.parquet", pa.table({"customer_id": np.arange(300), "v__spend": rng.normal(size=300),
+                                                     "v__age": rng.normal(40, 5, 300), "target": rng.integers(0, 2, 300)}))
+    ref = refs.set(ReferenceRequest("t", 1, "", (), {"label": "target"}), "alice")
+    assert [(c.name, c.source_column, c.role) for c in ref.columns] == [
+        ("input[0]", "v__spend", Role.FEATURE), ("input[1]", "v__age", Role.FEATURE),
+        ("label", "target", Role.PREDICTION)]
+    db.dispose()

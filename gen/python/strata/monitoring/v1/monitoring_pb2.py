@@ -23,12 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from strata.common.v1 import options_pb2 as strata_dot_common_dot_v1_dot_options__pb2
 from strata.inference.v1 import inference_pb2 as strata_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%strata/monitoring/v1/monitoring.proto\x12\x14strata.monitoring.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1estrata/common/v1/options.proto\x1a#strata/inference/v1/inference.proto\"}\n\x18IngestPredictionsRequest\x12\x36\n\x07records\x18\x01 \x03(\x0b\x32%.strata.inference.v1.PredictionRecord\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\x12\x16\n\x0eoutput_columns\x18\x03 \x03(\t\"Q\n\x19IngestPredictionsResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x0e\n\x06stored\x18\x02 \x01(\x03\x12\x12\n\nduplicates\x18\x03 \x01(\x03\"}\n\x0bGroundTruth\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x10\n\x06number\x18\x02 \x01(\x01H\x00\x12\x12\n\x08\x63\x61tegory\x18\x03 \x01(\tH\x00\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05value\"M\n\x18ReportGroundTruthRequest\x12\x31\n\x06labels\x18\x01 \x03(\x0b\x32!.strata.monitoring.v1.GroundTruth\"+\n\x19ReportGroundTruthResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\"\xd1\x01\n\x0fReferenceColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rsource_column\x18\x02 \x01(\t\x12.\n\x04role\x18\x03 \x01(\x0e\x32 .strata.monitoring.v1.ColumnRole\x12.\n\x04kind\x18\x04 \x01(\x0e\x32 .strata.monitoring.v1.ColumnKind\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x12\n\nnull_share\x18\x06 \x01(\x01\x12\x17\n\x0f\x64istinct_values\x18\x07 \x01(\x03\"\xf5\x01\n\tReference\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\ttable_uri\x18\x03 \x01(\t\x12\x14\n\x0c\x66rom_lineage\x18\x04 \x01(\x08\x12\x14\n\x0ctable_sha256\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x03\x12\x36\n\x07\x63olumns\x18\x07 \x03(\x0b\x32%.strata.monitoring.v1.ReferenceColumn\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x01\n\x13SetReferenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\ttable_uri\x18\x03 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x04 \x03(\t\x12\\\n\x12prediction_columns\x18\x05 \x03(\x0b\x32@.strata.monitoring.v1.SetReferenceRequest.PredictionColumnsEntry\x1a\x38\n\x16PredictionColumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x14SetReferenceResponse\x12\x32\n\treference\x18\x01 \x01(\x0b\x32\x1f.strata.monitoring.v1.Reference\"5\n\x13GetReferenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"J\n\x14GetReferenceResponse\x12\x32\n\treference\x18\x01 \x01(\x0b\x32\x1f.strata.monitoring.v1.Reference\"j\n\nTimeWindow\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\rDriftOverride\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.strata.monitoring.v1.DriftMethod\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\xb6\x02\n\x15GetDriftReportRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x30\n\x06window\x18\x04 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12M\n\toverrides\x18\x05 \x03(\x0b\x32:.strata.monitoring.v1.GetDriftReportRequest.OverridesEntry\x12\x13\n\x0b\x64rift_share\x18\x06 \x01(\x01\x1aU\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.strata.monitoring.v1.DriftOverride:\x02\x38\x01\"\xcc\x02\n\x0b\x43olumnDrift\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .strata.monitoring.v1.ColumnKind\x12\x31\n\x06method\x18\x03 \x01(\x0e\x32!.strata.monitoring.v1.DriftMethod\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x11\n\tstatistic\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x07 \x01(\x08\x12\x0b\n\x03psi\x18\x08 \x01(\x01\x12\x16\n\x0ereference_rows\x18\t \x01(\x03\x12\x14\n\x0c\x63urrent_rows\x18\n \x01(\x03\x12\x17\n\x0f\x64istinct_values\x18\x0b \x01(\x03\x12\x12\n\nnull_share\x18\x0c \x01(\x01\x12\x1c\n\x14reference_null_share\x18\r \x01(\x01\"\xb1\x02\n\x0cVersionDrift\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x33\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32!.strata.monitoring.v1.ColumnDrift\x12\x36\n\x0bpredictions\x18\x06 \x03(\x0b\x32!.strata.monitoring.v1.ColumnDrift\x12\x18\n\x10\x64rifted_features\x18\x07 \x01(\x03\x12\x15\n\rshare_drifted\x18\x08 \x01(\x01\x12\x13\n\x0b\x64rift_share\x18\t \x01(\x01\x12\x17\n\x0f\x64\x61taset_drifted\x18\n \x01(\x08\x12\x17\n\x0fmissing_columns\x18\x0b \x03(\t\"\x80\x01\n\x16GetDriftReportResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12\x34\n\x08versions\x18\x02 \x03(\x0b\x32\".strata.monitoring.v1.VersionDrift\"\xec\x01\n\x15GetPerformanceRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x30\n\x06window\x18\x04 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12(\n\x04task\x18\x05 \x01(\x0e\x32\x1a.strata.monitoring.v1.Task\x12\x19\n\x11prediction_output\x18\x06 \x01(\t\x12\x14\n\x0cscore_output\x18\x07 \x01(\t\x12\x14\n\x0c\x63lass_labels\x18\x08 \x03(\t\"\xd8\x01\n\x15\x43lassificationMetrics\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x11\n\tprecision\x18\x02 \x01(\x01\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x14\n\x07roc_auc\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08log_loss\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x0f\n\x07\x61verage\x18\x08 \x01(\t\x12\x16\n\x0epositive_class\x18\t \x01(\tB\n\n\x08_roc_aucB\x0b\n\t_log_loss\"T\n\x11RegressionMetrics\x12\x0b\n\x03mae\x18\x01 \x01(\x01\x12\x0c\n\x04rmse\x18\x02 \x01(\x01\x12\x0c\n\x04mape\x18\x03 \x01(\x01\x12\x0f\n\x02r2\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x05\n\x03_r2\"\xc9\x02\n\x12VersionPerformance\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x14\n\x0clabeled_rows\x18\x05 \x01(\x03\x12\x16\n\x0elabel_coverage\x18\x06 \x01(\x01\x12(\n\x04task\x18\x07 \x01(\x0e\x32\x1a.strata.monitoring.v1.Task\x12\x45\n\x0e\x63lassification\x18\x08 \x01(\x0b\x32+.strata.monitoring.v1.ClassificationMetricsH\x00\x12=\n\nregression\x18\t \x01(\x0b\x32\'.strata.monitoring.v1.RegressionMetricsH\x00\x12\x0c\n\x04note\x18\n \x01(\tB\t\n\x07metrics\"\x86\x01\n\x16GetPerformanceResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12:\n\x08versions\x18\x02 \x03(\x0b\x32(.strata.monitoring.v1.VersionPerformance*_\n\nColumnKind\x12\x1b\n\x17\x43OLUMN_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OLUMN_KIND_NUMERIC\x10\x01\x12\x1b\n\x17\x43OLUMN_KIND_CATEGORICAL\x10\x02*^\n\nColumnRole\x12\x1b\n\x17\x43OLUMN_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OLUMN_ROLE_FEATURE\x10\x01\x12\x1a\n\x16\x43OLUMN_ROLE_PREDICTION\x10\x02*\xc4\x01\n\x0b\x44riftMethod\x12\x1c\n\x18\x44RIFT_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44RIFT_METHOD_KS\x10\x01\x12\x1a\n\x16\x44RIFT_METHOD_CHISQUARE\x10\x02\x12\x12\n\x0e\x44RIFT_METHOD_Z\x10\x03\x12\x1c\n\x18\x44RIFT_METHOD_WASSERSTEIN\x10\x04\x12\x1e\n\x1a\x44RIFT_METHOD_JENSENSHANNON\x10\x05\x12\x14\n\x10\x44RIFT_METHOD_PSI\x10\x06*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02\x32\xfd\x07\n\x11MonitoringService\x12\xac\x01\n\x11IngestPredictions\x12..strata.monitoring.v1.IngestPredictionsRequest\x1a/.strata.monitoring.v1.IngestPredictionsResponse\"4\xca\xf3\x18\x04\x08\x02\x10\x01\x82\xd3\xe4\x93\x02&\"!/v1/monitoring/predictions:ingest:\x01*(\x01\x12\xa5\x01\n\x11ReportGroundTruth\x12..strata.monitoring.v1.ReportGroundTruthRequest\x1a/.strata.monitoring.v1.ReportGroundTruthResponse\"/\xca\xf3\x18\x04\x08\x02\x10\x01\x82\xd3\xe4\x93\x02!\"\x1c/v1/monitoring/labels:report:\x01*\x12\xb4\x01\n\x0cSetReference\x12).strata.monitoring.v1.SetReferenceRequest\x1a*.strata.monitoring.v1.SetReferenceResponse\"M\xca\xf3\x18\x04\x08\x02\x10\x01\x82\xd3\xe4\x93\x02?\":/v1/monitoring/models/{model}/versions/{version}/reference:\x01*\x12\xaf\x01\n\x0cGetReference\x12).strata.monitoring.v1.GetReferenceRequest\x1a*.strata.monitoring.v1.GetReferenceResponse\"H\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02<\x12:/v1/monitoring/models/{model}/versions/{version}/reference\x12\x8f\x01\n\x0eGetDriftReport\x12+.strata.monitoring.v1.GetDriftReportRequest\x1a,.strata.monitoring.v1.GetDriftReportResponse\"\"\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/monitoring/drift\x12\x95\x01\n\x0eGetPerformance\x12+.strata.monitoring.v1.GetPerformanceRequest\x1a,.strata.monitoring.v1.GetPerformanceResponse\"(\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/monitoring/performanceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%strata/monitoring/v1/monitoring.proto\x12\x14strata.monitoring.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1estrata/common/v1/options.proto\x1a#strata/inference/v1/inference.proto\"}\n\x18IngestPredictionsRequest\x12\x36\n\x07records\x18\x01 \x03(\x0b\x32%.strata.inference.v1.PredictionRecord\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\x12\x16\n\x0eoutput_columns\x18\x03 \x03(\t\"Q\n\x19IngestPredictionsResponse\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x0e\n\x06stored\x18\x02 \x01(\x03\x12\x12\n\nduplicates\x18\x03 \x01(\x03\"}\n\x0bGroundTruth\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x10\n\x06number\x18\x02 \x01(\x01H\x00\x12\x12\n\x08\x63\x61tegory\x18\x03 \x01(\tH\x00\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05value\"M\n\x18ReportGroundTruthRequest\x12\x31\n\x06labels\x18\x01 \x03(\x0b\x32!.strata.monitoring.v1.GroundTruth\"+\n\x19ReportGroundTruthResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\"\xd1\x01\n\x0fReferenceColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rsource_column\x18\x02 \x01(\t\x12.\n\x04role\x18\x03 \x01(\x0e\x32 .strata.monitoring.v1.ColumnRole\x12.\n\x04kind\x18\x04 \x01(\x0e\x32 .strata.monitoring.v1.ColumnKind\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x12\n\nnull_share\x18\x06 \x01(\x01\x12\x17\n\x0f\x64istinct_values\x18\x07 \x01(\x03\"\xf5\x01\n\tReference\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\ttable_uri\x18\x03 \x01(\t\x12\x14\n\x0c\x66rom_lineage\x18\x04 \x01(\x08\x12\x14\n\x0ctable_sha256\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x03\x12\x36\n\x07\x63olumns\x18\x07 \x03(\x0b\x32%.strata.monitoring.v1.ReferenceColumn\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x01\n\x13SetReferenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\ttable_uri\x18\x03 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x04 \x03(\t\x12\\\n\x12prediction_columns\x18\x05 \x03(\x0b\x32@.strata.monitoring.v1.SetReferenceRequest.PredictionColumnsEntry\x1a\x38\n\x16PredictionColumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x14SetReferenceResponse\x12\x32\n\treference\x18\x01 \x01(\x0b\x32\x1f.strata.monitoring.v1.Reference\"5\n\x13GetReferenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"J\n\x14GetReferenceResponse\x12\x32\n\treference\x18\x01 \x01(\x0b\x32\x1f.strata.monitoring.v1.Reference\"j\n\nTimeWindow\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\rDriftOverride\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.strata.monitoring.v1.DriftMethod\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\xb6\x02\n\x15GetDriftReportRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x30\n\x06window\x18\x04 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12M\n\toverrides\x18\x05 \x03(\x0b\x32:.strata.monitoring.v1.GetDriftReportRequest.OverridesEntry\x12\x13\n\x0b\x64rift_share\x18\x06 \x01(\x01\x1aU\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.strata.monitoring.v1.DriftOverride:\x02\x38\x01\"\xcc\x02\n\x0b\x43olumnDrift\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .strata.monitoring.v1.ColumnKind\x12\x31\n\x06method\x18\x03 \x01(\x0e\x32!.strata.monitoring.v1.DriftMethod\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x11\n\tstatistic\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x07 \x01(\x08\x12\x0b\n\x03psi\x18\x08 \x01(\x01\x12\x16\n\x0ereference_rows\x18\t \x01(\x03\x12\x14\n\x0c\x63urrent_rows\x18\n \x01(\x03\x12\x17\n\x0f\x64istinct_values\x18\x0b \x01(\x03\x12\x12\n\nnull_share\x18\x0c \x01(\x01\x12\x1c\n\x14reference_null_share\x18\r \x01(\x01\"\xb1\x02\n\x0cVersionDrift\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x33\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32!.strata.monitoring.v1.ColumnDrift\x12\x36\n\x0bpredictions\x18\x06 \x03(\x0b\x32!.strata.monitoring.v1.ColumnDrift\x12\x18\n\x10\x64rifted_features\x18\x07 \x01(\x03\x12\x15\n\rshare_drifted\x18\x08 \x01(\x01\x12\x13\n\x0b\x64rift_share\x18\t \x01(\x01\x12\x17\n\x0f\x64\x61taset_drifted\x18\n \x01(\x08\x12\x17\n\x0fmissing_columns\x18\x0b \x03(\t\"\x80\x01\n\x16GetDriftReportResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12\x34\n\x08versions\x18\x02 \x03(\x0b\x32\".strata.monitoring.v1.VersionDrift\"{\n\x15GetDataQualityRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x30\n\x06window\x18\x04 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\"\x9a\x04\n\rColumnQuality\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12.\n\x04role\x18\x02 \x01(\x0e\x32 .strata.monitoring.v1.ColumnRole\x12.\n\x04kind\x18\x03 \x01(\x0e\x32 .strata.monitoring.v1.ColumnKind\x12\x13\n\x0bwindow_type\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x0e\n\x06values\x18\x06 \x01(\x03\x12\x11\n\tnull_rows\x18\x07 \x01(\x03\x12\x12\n\nnull_share\x18\x08 \x01(\x01\x12\x1c\n\x14reference_null_share\x18\t \x01(\x01\x12\x14\n\x0cout_of_range\x18\n \x01(\x03\x12\x1a\n\x12out_of_range_share\x18\x0b \x01(\x01\x12\x1a\n\rreference_min\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rreference_max\x18\r \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0ftype_mismatches\x18\x0e \x01(\x03\x12\x1b\n\x13type_mismatch_share\x18\x0f \x01(\x01\x12\x13\n\x0bunseen_rows\x18\x10 \x01(\x03\x12\x14\n\x0cunseen_share\x18\x11 \x01(\x01\x12\x19\n\x11unseen_categories\x18\x12 \x01(\x03\x12\x17\n\x0funseen_examples\x18\x13 \x03(\tB\x10\n\x0e_reference_minB\x10\n\x0e_reference_max\"\xef\x01\n\x0eVersionQuality\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x35\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32#.strata.monitoring.v1.ColumnQuality\x12\x38\n\x0bpredictions\x18\x06 \x03(\x0b\x32#.strata.monitoring.v1.ColumnQuality\x12\x17\n\x0fmissing_columns\x18\x07 \x03(\t\x12\x15\n\rextra_columns\x18\x08 \x03(\t\"\x82\x01\n\x16GetDataQualityResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12\x36\n\x08versions\x18\x02 \x03(\x0b\x32$.strata.monitoring.v1.VersionQuality\"\xec\x01\n\x15GetPerformanceRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x30\n\x06window\x18\x04 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12(\n\x04task\x18\x05 \x01(\x0e\x32\x1a.strata.monitoring.v1.Task\x12\x19\n\x11prediction_output\x18\x06 \x01(\t\x12\x14\n\x0cscore_output\x18\x07 \x01(\t\x12\x14\n\x0c\x63lass_labels\x18\x08 \x03(\t\"\xd8\x01\n\x15\x43lassificationMetrics\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x11\n\tprecision\x18\x02 \x01(\x01\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x14\n\x07roc_auc\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08log_loss\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x0f\n\x07\x61verage\x18\x08 \x01(\t\x12\x16\n\x0epositive_class\x18\t \x01(\tB\n\n\x08_roc_aucB\x0b\n\t_log_loss\"T\n\x11RegressionMetrics\x12\x0b\n\x03mae\x18\x01 \x01(\x01\x12\x0c\n\x04rmse\x18\x02 \x01(\x01\x12\x0c\n\x04mape\x18\x03 \x01(\x01\x12\x0f\n\x02r2\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x05\n\x03_r2\"\xc9\x02\n\x12VersionPerformance\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x14\n\x0clabeled_rows\x18\x05 \x01(\x03\x12\x16\n\x0elabel_coverage\x18\x06 \x01(\x01\x12(\n\x04task\x18\x07 \x01(\x0e\x32\x1a.strata.monitoring.v1.Task\x12\x45\n\x0e\x63lassification\x18\x08 \x01(\x0b\x32+.strata.monitoring.v1.ClassificationMetricsH\x00\x12=\n\nregression\x18\t \x01(\x0b\x32\'.strata.monitoring.v1.RegressionMetricsH\x00\x12\x0c\n\x04note\x18\n \x01(\tB\t\n\x07metrics\"\x86\x01\n\x16GetPerformanceResponse\x12\x30\n\x06window\x18\x01 \x01(\x0b\x32 .strata.monitoring.v1.TimeWindow\x12:\n\x08versions\x18\x02 \x03(\x0b\x32(.strata.monitoring.v1.VersionPerformance*_\n\nColumnKind\x12\x1b\n\x17\x43OLUMN_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OLUMN_KIND_NUMERIC\x10\x01\x12\x1b\n\x17\x43OLUMN_KIND_CATEGORICAL\x10\x02*^\n\nColumnRole\x12\x1b\n\x17\x43OLUMN_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OLUMN_ROLE_FEATURE\x10\x01\x12\x1a\n\x16\x43OLUMN_ROLE_PREDICTION\x10\x02*\xc4\x01\n\x0b\x44riftMethod\x12\x1c\n\x18\x44RIFT_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44RIFT_METHOD_KS\x10\x01\x12\x1a\n\x16\x44RIFT_METHOD_CHISQUARE\x10\x02\x12\x12\n\x0e\x44RIFT_METHOD_Z\x10\x03\x12\x1c\n\x18\x44RIFT_METHOD_WASSERSTEIN\x10\x04\x12\x1e\n\x1a\x44RIFT_METHOD_JENSENSHANNON\x10\x05\x12\x14\n\x10\x44RIFT_METHOD_PSI\x10\x06*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02\x32\x94\n\n\x11MonitoringService\x12\xac\x01\n\x11IngestPredictions\x12..strata.monitoring.v1.IngestPredictionsRequest\x1a/.strata.monitoring.v1.IngestPredictionsResponse\"4\xca\xf3\x18\x04\x08\x02\x10\x01\x82\xd3\xe4\x93\x02&\"!/v1/monitoring/predictions:ingest:\x01*(\x01\x12\xa5\x01\n\x11ReportGroundTruth\x12..strata.monitoring.v1.ReportGroundTruthRequest\x1a/.strata.monitoring.v1.ReportGroundTruthResponse\"/\xca\xf3\x18\x04\x08\x02\x10\x01\x82\xd3\xe4\x93\x02!\"\x1c/v1/monitoring/labels:report:\x01*\x12\xb4\x01\n\x0cSetReference\x12).strata.monitoring.v1.SetReferenceRequest\x1a*.strata.monitoring.v1.SetReferenceResponse\"M\xca\xf3\x18\x04\x08\x02\x10\x01\x82\xd3\xe4\x93\x02?\":/v1/monitoring/models/{model}/versions/{version}/reference:\x01*\x12\xaf\x01\n\x0cGetReference\x12).strata.monitoring.v1.GetReferenceRequest\x1a*.strata.monitoring.v1.GetReferenceResponse\"H\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02<\x12:/v1/monitoring/models/{model}/versions/{version}/reference\x12\x8f\x01\n\x0eGetDriftReport\x12+.strata.monitoring.v1.GetDriftReportRequest\x1a,.strata.monitoring.v1.GetDriftReportResponse\"\"\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/monitoring/drift\x12\x80\x01\n\x12GetDriftReportHtml\x12+.strata.monitoring.v1.GetDriftReportRequest\x1a\x14.google.api.HttpBody\"\'\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/monitoring/drift:html\x12\x91\x01\n\x0eGetDataQuality\x12+.strata.monitoring.v1.GetDataQualityRequest\x1a,.strata.monitoring.v1.GetDataQualityResponse\"$\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/monitoring/quality\x12\x95\x01\n\x0eGetPerformance\x12+.strata.monitoring.v1.GetPerformanceRequest\x1a,.strata.monitoring.v1.GetPerformanceResponse\"(\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/monitoring/performanceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,64 +50,76 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MONITORINGSERVICE'].methods_by_name['GetReference']._serialized_options = b'\312\363\030\002\010\001\202\323\344\223\002<\022:/v1/monitoring/models/{model}/versions/{version}/reference'
   _globals['_MONITORINGSERVICE'].methods_by_name['GetDriftReport']._loaded_options = None
   _globals['_MONITORINGSERVICE'].methods_by_name['GetDriftReport']._serialized_options = b'\312\363\030\002\010\001\202\323\344\223\002\026\022\024/v1/monitoring/drift'
+  _globals['_MONITORINGSERVICE'].methods_by_name['GetDriftReportHtml']._loaded_options = None
+  _globals['_MONITORINGSERVICE'].methods_by_name['GetDriftReportHtml']._serialized_options = b'\312\363\030\002\010\001\202\323\344\223\002\033\022\031/v1/monitoring/drift:html'
+  _globals['_MONITORINGSERVICE'].methods_by_name['GetDataQuality']._loaded_options = None
+  _globals['_MONITORINGSERVICE'].methods_by_name['GetDataQuality']._serialized_options = b'\312\363\030\002\010\001\202\323\344\223\002\030\022\026/v1/monitoring/quality'
   _globals['_MONITORINGSERVICE'].methods_by_name['GetPerformance']._loaded_options = None
   _globals['_MONITORINGSERVICE'].methods_by_name['GetPerformance']._serialized_options = b'\312\363\030\002\010\001\202\323\344\223\002\034\022\032/v1/monitoring/performance'
-  _globals['_COLUMNKIND']._serialized_start=3881
-  _globals['_COLUMNKIND']._serialized_end=3976
-  _globals['_COLUMNROLE']._serialized_start=3978
-  _globals['_COLUMNROLE']._serialized_end=4072
-  _globals['_DRIFTMETHOD']._serialized_start=4075
-  _globals['_DRIFTMETHOD']._serialized_end=4271
-  _globals['_TASK']._serialized_start=4273
-  _globals['_TASK']._serialized_end=4347
-  _globals['_INGESTPREDICTIONSREQUEST']._serialized_start=195
-  _globals['_INGESTPREDICTIONSREQUEST']._serialized_end=320
-  _globals['_INGESTPREDICTIONSRESPONSE']._serialized_start=322
-  _globals['_INGESTPREDICTIONSRESPONSE']._serialized_end=403
-  _globals['_GROUNDTRUTH']._serialized_start=405
-  _globals['_GROUNDTRUTH']._serialized_end=530
-  _globals['_REPORTGROUNDTRUTHREQUEST']._serialized_start=532
-  _globals['_REPORTGROUNDTRUTHREQUEST']._serialized_end=609
-  _globals['_REPORTGROUNDTRUTHRESPONSE']._serialized_start=611
-  _globals['_REPORTGROUNDTRUTHRESPONSE']._serialized_end=654
-  _globals['_REFERENCECOLUMN']._serialized_start=657
-  _globals['_REFERENCECOLUMN']._serialized_end=866
-  _globals['_REFERENCE']._serialized_start=869
-  _globals['_REFERENCE']._serialized_end=1114
-  _globals['_SETREFERENCEREQUEST']._serialized_start=1117
-  _globals['_SETREFERENCEREQUEST']._serialized_end=1358
-  _globals['_SETREFERENCEREQUEST_PREDICTIONCOLUMNSENTRY']._serialized_start=1302
-  _globals['_SETREFERENCEREQUEST_PREDICTIONCOLUMNSENTRY']._serialized_end=1358
-  _globals['_SETREFERENCERESPONSE']._serialized_start=1360
-  _globals['_SETREFERENCERESPONSE']._serialized_end=1434
-  _globals['_GETREFERENCEREQUEST']._serialized_start=1436
-  _globals['_GETREFERENCEREQUEST']._serialized_end=1489
-  _globals['_GETREFERENCERESPONSE']._serialized_start=1491
-  _globals['_GETREFERENCERESPONSE']._serialized_end=1565
-  _globals['_TIMEWINDOW']._serialized_start=1567
-  _globals['_TIMEWINDOW']._serialized_end=1673
-  _globals['_DRIFTOVERRIDE']._serialized_start=1675
-  _globals['_DRIFTOVERRIDE']._serialized_end=1779
-  _globals['_GETDRIFTREPORTREQUEST']._serialized_start=1782
-  _globals['_GETDRIFTREPORTREQUEST']._serialized_end=2092
-  _globals['_GETDRIFTREPORTREQUEST_OVERRIDESENTRY']._serialized_start=2007
-  _globals['_GETDRIFTREPORTREQUEST_OVERRIDESENTRY']._serialized_end=2092
-  _globals['_COLUMNDRIFT']._serialized_start=2095
-  _globals['_COLUMNDRIFT']._serialized_end=2427
-  _globals['_VERSIONDRIFT']._serialized_start=2430
-  _globals['_VERSIONDRIFT']._serialized_end=2735
-  _globals['_GETDRIFTREPORTRESPONSE']._serialized_start=2738
-  _globals['_GETDRIFTREPORTRESPONSE']._serialized_end=2866
-  _globals['_GETPERFORMANCEREQUEST']._serialized_start=2869
-  _globals['_GETPERFORMANCEREQUEST']._serialized_end=3105
-  _globals['_CLASSIFICATIONMETRICS']._serialized_start=3108
-  _globals['_CLASSIFICATIONMETRICS']._serialized_end=3324
-  _globals['_REGRESSIONMETRICS']._serialized_start=3326
-  _globals['_REGRESSIONMETRICS']._serialized_end=3410
-  _globals['_VERSIONPERFORMANCE']._serialized_start=3413
-  _globals['_VERSIONPERFORMANCE']._serialized_end=3742
-  _globals['_GETPERFORMANCERESPONSE']._serialized_start=3745
-  _globals['_GETPERFORMANCERESPONSE']._serialized_end=3879
-  _globals['_MONITORINGSERVICE']._serialized_start=4350
-  _globals['_MONITORINGSERVICE']._serialized_end=5371
+  _globals['_COLUMNKIND']._serialized_start=4949
+  _globals['_COLUMNKIND']._serialized_end=5044
+  _globals['_COLUMNROLE']._serialized_start=5046
+  _globals['_COLUMNROLE']._serialized_end=5140
+  _globals['_DRIFTMETHOD']._serialized_start=5143
+  _globals['_DRIFTMETHOD']._serialized_end=5339
+  _globals['_TASK']._serialized_start=5341
+  _globals['_TASK']._serialized_end=5415
+  _globals['_INGESTPREDICTIONSREQUEST']._serialized_start=222
+  _globals['_INGESTPREDICTIONSREQUEST']._serialized_end=347
+  _globals['_INGESTPREDICTIONSRESPONSE']._serialized_start=349
+  _globals['_INGESTPREDICTIONSRESPONSE']._serialized_end=430
+  _globals['_GROUNDTRUTH']._serialized_start=432
+  _globals['_GROUNDTRUTH']._serialized_end=557
+  _globals['_REPORTGROUNDTRUTHREQUEST']._serialized_start=559
+  _globals['_REPORTGROUNDTRUTHREQUEST']._serialized_end=636
+  _globals['_REPORTGROUNDTRUTHRESPONSE']._serialized_start=638
+  _globals['_REPORTGROUNDTRUTHRESPONSE']._serialized_end=681
+  _globals['_REFERENCECOLUMN']._serialized_start=684
+  _globals['_REFERENCECOLUMN']._serialized_end=893
+  _globals['_REFERENCE']._serialized_start=896
+  _globals['_REFERENCE']._serialized_end=1141
+  _globals['_SETREFERENCEREQUEST']._serialized_start=1144
+  _globals['_SETREFERENCEREQUEST']._serialized_end=1385
+  _globals['_SETREFERENCEREQUEST_PREDICTIONCOLUMNSENTRY']._serialized_start=1329
+  _globals['_SETREFERENCEREQUEST_PREDICTIONCOLUMNSENTRY']._serialized_end=1385
+  _globals['_SETREFERENCERESPONSE']._serialized_start=1387
+  _globals['_SETREFERENCERESPONSE']._serialized_end=1461
+  _globals['_GETREFERENCEREQUEST']._serialized_start=1463
+  _globals['_GETREFERENCEREQUEST']._serialized_end=1516
+  _globals['_GETREFERENCERESPONSE']._serialized_start=1518
+  _globals['_GETREFERENCERESPONSE']._serialized_end=1592
+  _globals['_TIMEWINDOW']._serialized_start=1594
+  _globals['_TIMEWINDOW']._serialized_end=1700
+  _globals['_DRIFTOVERRIDE']._serialized_start=1702
+  _globals['_DRIFTOVERRIDE']._serialized_end=1806
+  _globals['_GETDRIFTREPORTREQUEST']._serialized_start=1809
+  _globals['_GETDRIFTREPORTREQUEST']._serialized_end=2119
+  _globals['_GETDRIFTREPORTREQUEST_OVERRIDESENTRY']._serialized_start=2034
+  _globals['_GETDRIFTREPORTREQUEST_OVERRIDESENTRY']._serialized_end=2119
+  _globals['_COLUMNDRIFT']._serialized_start=2122
+  _globals['_COLUMNDRIFT']._serialized_end=2454
+  _globals['_VERSIONDRIFT']._serialized_start=2457
+  _globals['_VERSIONDRIFT']._serialized_end=2762
+  _globals['_GETDRIFTREPORTRESPONSE']._serialized_start=2765
+  _globals['_GETDRIFTREPORTRESPONSE']._serialized_end=2893
+  _globals['_GETDATAQUALITYREQUEST']._serialized_start=2895
+  _globals['_GETDATAQUALITYREQUEST']._serialized_end=3018
+  _globals['_COLUMNQUALITY']._serialized_start=3021
+  _globals['_COLUMNQUALITY']._serialized_end=3559
+  _globals['_VERSIONQUALITY']._serialized_start=3562
+  _globals['_VERSIONQUALITY']._serialized_end=3801
+  _globals['_GETDATAQUALITYRESPONSE']._serialized_start=3804
+  _globals['_GETDATAQUALITYRESPONSE']._serialized_end=3934
+  _globals['_GETPERFORMANCEREQUEST']._serialized_start=3937
+  _globals['_GETPERFORMANCEREQUEST']._serialized_end=4173
+  _globals['_CLASSIFICATIONMETRICS']._serialized_start=4176
+  _globals['_CLASSIFICATIONMETRICS']._serialized_end=4392
+  _globals['_REGRESSIONMETRICS']._serialized_start=4394
+  _globals['_REGRESSIONMETRICS']._serialized_end=4478
+  _globals['_VERSIONPERFORMANCE']._serialized_start=4481
+  _globals['_VERSIONPERFORMANCE']._serialized_end=4810
+  _globals['_GETPERFORMANCERESPONSE']._serialized_start=4813
+  _globals['_GETPERFORMANCERESPONSE']._serialized_end=4947
+  _globals['_MONITORINGSERVICE']._serialized_start=5418
+  _globals['_MONITORINGSERVICE']._serialized_end=6718
 # @@protoc_insertion_point(module_scope)

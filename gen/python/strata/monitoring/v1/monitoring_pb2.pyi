@@ -862,6 +862,252 @@ class GetDriftReportResponse(_message.Message):
 Global___GetDriftReportResponse: _TypeAlias = GetDriftReportResponse  # noqa: Y015
 
 @_typing.final
+class GetDataQualityRequest(_message.Message):
+    """GetDataQualityRequest names the rows (an endpoint, a model version, or a
+    model version on an endpoint) and the window.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Endpoint whose predictions to check (every version it served)."""
+    model: _builtins.str
+    """Model name; with version, only that version's predictions."""
+    version: _builtins.int
+    """Model version (with model)."""
+    @_builtins.property
+    def window(self) -> Global___TimeWindow:
+        """The window of prediction times."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        window: Global___TimeWindow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "model", b"model", "version", b"version", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDataQualityRequest: _TypeAlias = GetDataQualityRequest  # noqa: Y015
+
+@_typing.final
+class ColumnQuality(_message.Message):
+    """ColumnQuality is the data quality of one profiled column in the window.
+    Shares other than null_share are of the column's non-missing values.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    WINDOW_TYPE_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    NULL_ROWS_FIELD_NUMBER: _builtins.int
+    NULL_SHARE_FIELD_NUMBER: _builtins.int
+    REFERENCE_NULL_SHARE_FIELD_NUMBER: _builtins.int
+    OUT_OF_RANGE_FIELD_NUMBER: _builtins.int
+    OUT_OF_RANGE_SHARE_FIELD_NUMBER: _builtins.int
+    REFERENCE_MIN_FIELD_NUMBER: _builtins.int
+    REFERENCE_MAX_FIELD_NUMBER: _builtins.int
+    TYPE_MISMATCHES_FIELD_NUMBER: _builtins.int
+    TYPE_MISMATCH_SHARE_FIELD_NUMBER: _builtins.int
+    UNSEEN_ROWS_FIELD_NUMBER: _builtins.int
+    UNSEEN_SHARE_FIELD_NUMBER: _builtins.int
+    UNSEEN_CATEGORIES_FIELD_NUMBER: _builtins.int
+    UNSEEN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    """The column (a feature, or an output)."""
+    role: Global___ColumnRole.ValueType
+    """Feature or prediction."""
+    kind: Global___ColumnKind.ValueType
+    """Numeric or categorical, as profiled in the reference."""
+    window_type: _builtins.str
+    """The type the window's values are stored as (an Arrow type name:
+    "double", "int64", "string", "bool", ...).
+    """
+    rows: _builtins.int
+    """Rows of the model version in the window."""
+    values: _builtins.int
+    """Non-missing values (rows less null_rows)."""
+    null_rows: _builtins.int
+    """Rows missing the value (null, NaN, infinite)."""
+    null_share: _builtins.float
+    """null_rows / rows."""
+    reference_null_share: _builtins.float
+    """Share of the reference's rows missing."""
+    out_of_range: _builtins.int
+    """Numeric reference: values below the reference's minimum or above its
+    maximum (a value equal to either is in range).
+    """
+    out_of_range_share: _builtins.float
+    """out_of_range / values."""
+    reference_min: _builtins.float
+    """Numeric reference: its smallest value."""
+    reference_max: _builtins.float
+    """Numeric reference: its largest value."""
+    type_mismatches: _builtins.int
+    """Values of another kind than the reference's: text (strings, booleans)
+    against numbers or numbers against text. A version's column keeps one
+    stored type, so this is all of the values or none.
+    """
+    type_mismatch_share: _builtins.float
+    """type_mismatches / values."""
+    unseen_rows: _builtins.int
+    """Categorical reference: values that are a category the reference never
+    had.
+    """
+    unseen_share: _builtins.float
+    """unseen_rows / values."""
+    unseen_categories: _builtins.int
+    """Distinct unseen categories."""
+    @_builtins.property
+    def unseen_examples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Up to 10 unseen categories, the most frequent first."""
+
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        role: Global___ColumnRole.ValueType = ...,
+        kind: Global___ColumnKind.ValueType = ...,
+        window_type: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        values: _builtins.int = ...,
+        null_rows: _builtins.int = ...,
+        null_share: _builtins.float = ...,
+        reference_null_share: _builtins.float = ...,
+        out_of_range: _builtins.int = ...,
+        out_of_range_share: _builtins.float = ...,
+        reference_min: _builtins.float | None = ...,
+        reference_max: _builtins.float | None = ...,
+        type_mismatches: _builtins.int = ...,
+        type_mismatch_share: _builtins.float = ...,
+        unseen_rows: _builtins.int = ...,
+        unseen_share: _builtins.float = ...,
+        unseen_categories: _builtins.int = ...,
+        unseen_examples: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reference_max", b"_reference_max", "_reference_min", b"_reference_min", "reference_max", b"reference_max", "reference_min", b"reference_min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_max", b"_reference_max", "_reference_min", b"_reference_min", "column", b"column", "kind", b"kind", "null_rows", b"null_rows", "null_share", b"null_share", "out_of_range", b"out_of_range", "out_of_range_share", b"out_of_range_share", "reference_max", b"reference_max", "reference_min", b"reference_min", "reference_null_share", b"reference_null_share", "role", b"role", "rows", b"rows", "type_mismatch_share", b"type_mismatch_share", "type_mismatches", b"type_mismatches", "unseen_categories", b"unseen_categories", "unseen_examples", b"unseen_examples", "unseen_rows", b"unseen_rows", "unseen_share", b"unseen_share", "values", b"values", "window_type", b"window_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reference_max: _TypeAlias = _typing.Literal["reference_max"]  # noqa: Y015
+    _WhichOneofArgType__reference_max: _TypeAlias = _typing.Literal["_reference_max", b"_reference_max"]  # noqa: Y015
+    _WhichOneofReturnType__reference_min: _TypeAlias = _typing.Literal["reference_min"]  # noqa: Y015
+    _WhichOneofArgType__reference_min: _TypeAlias = _typing.Literal["_reference_min", b"_reference_min"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reference_max) -> _WhichOneofReturnType__reference_max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reference_min) -> _WhichOneofReturnType__reference_min | None: ...
+
+Global___ColumnQuality: _TypeAlias = ColumnQuality  # noqa: Y015
+
+@_typing.final
+class VersionQuality(_message.Message):
+    """VersionQuality is the data quality of one model version's rows in the
+    window.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    MISSING_COLUMNS_FIELD_NUMBER: _builtins.int
+    EXTRA_COLUMNS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    version: _builtins.int
+    """Model version."""
+    shadow: _builtins.bool
+    """True for the rows the version scored as a shadow."""
+    rows: _builtins.int
+    """Rows in the window."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnQuality]:
+        """Per profiled feature the window's rows have."""
+
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnQuality]:
+        """Per profiled output the window's rows have."""
+
+    @_builtins.property
+    def missing_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Reference columns (features, then outputs) with no value in the window's
+        rows.
+        """
+
+    @_builtins.property
+    def extra_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Columns of the window's rows (features, then outputs) that the reference
+        does not profile.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        shadow: _builtins.bool = ...,
+        rows: _builtins.int = ...,
+        features: _abc.Iterable[Global___ColumnQuality] | None = ...,
+        predictions: _abc.Iterable[Global___ColumnQuality] | None = ...,
+        missing_columns: _abc.Iterable[_builtins.str] | None = ...,
+        extra_columns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra_columns", b"extra_columns", "features", b"features", "missing_columns", b"missing_columns", "model", b"model", "predictions", b"predictions", "rows", b"rows", "shadow", b"shadow", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionQuality: _TypeAlias = VersionQuality  # noqa: Y015
+
+@_typing.final
+class GetDataQualityResponse(_message.Message):
+    """GetDataQualityResponse holds one entry per model version and shadow flag."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def window(self) -> Global___TimeWindow:
+        """The window checked (defaults filled in)."""
+
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionQuality]:
+        """Entries, by model, version, then shadow flag."""
+
+    def __init__(
+        self,
+        *,
+        window: Global___TimeWindow | None = ...,
+        versions: _abc.Iterable[Global___VersionQuality] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDataQualityResponse: _TypeAlias = GetDataQualityResponse  # noqa: Y015
+
+@_typing.final
 class GetPerformanceRequest(_message.Message):
     """GetPerformanceRequest names the rows, the window and how to read the
     outputs.

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from strata.monitoring.v1 import monitoring_pb2 as strata_dot_monitoring_dot_v1_dot_monitoring__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -71,6 +72,16 @@ class MonitoringServiceStub:
                 '/strata.monitoring.v1.MonitoringService/GetDriftReport',
                 request_serializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportRequest.SerializeToString,
                 response_deserializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportResponse.FromString,
+                _registered_method=True)
+        self.GetDriftReportHtml = channel.unary_unary(
+                '/strata.monitoring.v1.MonitoringService/GetDriftReportHtml',
+                request_serializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.GetDataQuality = channel.unary_unary(
+                '/strata.monitoring.v1.MonitoringService/GetDataQuality',
+                request_serializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDataQualityRequest.SerializeToString,
+                response_deserializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDataQualityResponse.FromString,
                 _registered_method=True)
         self.GetPerformance = channel.unary_unary(
                 '/strata.monitoring.v1.MonitoringService/GetPerformance',
@@ -147,6 +158,36 @@ class MonitoringServiceServicer:
         window. An endpoint or version never ingested is NOT_FOUND; a window with
         no rows is FAILED_PRECONDITION naming `window`; a version without a
         reference is FAILED_PRECONDITION.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDriftReportHtml(self, request, context):
+        """The drift report of GetDriftReport as one self-contained HTML page
+        (text/html over REST: inline CSS and SVG, no script, nothing fetched): per
+        model version and shadow flag the summary, and per feature and output the
+        method, score, threshold, verdict and a histogram of the reference against
+        the window. The same errors as GetDriftReport.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataQuality(self, request, context):
+        """Data quality of the rows in a window against each model version's
+        reference, per model version and shadow flag, per profiled feature and
+        output: missing values against the reference's share, numbers outside the
+        reference's range, values of another kind than the reference's, categories
+        the reference never had; and the columns missing from the window or
+        absent from the reference. The same errors as GetDriftReport (NOT_FOUND,
+        FAILED_PRECONDITION naming `window`, a version without a reference
+        FAILED_PRECONDITION); data that does not fit the reference is counted
+        here, not refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +232,16 @@ def add_MonitoringServiceServicer_to_server(servicer, server):
                     servicer.GetDriftReport,
                     request_deserializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportRequest.FromString,
                     response_serializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportResponse.SerializeToString,
+            ),
+            'GetDriftReportHtml': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDriftReportHtml,
+                    request_deserializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetDataQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataQuality,
+                    request_deserializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDataQualityRequest.FromString,
+                    response_serializer=strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDataQualityResponse.SerializeToString,
             ),
             'GetPerformance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPerformance,
@@ -346,6 +397,60 @@ class MonitoringService:
             '/strata.monitoring.v1.MonitoringService/GetDriftReport',
             strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportRequest.SerializeToString,
             strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDriftReportHtml(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.monitoring.v1.MonitoringService/GetDriftReportHtml',
+            strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDriftReportRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.monitoring.v1.MonitoringService/GetDataQuality',
+            strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDataQualityRequest.SerializeToString,
+            strata_dot_monitoring_dot_v1_dot_monitoring__pb2.GetDataQualityResponse.FromString,
             options,
             channel_credentials,
             insecure,

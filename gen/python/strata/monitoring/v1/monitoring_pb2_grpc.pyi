@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from strata.monitoring.v1 import monitoring_pb2 as _monitoring_pb2
 import abc as _abc_1
@@ -81,6 +82,28 @@ class MonitoringServiceStub:
     window. An endpoint or version never ingested is NOT_FOUND; a window with
     no rows is FAILED_PRECONDITION naming `window`; a version without a
     reference is FAILED_PRECONDITION.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetDriftReportHtml: _grpc.UnaryUnaryMultiCallable[_monitoring_pb2.GetDriftReportRequest, _httpbody_pb2.HttpBody]
+    """The drift report of GetDriftReport as one self-contained HTML page
+    (text/html over REST: inline CSS and SVG, no script, nothing fetched): per
+    model version and shadow flag the summary, and per feature and output the
+    method, score, threshold, verdict and a histogram of the reference against
+    the window. The same errors as GetDriftReport.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetDataQuality: _grpc.UnaryUnaryMultiCallable[_monitoring_pb2.GetDataQualityRequest, _monitoring_pb2.GetDataQualityResponse]
+    """Data quality of the rows in a window against each model version's
+    reference, per model version and shadow flag, per profiled feature and
+    output: missing values against the reference's share, numbers outside the
+    reference's range, values of another kind than the reference's, categories
+    the reference never had; and the columns missing from the window or
+    absent from the reference. The same errors as GetDriftReport (NOT_FOUND,
+    FAILED_PRECONDITION naming `window`, a version without a reference
+    FAILED_PRECONDITION); data that does not fit the reference is counted
+    here, not refused.
     """
     GetPerformance: _grpc.UnaryUnaryMultiCallable[_monitoring_pb2.GetPerformanceRequest, _monitoring_pb2.GetPerformanceResponse]
     """Realised performance of the rows in a window whose ground truth has
@@ -144,6 +167,28 @@ class MonitoringServiceAsyncStub(MonitoringServiceStub):
     window. An endpoint or version never ingested is NOT_FOUND; a window with
     no rows is FAILED_PRECONDITION naming `window`; a version without a
     reference is FAILED_PRECONDITION.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetDriftReportHtml: _aio.UnaryUnaryMultiCallable[_monitoring_pb2.GetDriftReportRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The drift report of GetDriftReport as one self-contained HTML page
+    (text/html over REST: inline CSS and SVG, no script, nothing fetched): per
+    model version and shadow flag the summary, and per feature and output the
+    method, score, threshold, verdict and a histogram of the reference against
+    the window. The same errors as GetDriftReport.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetDataQuality: _aio.UnaryUnaryMultiCallable[_monitoring_pb2.GetDataQualityRequest, _monitoring_pb2.GetDataQualityResponse]  # type: ignore[assignment]
+    """Data quality of the rows in a window against each model version's
+    reference, per model version and shadow flag, per profiled feature and
+    output: missing values against the reference's share, numbers outside the
+    reference's range, values of another kind than the reference's, categories
+    the reference never had; and the columns missing from the window or
+    absent from the reference. The same errors as GetDriftReport (NOT_FOUND,
+    FAILED_PRECONDITION naming `window`, a version without a reference
+    FAILED_PRECONDITION); data that does not fit the reference is counted
+    here, not refused.
     """
     GetPerformance: _aio.UnaryUnaryMultiCallable[_monitoring_pb2.GetPerformanceRequest, _monitoring_pb2.GetPerformanceResponse]  # type: ignore[assignment]
     """Realised performance of the rows in a window whose ground truth has
@@ -234,6 +279,40 @@ class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
         window. An endpoint or version never ingested is NOT_FOUND; a window with
         no rows is FAILED_PRECONDITION naming `window`; a version without a
         reference is FAILED_PRECONDITION.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def GetDriftReportHtml(
+        self,
+        request: _monitoring_pb2.GetDriftReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """The drift report of GetDriftReport as one self-contained HTML page
+        (text/html over REST: inline CSS and SVG, no script, nothing fetched): per
+        model version and shadow flag the summary, and per feature and output the
+        method, score, threshold, verdict and a histogram of the reference against
+        the window. The same errors as GetDriftReport.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def GetDataQuality(
+        self,
+        request: _monitoring_pb2.GetDataQualityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitoring_pb2.GetDataQualityResponse, _abc.Awaitable[_monitoring_pb2.GetDataQualityResponse]]:
+        """Data quality of the rows in a window against each model version's
+        reference, per model version and shadow flag, per profiled feature and
+        output: missing values against the reference's share, numbers outside the
+        reference's range, values of another kind than the reference's, categories
+        the reference never had; and the columns missing from the window or
+        absent from the reference. The same errors as GetDriftReport (NOT_FOUND,
+        FAILED_PRECONDITION naming `window`, a version without a reference
+        FAILED_PRECONDITION); data that does not fit the reference is counted
+        here, not refused.
         """
 
     @_abc_1.abstractmethod
