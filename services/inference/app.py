@@ -68,8 +68,12 @@ def build_service(settings: ServiceSettings | None = None, config: InferenceConf
         log.warning("PREDICTION LOGGING IS DISABLED (STRATA_INFERENCE_PREDICTION_LOG=disabled)")
     log_dir = Path(config.prediction_log) if config.prediction_log not in ("", "disabled") else home / "predictions"
     sink = prediction_sink(config, settings, log_dir, worker)
+    # To monitoring, batches are sent every 250 ms rather than every 20 ms: each one is a stream that
+    # monitoring fsyncs and audits, and at 20 ms those costs cut serving throughput by more than half
+    # on two cores (tests/bench/monitoring_delivery.py; docs/monitoring.md).
     predlog = PredictionLog(sink, log_dir / "spool", encode=Encoder().encode,
-                            capacity=0 if config.prediction_log == "disabled" else 100_000)
+                            capacity=0 if config.prediction_log == "disabled" else 100_000,
+                            interval=0.25 if isinstance(sink, MonitoringSink) else 0.02)
     endpoints = EndpointStore(db, keep_revisions=config.stats_keep_revisions)
     engine = Engine(store, endpoints, predlog, worker_id=worker, default_batching=config.batching,
                     poll_seconds=config.poll_seconds)

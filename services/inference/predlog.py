@@ -165,6 +165,11 @@ class PredictionLog:
                     elif not self._flush(records):
                         self._backlog = True
                         next_retry = time.monotonic() + self._retry
+                    # One batch a tick unless full batches wait: what arrived while a slow sink
+                    # (a network call) took the last one waits for the next tick, rather than
+                    # going at once in a stream of its own, a few records at a time.
+                    if not stopping and len(self._queue) < self._batch:
+                        break
             except Exception:  # the thread must outlive any surprise, or logging stops for good
                 log.exception("prediction log: unexpected failure; continuing")
             if stopping:

@@ -162,7 +162,10 @@ def records_table(g: RecordGroup, field: str = "records") -> pa.Table:
         bad = int(np.flatnonzero((g.times_us < 0) | (g.times_us >= MAX_TIME_US))[0])
         raise InvalidArgument(f"{field}[{g.positions[bad]}].time", "must lie between 1970 and 2200")
     n = int(g.rows.sum())
-    ids = [f"{rid}:{j}" for rid, k in zip(g.request_ids, g.rows.tolist(), strict=True) for j in range(k)]
+    if n == len(g.request_ids):  # single-row records, as most are: one id each, "{request_id}:0"
+        ids = [rid + ":0" for rid in g.request_ids]
+    else:
+        ids = [f"{rid}:{j}" for rid, k in zip(g.request_ids, g.rows.tolist(), strict=True) for j in range(k)]
     errors = pa.repeat("", n) if not any(g.errors) else pa.array(np.repeat(np.array(g.errors, dtype=object), g.rows),
                                                                  pa.string())
     columns: dict[str, pa.Array] = {

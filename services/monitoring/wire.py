@@ -167,12 +167,14 @@ def _fast_heads(data: bytes, spans: list[tuple[int, int]], last: bytes
     span = np.array(spans, np.int64).reshape(-1, 2)
     start, end = span[:, 0], span[:, 1]
 
+    limit = np.minimum(end, size)
+
     def at(pos: np.ndarray, width: int = 1) -> np.ndarray:
-        """Bytes at pos (.. pos + width - 1); 0 past the end (then a check below fails)."""
+        """Bytes at pos (.. pos + width - 1); 0 past the record's end (then a check below fails)."""
+        if width == 1:
+            return np.where(pos < limit, buf[np.minimum(pos, size - 1)], 0)
         idx = pos[:, None] + np.arange(width)
-        got = buf[np.minimum(idx, size - 1)]
-        got[idx >= np.minimum(end, size)[:, None]] = 0
-        return got if width > 1 else got[:, 0]
+        return np.where(idx < limit[:, None], buf[np.minimum(idx, size - 1)], 0)
 
     def varint(pos: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(value, the position after it, ok) of a varint of at most `width` bytes at pos."""

@@ -37,7 +37,7 @@ from strata.monitoring.v1 import monitoring_pb2 as mpb
 from strata.monitoring.v1 import monitoring_pb2_grpc
 
 from services.clients.registry import RegistryClient
-from tests.bench.inference_load import h2load_command, parse_h2load
+from tests.bench.inference_load import cpu_seconds, h2load_command, parse_h2load, serving_pids
 from tests.monitoring.conftest import FEATURES, classifier_onnx
 from tests.processes import ROOT, free_port, start_service, stop_process
 
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--home", type=Path, help="keep the services' homes (logs, spool) here")
+    ap.add_argument("--baseline", action="store_true", help="the same load with the prediction log written to "
+                                                            "local files (no monitoring, no kill): the cost of delivery")
     args = ap.parse_args()
     if args.home:
         args.home.mkdir(parents=True, exist_ok=True)
@@ -105,8 +107,9 @@ def run(home: Path, args: argparse.Namespace) -> None:
     mon_env = {**base, "STRATA_MONITORING_METRICS_URLS": "none"}
     try:
         procs["monitoring"] = start_service("monitoring", home / "monitoring", mp, mon_env)
+        sink = {} if args.baseline else {"STRATA_INFERENCE_MONITORING": f"127.0.0.1:{mp}"}
         procs["inference"] = start_service("inference", home / "inference", ip, {
-            **base, "STRATA_INFERENCE_METRICS_PORT": str(im), "STRATA_INFERENCE_MONITORING": f"127.0.0.1:{mp}"})
+            **base, "STRATA_INFERENCE_METRICS_PORT": str(im), **sink})
         model = home / "clf.onnx"
         model.write_bytes(classifier_onnx())
         with RegistryClient(f"127.0.0.1:{rp}") as client:
@@ -122,16 +125,29 @@ def run(home: Path, args: argparse.Namespace) -> None:
         print(f"h2load {args.connections}x{args.streams} for {args.seconds} s; monitoring killed -9 at "
               f"{args.kill_at:g} s", flush=True)
         load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(args.kill_at)
-        before = logged(f"127.0.0.1:{mp}")
-        procs["monitoring"].kill()
-        procs["monitoring"].wait()
-        killed = time.monotonic()
-        procs["monitoring"] = start_service("monitoring", home / "monitoring", mp, mon_env)
-        print(f"monitoring killed with {before:,} rows held, serving again after "
-              f"{time.monotonic() - killed:.1f} s", flush=True)
+        time.sleep(1)
+        workers = serving_pids(ip)
+        cpu0 = cpu_seconds(workers), cpu_seconds([procs["monitoring"].pid])
+        if args.baseline:
+            h2 = parse_h2load(load.communicate(timeout=args.seconds + 60)[0], log, 1)
+            print(f"baseline (prediction log to local files): {h2['rps']:,.0f} requests/s, p50 {h2['p50_ms']} ms, "
+                  f"p99 {h2['p99_ms']} ms, failed {h2['failed']}; inference CPU "
+                  f"{(cpu_seconds(workers) - cpu0[0]) / (args.seconds - 1):.2f} cores")
+            return
+        if args.kill_at < args.seconds:  # (--kill-at past the load: delivery without a kill)
+            time.sleep(max(0.0, args.kill_at - 1))
+            before = logged(f"127.0.0.1:{mp}")
+            procs["monitoring"].kill()
+            procs["monitoring"].wait()
+            killed = time.monotonic()
+            procs["monitoring"] = start_service("monitoring", home / "monitoring", mp, mon_env)
+            print(f"monitoring killed with {before:,} rows held, serving again after "
+                  f"{time.monotonic() - killed:.1f} s", flush=True)
         out, _ = load.communicate(timeout=args.seconds + 60)
         h2 = parse_h2load(out, log, 1)
+        if args.kill_at >= args.seconds:  # (one monitoring process throughout: its CPU is comparable)
+            print(f"CPU during the load: inference {(cpu_seconds(workers) - cpu0[0]) / (args.seconds - 1):.2f} cores, "
+                  f"monitoring {(cpu_seconds([procs['monitoring'].pid]) - cpu0[1]) / (args.seconds - 1):.2f} cores")
         stopped = time.monotonic()
         answered = rows = -1
         while time.monotonic() - stopped < 180:
