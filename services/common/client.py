@@ -64,7 +64,7 @@ def _end_rpc_span(span: Span, code: grpc.StatusCode | None, details: str | None 
 def trace_metadata(metadata: Metadata = ()) -> Metadata:
     """`metadata` plus the W3C trace context (traceparent, tracestate) of the current span; the
     same tuple, untouched, when there is no valid span (tracing off, or outside a traced call)."""
-    if not (telemetry.TRACING and trace.get_current_span().get_span_context().is_valid):
+    if not _in_span():
         return metadata
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
@@ -76,7 +76,7 @@ async def unary(multicallable: grpc.aio.UnaryUnaryMultiCallable, request: Any, m
     """`await multicallable(request, metadata=metadata, timeout=timeout)` for a call on an asyncio
     channel (`open_aio_channel`), inside a CLIENT span that carries the trace context when the
     caller is in a valid span (see the module's docstring); otherwise just the call."""
-    if not (telemetry.TRACING and trace.get_current_span().get_span_context().is_valid):
+    if not _in_span():
         return await multicallable(request, metadata=metadata, timeout=timeout)
     # The generated stub's method path ("/pkg.Service/Method"), a plain attribute of grpc.aio's
     # multicallables; a span named "grpc" if a later grpc renames it.

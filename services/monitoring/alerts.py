@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -510,15 +511,14 @@ class AlertEvaluator:
                 log.exception("rule evaluation failed", extra={"fields": {"rule": rule.spec.name}})
         return len(rules)
 
-    def run(self, stop: Callable[[float], bool], tick: float) -> None:
-        """The scheduler loop (a thread): `stop(seconds)` waits and says whether to stop."""
-        while not stop(0):
+    def run(self, stop: threading.Event, tick: float) -> None:
+        """The scheduler loop (a thread), every `tick` seconds until `stop` is set."""
+        while not stop.is_set():
             try:
                 self.run_due()
             except Exception:  # the database is down: try again next tick
                 log.exception("alert scheduling failed")
-            if stop(tick):
-                return
+            stop.wait(tick)
 
 
 def describe_columns(names: Iterable[str], limit: int = 10) -> str:

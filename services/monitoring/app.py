@@ -109,16 +109,10 @@ def build_service(settings: ServiceSettings | None = None, config: MonitoringCon
 
     stop = threading.Event()
 
-    def evaluate_due(every: float) -> None:
-        evaluator.run(lambda seconds: stop.wait(seconds), every)
-
-    def deliver(every: float) -> None:
-        deliverer.run(stop, every)
-
     threads = [threading.Thread(target=target, args=args, name=name, daemon=True) for target, args, name in (
         (predictions.run_compactor, (stop, config.compact_seconds), "monitoring-compactor"),
-        (evaluate_due, (config.alert_tick_seconds,), "monitoring-alerts"),
-        (deliver, (config.alert_tick_seconds,), "monitoring-webhooks"),
+        (evaluator.run, (stop, config.alert_tick_seconds), "monitoring-alerts"),
+        (deliverer.run, (stop, config.alert_tick_seconds), "monitoring-webhooks"),
         *([(serving.run, (stop, config.metrics_scrape_seconds), "monitoring-serving-metrics")] if serving.urls else []),
     )]
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from services.common.db import Database
 from tests.conftest import PG_ADMIN
 from tests.processes import free_port, start_service, stop_process
 
@@ -65,6 +66,17 @@ def arrow_ipc(table: pa.Table) -> bytes:
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """The monitoring service's database, migrated, on SQLite or PostgreSQL (`database_url`)."""
+    from services.monitoring.app import MIGRATIONS
+
+    d = Database(database_url)
+    d.migrate(MIGRATIONS)
+    yield d
+    d.dispose()
 
 
 @dataclass

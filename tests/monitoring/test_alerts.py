@@ -24,17 +24,8 @@ from services.common.db import Database
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.monitoring.alerts import (
     AlertEvaluator, AlertState, AlertStore, Condition, ConditionKind, Rule, RuleSpec, Verdict, check_rule)
-from services.monitoring.app import MIGRATIONS
 from services.monitoring.serving_metrics import ServingMetrics, histogram_quantile
 from services.monitoring.webhooks import Deliverer, DeliveryState, WebhookSpec, WebhookStore, sign
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    d = Database(database_url)
-    d.migrate(MIGRATIONS)
-    yield d
-    d.dispose()
 
 
 def spec(name: str = "drift", **kw: object) -> RuleSpec:

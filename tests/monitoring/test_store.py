@@ -5,7 +5,6 @@ index when it forgets and when hashes collide, and the backlog limit."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from services.common.artifacts import LocalArtifactStore
 from services.common.db import Database
 from services.common.errors import InvalidArgument, Unavailable
 from services.monitoring import index as index_module
-from services.monitoring.app import MIGRATIONS
 from services.monitoring.rows import ID, records_table
 from services.monitoring.store import PredictionStore
 from services.monitoring.types import RecordGroup, Target, Window
@@ -33,14 +31,6 @@ def group(prefix: str, n: int, *, day: int = 0, model: str = "m", version: int =
                     np.full(n, t, np.int64), [""] * n, [("x", np.arange(n).astype(x_dtype).reshape(n, 1))],
                     [("y", np.arange(n, dtype=np.int64))], list(range(n)))
     return records_table(g)
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    d = Database(database_url)
-    d.migrate(MIGRATIONS)
-    yield d
-    d.dispose()
 
 
 def open_store(db: Database, home: Path, **kw: int) -> PredictionStore:
